@@ -1,0 +1,140 @@
+"""`rlaif`: list, copy and run the recipes and configs (the torchtune CLI, plus Hydra groups).
+
+    rlaif ls                                  recipes, configs, config groups and their options
+    rlaif cp generate_pairs my.yaml           copy a config to edit (like `tune cp`)
+    rlaif run generate_pairs [--config NAME_OR_PATH] [key=value | group=option ...]
+    rlaif run generate_pairs -m loss=dpo,hinge    a sweep: one run per combination, in order
+    rlaif run --nproc_per_node 2 generate_pairs   torchrun flags go before the recipe
+    rlaif make-tiny-model --out DIR
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+from rlaif_recipes import config as rlaif_config
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> List[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _ls(_: argparse.Namespace) -> int:
+    print("recipes (rlaif run NAME / tune run rlaif_recipes/recipes/NAME.py --config NAME):")
+    for name in recipe_names():
+        print(f"  {name}")
+    print("configs:")
+    for name in rlaif_config.config_names():
+        print(f"  {name}")
+    print("config groups (override with GROUP=OPTION):")
+    for group in rlaif_config.GROUPS:
+        print(f"  {group}: {', '.join(rlaif_config.group_options(group))}")
+    return 0
+
+
+def _cp(args: argparse.Namespace) -> int:
+    config_dir, name = rlaif_config.resolve_config(args.config)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{Path(name).name}.yaml"
+    if dest.exists():
+        raise rlaif_config.ConfigError(f"{dest} exists; pick another destination or delete it first")
+    shutil.copyfile(config_dir / f"{name}.yaml", dest)
+    print(f"copied {name} to {dest}; run it with --config {dest} (config groups still resolve)")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run one recipe through `tune run`, or a sweep as one `tune run` per combination."""
+    if args.recipe not in recipe_names():
+        raise rlaif_config.ConfigError(f"unknown recipe '{args.recipe}'; choose one of: {', '.join(recipe_names())}")
+    config = args.config or args.recipe
+    launcher = args.torchrun_args
+    if not args.multirun:
+        return _tune_run(launcher, args.recipe, config, args.overrides)
+    jobs = _sweep(args.overrides)
+    failed = 0
+    for i, overrides in enumerate(jobs):
+        print(f"[sweep {i + 1}/{len(jobs)}] {' '.join(overrides)}", flush=True)
+        rc = _tune_run(launcher, args.recipe, config, overrides + [f"output_dir={_output_dir(config, overrides)}/sweep/{i}"])
+        failed += rc != 0
+    print(f"sweep finished: {len(jobs) - failed} of {len(jobs)} runs succeeded")
+    return 1 if failed else 0
+
+
+def _sweep(overrides: List[str]) -> List[List[str]]:
+    """Expand `a=1,2 b=x,y` into every combination, as Hydra's basic sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _output_dir(config: str, overrides: List[str]) -> str:
+    """The run's own output_dir; each sweep job writes under output_dir/sweep/INDEX."""
+    return str(rlaif_config.load(config, overrides).output_dir)
+
+
+def _tune_run(launcher: List[str], recipe: str, config: str, overrides: List[str]) -> int:
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", *launcher, f"rlaif_recipes/recipes/{recipe}.py", "--config", config, *overrides]
+    return subprocess.call(cmd)
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from rlaif_recipes.models.tiny import make_tiny_model
+
+    path = make_tiny_model(args.out, vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, seed=args.seed)
+    print(f"wrote a tiny Llama to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlaif", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list recipes, configs and config groups").set_defaults(func=_ls)
+    cp = sub.add_parser("cp", help="copy a config to edit")
+    cp.add_argument("config")
+    cp.add_argument("dest")
+    cp.set_defaults(func=_cp)
+    run = sub.add_parser("run", help="run a recipe (torchrun flags, e.g. --nproc_per_node 2, go first)")
+    run.add_argument("--config", default=None, help="config name or yaml path (default: the recipe's name)")
+    run.add_argument("-m", "--multirun", action="store_true", help="sweep over comma-separated override values")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs=argparse.REMAINDER)
+    run.set_defaults(func=_run)
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny HF Llama + tokenizer for tests and demos")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--vocab-size", type=int, default=2048)
+    tiny.add_argument("--dim", type=int, default=128)
+    tiny.add_argument("--num-layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny_model)
+    return parser
+
+
+def main(argv: List[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    torchrun_args: List[str] = []
+    if argv[:1] == ["run"]:  # torchrun flags sit between `run` and the recipe name
+        rest = argv[1:]
+        while rest and rest[0].startswith("--") and rest[0] not in ("--config", "--multirun"):
+            torchrun_args += rest[:2] if "=" not in rest[0] else rest[:1]
+            rest = rest[2:] if "=" not in rest[0] else rest[1:]
+        argv = ["run", *rest]
+    args = build_parser().parse_args(argv)
+    args.torchrun_args = torchrun_args
+    try:
+        return args.func(args)
+    except (rlaif_config.ConfigError, FileExistsError, ValueError) as e:
+        print(f"rlaif: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Hydra composition behind torchtune's `--config NAME_OR_PATH key=value ...` command line.
+
+`tune run <recipe>.py --config online_dpo sampler=torchtune optimizer.lr=1e-6` composes
+conf/online_dpo.yaml with its defaults list (config groups mirror the code: `sampler=vllm` is
+conf/sampler/vllm.yaml, whose `_component_` is rlaif_recipes.samplers.VLLMSampler). Objects are
+still built with torchtune's `config.instantiate`. Before any model loads, the composed config is
+checked: unknown group options and keys, wrong types and missing required values each fail with
+one line that says what to change.
+"""
+
+import collections.abc
+import functools
+import inspect
+import os
+import re
+import sys
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+from torchtune.config._utils import _get_component_from_path
+
+
+def _find_conf_dir() -> Path:
+    installed = Path(__file__).resolve().parent / "conf"  # a wheel ships conf/ inside the package
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF_DIR = _find_conf_dir()
+ASSETS = Path(__file__).resolve().parent / "assets"
+GROUPS = ("model", "sampler", "judge", "rubric", "loss", "data")
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file the package ships: `${asset:xstest/xstest_prompts.csv}` in yaml."""
+    path = ASSETS / name
+    if not path.exists():
+        raise FileNotFoundError(f"no packaged asset '{name}'; available: {sorted(p.name for p in ASSETS.iterdir())}")
+    return str(path)
+
+
+OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message is one line naming the problem and the fix."""
+
+
+def config_names() -> List[str]:
+    """Top-level configs (one per recipe, plus variants in subfolders that are not groups)."""
+    names = []
+    for p in sorted(CONF_DIR.rglob("*.yaml")):
+        rel = p.relative_to(CONF_DIR)
+        if rel.parts[0] not in GROUPS:
+            names.append(str(rel.with_suffix("")))
+    return names
+
+
+def group_options(group: str) -> List[str]:
+    return sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml"))
+
+
+def resolve_config(config: str) -> Tuple[Path, str]:
+    """A config name (`online_dpo`, `models/qwen2_5_1_5b`) or a yaml path -> (directory, name)."""
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {config} does not exist; pass an existing yaml or one of: {', '.join(config_names())}")
+        return path.resolve().parent, path.stem
+    if (CONF_DIR / f"{config}.yaml").is_file():
+        return CONF_DIR, config
+    raise ConfigError(f"unknown config '{config}'; use a yaml path or one of: {', '.join(config_names())}")
+
+
+def load(config: str, overrides: List[str], schema: Optional[type] = None) -> DictConfig:
+    """Compose `config` with Hydra overrides, then check it (see module docstring)."""
+    config_dir, name = resolve_config(config)
+    hydra_overrides = list(overrides)
+    if config_dir != CONF_DIR:  # a user's copy still finds the package's config groups
+        hydra_overrides.append(f"hydra.searchpath=[file://{CONF_DIR}]")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name=name):
+            cfg = compose(name, overrides=hydra_overrides, return_hydra_config=True)
+    except MissingConfigException as e:
+        raise ConfigError(_missing_option_message(e, overrides)) from None
+    except (ConfigCompositionException, OmegaConfBaseException) as e:
+        raise ConfigError(_override_message(e)) from None
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg = validate(cfg, schema)
+    with open_dict(cfg):
+        cfg.config_choices = choices  # which option each group took, saved with the run
+    return cfg
+
+
+def validate(cfg: DictConfig, schema: Optional[type] = None) -> DictConfig:
+    """Missing values, the recipe's top-level schema, and every `_component_`'s signature."""
+    missing = sorted(_missing_keys(cfg, ""))
+    if missing:
+        raise ConfigError(
+            f"missing required value(s): {', '.join(missing)}; set them on the command line "
+            f"(e.g. {missing[0]}=...) or in the config"
+        )
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve an interpolation: {_first_line(e)}") from None
+    if schema is not None:
+        cfg = _apply_schema(cfg, schema)
+    _check_components(cfg, "")
+    return cfg
+
+
+def parse(schema: Optional[type] = None) -> Callable:
+    """Decorator for a recipe's main: like torchtune's `config.parse`, but Hydra-composed.
+
+    Config errors exit with one line on stderr before the recipe starts.
+    """
+
+    def decorator(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(recipe_main)
+        def wrapper() -> Any:
+            try:
+                config, overrides = split_argv(sys.argv[1:])
+                cfg = load(config, overrides, schema)
+            except ConfigError as e:
+                sys.exit(f"config error: {e}")
+            return recipe_main(cfg)
+
+        return wrapper
+
+    return decorator
+
+
+def split_argv(argv: List[str]) -> Tuple[str, List[str]]:
+    if "--config" not in argv or argv.index("--config") == len(argv) - 1:
+        raise ConfigError("--config is required: pass a config name (see `rlaif ls`) or a yaml path")
+    i = argv.index("--config")
+    rest = argv[:i] + argv[i + 2 :]
+    flags = [a for a in rest if a.startswith("--")]
+    if flags:
+        raise ConfigError(f"unsupported flag(s) {flags}; use --config and key=value overrides")
+    return argv[i + 1], rest
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|access_token|auth_token|hf_token)$", re.I)
+_SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
+REDACTED = "***REDACTED***"
+
+
+def redacted(cfg: DictConfig) -> Dict[str, Any]:
+    """Plain copy with secret-named keys, and any value equal to a secret env var, redacted."""
+    secrets = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8}
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if isinstance(node, str) and (_SECRET_KEY.search(key) or any(s in node for s in secrets)):
+            return REDACTED
+        return node
+
+    return walk(OmegaConf.to_container(cfg, resolve=True))
+
+
+def save(cfg: DictConfig, output_dir: str, filename: str = "config.yaml") -> Path:
+    """Write the composed config (secrets redacted) atomically into the run's output directory."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{filename}.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))))
+    os.replace(tmp, out / filename)
+    return out / filename
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+
+def _missing_keys(node: Any, path: str) -> List[str]:
+    """Keys still `???` (interpolations are not followed, so each gap is named once, where it is)."""
+    if isinstance(node, ListConfig):
+        return [m for i in range(len(node)) for m in _missing_keys(node._get_node(i), f"{path}[{i}]")]
+    if not isinstance(node, DictConfig):
+        return []
+    found = []
+    for key in node.keys():
+        child = f"{path}.{key}" if path else str(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(child)
+        elif not OmegaConf.is_interpolation(node, key):
+            found += _missing_keys(node._get_node(key), child)
+    return found
+
+
+def _apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
+    assert is_dataclass(schema)
+    known = {f.name for f in fields(schema)} | {"config_choices"}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown} for this recipe; valid top-level keys: {', '.join(sorted(known - {'config_choices'}))}"
+        )
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        if f.name in cfg and not _type_ok(cfg[f.name], hints[f.name]):
+            raise ConfigError(_type_message(f.name, cfg[f.name], hints[f.name]))
+    return cfg
+
+
+def _check_components(node: Any, path: str) -> None:
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _check_components(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_component_" in node:
+        _check_signature(node, path)
+    for key, value in node.items():
+        _check_components(value, f"{path}.{key}" if path else str(key))
+
+
+def _check_signature(node: DictConfig, path: str) -> None:
+    target = node["_component_"]
+    try:
+        component = _get_component_from_path(target)
+    except Exception:
+        raise ConfigError(f"{path}._component_: cannot import '{target}'; check the dotted path (module.attribute)") from None
+    params, hints, takes_any = _parameters(component)
+    for key, value in node.items():
+        if key == "_component_":
+            continue
+        if key not in params:
+            if not takes_any:
+                raise ConfigError(
+                    f"unknown key '{path}.{key}' for {target}; valid keys: {', '.join(sorted(params)) or 'none'}"
+                )
+            continue
+        hint = hints.get(key)
+        if hint is not None and not _type_ok(value, hint):
+            raise ConfigError(_type_message(f"{path}.{key}", value, hint))
+
+
+def _parameters(component: Any) -> Tuple[Dict[str, inspect.Parameter], Dict[str, Any], bool]:
+    """Named parameters of a callable; for classes, follow **kwargs up the base classes."""
+    targets = [c.__init__ for c in inspect.getmro(component) if "__init__" in vars(c)] if inspect.isclass(component) else [component]
+    params: Dict[str, inspect.Parameter] = {}
+    hints: Dict[str, Any] = {}
+    for fn in targets:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return params, hints, True
+        try:
+            fn_hints = typing.get_type_hints(fn)
+        except Exception:
+            fn_hints = {}
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params.setdefault(name, p)
+                if name in fn_hints:
+                    hints.setdefault(name, fn_hints[name])
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params, hints, False
+    return params, hints, True
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Loose check of a config value against a type hint; unknown hints pass."""
+    if hint is Any or isinstance(value, DictConfig) and "_component_" in value:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (ListConfig, list, tuple)):
+            return False
+        item = args[0] if args and (len(args) == 1 or args[-1] is Ellipsis) else Any
+        return all(_type_ok(v, item) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, (DictConfig, dict))
+    return True
+
+
+def _type_message(key: str, value: Any, hint: Any) -> str:
+    shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return f"'{key}' must be {shown}, got {value!r} ({type(value).__name__}); fix it in the config or with {key}=..."
+
+
+def _missing_option_message(e: MissingConfigException, overrides: List[str]) -> str:
+    text = str(e)
+    m = re.search(r"In '[^']*': Could not find '([^']+)'", text) or re.search(r"Could not find '([^']+)'", text)
+    target = m.group(1) if m else text.splitlines()[0]
+    group, _, option = target.rpartition("/")
+    if group in GROUPS or (CONF_DIR / group).is_dir():
+        return f"unknown option '{option}' for config group '{group}'; choose one of: {', '.join(group_options(group))}"
+    return _first_line(e)
+
+
+def _override_message(e: Exception) -> str:
+    text = str(e)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        return f"unknown config key '{key}'; check the spelling, or add a new key with +{key}=..."
+    m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
+    if m:
+        return f"key '{m.group(1)}' already exists; override it without the leading +"
+    return _first_line(e)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else repr(e)

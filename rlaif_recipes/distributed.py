@@ -1,0 +1,36 @@
+"""Tiny collectives the sampling loops need so that FSDP ranks step in lockstep."""
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def max_over_ranks(value: int) -> int:
+    if not is_distributed():
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True only when `flag` is true on every rank."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor(int(flag))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
+
+
+def init_process_group() -> None:
+    """NCCL for CUDA tensors where there is CUDA, gloo for CPU tensors (and for CPU-only builds)."""
+    dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+
+
+def destroy_process_group() -> None:
+    """Tear down after the sampler: vLLM's engine shutdown may already have destroyed the group."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,139 @@
+"""The Sampler interface: n completions per prompt, plus a way to push new policy weights.
+
+Both backends take chat messages (rendered with the checkpoint's own chat template) or token ids,
+so the same prompt reaches vLLM and torchtune as the same token ids.
+"""
+
+import abc
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, GenerationConfig
+
+Messages = List[Dict[str, str]]
+Prompt = Union[Messages, List[int]]
+
+
+@dataclass
+class Completion:
+    token_ids: List[int]
+    text: str
+    logprobs: List[float]  # log-prob of each sampled token under the untempered model
+    finish_reason: str  # "stop" (an end token) or "length" (max_tokens reached)
+
+
+@dataclass
+class PromptSamples:
+    prompt_token_ids: List[int]
+    completions: List[Completion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    stop_token_ids: tuple
+
+
+class Sampler(abc.ABC):
+    """Common set-up and input checks; backends implement `_generate` and `update_weights`."""
+
+    uses_live_policy = False  # True: sampling runs on the training model itself (no weight copy)
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 64,
+        stop_tokens: Sequence[str] = (),
+        seed: int = 0,
+        max_model_len: Optional[int] = None,
+    ) -> None:
+        self.checkpoint_dir = str(checkpoint_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+        self.max_model_len = max_model_len or self.tokenizer.model_max_length
+        self.eos_token_ids = _eos_ids(self.checkpoint_dir, self.tokenizer)
+        self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        self.stop_token_ids = tuple(self.eos_token_ids) + tuple(self._stop_ids(stop_tokens))
+
+    def bind_policy(self, policy: nn.Module) -> None:
+        """Give the sampler the live training model; only backends that sample with it keep it."""
+
+    @abc.abstractmethod
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load full (unsharded) torchtune-named weights into the sampling copy of the policy."""
+
+    def close(self) -> None:
+        """Free the engine; the sampler cannot be used afterwards."""
+
+    def sample(
+        self,
+        prompts: Sequence[Prompt],
+        n: int = 1,
+        *,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        max_tokens: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> List[PromptSamples]:
+        """n completions for each prompt. Same seed, prompts and weights give the same samples."""
+        if len(prompts) == 0:
+            raise ValueError("sample() got an empty prompt list; pass at least one prompt")
+        if n < 1:
+            raise ValueError(f"n={n}: ask for at least one completion per prompt (n >= 1)")
+        overrides = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        s = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if s["temperature"] < 0 or not 0 < s["top_p"] <= 1 or s["max_tokens"] < 1:
+            raise ValueError(
+                f"bad sampling settings {s}: need temperature >= 0, 0 < top_p <= 1, max_tokens >= 1"
+            )
+        settings = SamplingSettings(stop_token_ids=self.stop_token_ids, **s)
+        ids = [self.encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if len(p) + settings.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_tokens={settings.max_tokens} it exceeds the "
+                    f"context of {self.max_model_len}: shorten the prompt or lower max_tokens"
+                )
+        return [PromptSamples(p, c) for p, c in zip(ids, self._generate(ids, n, settings))]
+
+    def encode(self, prompt: Prompt) -> List[int]:
+        """Chat messages -> token ids with the checkpoint's chat template (ids pass through)."""
+        if len(prompt) == 0:
+            raise ValueError("got an empty prompt; a prompt is a non-empty list of messages or token ids")
+        if isinstance(prompt[0], int):
+            return list(prompt)
+        return list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)["input_ids"])
+
+    def decode(self, token_ids: List[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @abc.abstractmethod
+    def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
+        """Backend work: n completions for each (already checked) prompt."""
+
+    def _stop_ids(self, stop_tokens: Sequence[str]) -> List[int]:
+        vocab = self.tokenizer.get_vocab()
+        unknown = [t for t in stop_tokens if t not in vocab]
+        if unknown:
+            specials = ", ".join(self.tokenizer.all_special_tokens) or "none"
+            raise ValueError(
+                f"stop token(s) {unknown} are not in the tokenizer of {self.checkpoint_dir}; "
+                f"use single tokens from its vocabulary (special tokens: {specials})"
+            )
+        return [vocab[t] for t in stop_tokens]
+
+
+def _eos_ids(checkpoint_dir: str, tokenizer) -> List[int]:
+    try:
+        eos = GenerationConfig.from_pretrained(checkpoint_dir).eos_token_id
+    except OSError:
+        eos = None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [eos] if isinstance(eos, int) else list(eos or [])

@@ -1,0 +1,111 @@
+"""KV-cached sampling with the live torchtune policy: no weight copy, works without vLLM.
+
+With FSDP2 every rank must run the same number of forward passes (each one all-gathers the
+shards), so ranks agree on the number of batches and keep stepping until every rank is done.
+"""
+
+from typing import List, Mapping, Optional
+
+import torch
+from torch import nn
+from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
+from torchtune.modules.common_utils import local_kv_cache
+
+from rlaif_recipes.distributed import all_ranks, max_over_ranks
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings
+
+
+class TorchtuneSampler(Sampler):
+    uses_live_policy = True
+
+    def __init__(self, checkpoint_dir: str, *, batch_size: int = 64, **sampling) -> None:
+        super().__init__(checkpoint_dir, **sampling)
+        self.batch_size = batch_size
+        self.policy: Optional[nn.Module] = None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def bind_policy(self, policy: nn.Module) -> None:
+        self.policy = policy
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Nothing to copy: sampling runs on the bound training model, which is always current."""
+        if self.policy is None:
+            raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")
+
+    def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
+        if self.policy is None:
+            raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")
+        rows = [p for p in prompt_ids for _ in range(n)]
+        rng = torch.Generator().manual_seed(settings.seed)
+        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        # Under FSDP, ranks with fewer batches run throw-away ones so the all-gathers line up.
+        padded = batches + [[rows[0]]] * (max_over_ranks(len(batches)) - len(batches))
+        flat: List[Completion] = []
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            for i, batch in enumerate(padded):
+                out = self._generate_batch(batch, settings, rng)
+                flat += out if i < len(batches) else []
+        finally:
+            self.policy.train(was_training)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    @torch.no_grad()
+    def _generate_batch(self, batch: List[List[int]], s: SamplingSettings, rng: torch.Generator) -> List[Completion]:
+        model = self.policy
+        param = next(model.parameters())
+        device = param.device
+        bsz, prompt_len = len(batch), max(len(p) for p in batch)
+        total_len = prompt_len + s.max_tokens
+        tokens = torch.full((bsz, prompt_len), self.pad_id, dtype=torch.long, device=device)
+        real = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+        for i, p in enumerate(batch):  # left padding, so every row's next token sits at the end
+            tokens[i, prompt_len - len(p) :] = torch.tensor(p, device=device)
+            real[i, prompt_len - len(p) :] = True
+        masks = get_causal_mask_from_padding_mask(real, target_seq_len=total_len)
+        input_pos = get_position_ids_from_padding_mask(real)
+        stop_ids = torch.tensor(s.stop_token_ids, device=device)
+        generated = torch.full((bsz, s.max_tokens), self.pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((bsz, s.max_tokens), device=device)
+        lengths = torch.full((bsz,), s.max_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        dtype = param.dtype if not hasattr(param, "to_local") else param.to_local().dtype
+        with local_kv_cache(model, batch_size=bsz, device=device, dtype=dtype, decoder_max_seq_len=total_len):
+            logits = model(tokens, input_pos=input_pos[:, :prompt_len], mask=masks[:, :prompt_len])[:, -1]
+            for t in range(s.max_tokens):
+                next_tok, lp = _sample_next(logits.float(), s.temperature, s.top_p, rng)
+                next_tok = torch.where(done, self.pad_id, next_tok)
+                generated[:, t], logprobs[:, t] = next_tok, lp
+                hit = ~done & torch.isin(next_tok, stop_ids)
+                lengths = torch.where(hit, t + 1, lengths)
+                done |= hit
+                if all_ranks(bool(done.all())) or t == s.max_tokens - 1:
+                    break
+                pos = prompt_len + t
+                logits = model(
+                    next_tok[:, None], input_pos=input_pos[:, pos, None], mask=masks[:, pos, None, :]
+                )[:, -1]
+        out = []
+        for i in range(bsz):
+            ids = generated[i, : lengths[i]].tolist()
+            finished = bool(done[i])
+            out.append(Completion(ids, self.decode(ids), logprobs[i, : lengths[i]].tolist(), "stop" if finished else "length"))
+        return out
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator):
+    """Greedy at temperature 0, else temperature + nucleus sampling. Log-probs are untempered."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        tok = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        tok = torch.multinomial(probs.cpu(), 1, generator=rng).squeeze(-1).to(logits.device)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+

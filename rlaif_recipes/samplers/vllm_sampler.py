@@ -1,0 +1,109 @@
+"""In-process vLLM engine; new policy weights are pushed in place after each sync.
+
+Weights go in through the worker's `reload_weights` (plain `load_weights` fails on vLLM's CPU
+backend, which repacks linear weights after loading), then the prefix cache is reset so no KV
+computed with the old weights is reused.
+"""
+
+import os
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from rlaif_recipes.distributed import is_distributed
+from rlaif_recipes.models.hf_llama import tune_to_hf_state_dict
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings
+
+
+class VLLMSampler(Sampler):
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        *,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
+        max_model_len: Optional[int] = None,
+        **sampling,
+    ) -> None:
+        super().__init__(checkpoint_dir, max_model_len=max_model_len, **sampling)
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"sampler.gpu_memory_utilization={gpu_memory_utilization}: it is the share of (GPU, or on "
+                "CPU host) memory vLLM reserves and must be in (0, 1]; 0.3 suits CPU runs"
+            )
+        # In-process engine: weight pushes are plain function calls, no pickling across processes.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        distributed = is_distributed()
+        engine_args = dict(
+            model=self.checkpoint_dir,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            max_model_len=self.max_model_len,
+            seed=self.defaults["seed"] + (dist.get_rank() if distributed else 0),
+        )
+        if distributed:  # one engine per training rank, inside the trainer's own process group
+            engine_args["distributed_executor_backend"] = "external_launcher"
+        try:
+            self.llm = LLM(**engine_args)
+        except Exception as e:  # name the cause in one line, keep the chain for the details
+            raise RuntimeError(
+                f"vLLM engine failed to start for {self.checkpoint_dir} ({type(e).__name__}: "
+                f"{_first_line(e)}); check sampler.gpu_memory_utilization={gpu_memory_utilization}, "
+                f"sampler.dtype={dtype} and sampler.max_model_len={self.max_model_len}"
+            ) from e
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        pairs = list(tune_to_hf_state_dict(dict(state_dict), self.checkpoint_dir).items())
+        self.llm.collective_rpc(lambda worker: worker.model_runner.reload_weights(weights_iterator=iter(pairs)))
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            engine.llm_engine.engine_core.shutdown()
+            del self.llm
+
+    def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # vLLM refuses n > 1 with greedy decoding: ask for n copies of the request instead.
+        copies, per_request = (n, 1) if settings.temperature == 0 else (1, n)
+        params = [
+            SamplingParams(
+                n=per_request,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_tokens,
+                seed=settings.seed + i,
+                logprobs=0,
+                stop_token_ids=list(settings.stop_token_ids),
+            )
+            for i in range(len(prompt_ids))
+            for _ in range(copies)
+        ]
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids for _ in range(copies)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [self._completion(c) for out in outputs for c in out.outputs]
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _completion(self, c) -> Completion:
+        ids = list(c.token_ids)
+        return Completion(
+            token_ids=ids,
+            text=self.decode(ids),
+            logprobs=[step[tok].logprob for tok, step in zip(ids, c.logprobs or [])],
+            finish_reason="stop" if c.finish_reason == "stop" else "length",
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or repr(e)
+    return text.splitlines()[0][:300]
