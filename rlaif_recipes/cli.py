@@ -126,7 +126,8 @@ def main(argv: List[str] | None = None) -> int:
         while rest and rest[0].startswith("--") and rest[0] not in ("--config", "--multirun"):
             torchrun_args += rest[:2] if "=" not in rest[0] else rest[:1]
             rest = rest[2:] if "=" not in rest[0] else rest[1:]
-        argv = ["run", *rest]
+        multirun = [a for a in rest if a in ("-m", "--multirun")]  # allowed anywhere after the recipe
+        argv = ["run", *multirun[:1], *[a for a in rest if a not in ("-m", "--multirun")]]
     args = build_parser().parse_args(argv)
     args.torchrun_args = torchrun_args
     try:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
 from rlaif_recipes.policy import build_policy
+from rlaif_recipes.samplers.base import derive_seed
 
 log = utils.get_logger("INFO")
 
@@ -87,7 +88,7 @@ class GeneratePairsRecipe:
             shard = todo[i] if i < len(todo) else (todo or mine or [0])[-1]
             rows = self._prompts.select(range(shard * self._prompts_per_shard, min((shard + 1) * self._prompts_per_shard, len(self._prompts))))
             start = time.perf_counter()
-            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=self._sampler.defaults["seed"] + shard)
+            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._sampler.defaults["seed"], "shard", shard))
             if i < len(todo):
                 self._write_shard(_shard_path(shard_dir, shard), rows, samples)
             bar.set_postfix(sec_per_shard=f"{time.perf_counter() - start:.1f}")

@@ -5,6 +5,7 @@ so the same prompt reaches vLLM and torchtune as the same token ids.
 """
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -128,6 +129,16 @@ class Sampler(abc.ABC):
                 f"use single tokens from its vocabulary (special tokens: {specials})"
             )
         return [vocab[t] for t in stop_tokens]
+
+
+def derive_seed(*parts: object) -> int:
+    """A well-mixed 31-bit seed from several parts, so nearby seeds give unrelated random streams.
+
+    (vLLM seeds the n samples of a request with consecutive values; plain `seed + i` per prompt
+    would make sample j of prompt i repeat sample j-1 of prompt i+1.)
+    """
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _eos_ids(checkpoint_dir: str, tokenizer) -> List[int]:

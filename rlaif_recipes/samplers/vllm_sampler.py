@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from rlaif_recipes.distributed import is_distributed
 from rlaif_recipes.models.hf_llama import tune_to_hf_state_dict
-from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
 
 
 class VLLMSampler(Sampler):
@@ -82,7 +82,7 @@ class VLLMSampler(Sampler):
                 temperature=settings.temperature,
                 top_p=settings.top_p,
                 max_tokens=settings.max_tokens,
-                seed=settings.seed + i,
+                seed=derive_seed(settings.seed, i),
                 logprobs=0,
                 stop_token_ids=list(settings.stop_token_ids),
             )

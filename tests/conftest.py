@@ -1,0 +1,47 @@
+"""Shared fixtures: one tiny model for the session (built here, no hub) and its torchtune policy."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from rlaif_recipes.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), seed=0)
+
+
+def load_policy(checkpoint_dir: Path) -> torch.nn.Module:
+    """The tiny model as a torchtune module, loaded through torchtune's HF checkpointer."""
+    from torchtune.training import FullModelHFCheckpointer
+
+    from rlaif_recipes.models import llama3_from_hf_dir
+
+    checkpointer = FullModelHFCheckpointer(
+        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3",
+        output_dir=str(checkpoint_dir.parent / "unused-output"),
+    )
+    model = llama3_from_hf_dir(str(checkpoint_dir))
+    model.load_state_dict(checkpointer.load_checkpoint()["model"])
+    return model
+
+
+@pytest.fixture()
+def policy(tiny_model_dir) -> torch.nn.Module:
+    return load_policy(tiny_model_dir)
+
+
+def run_cli(args: List[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a console command of this venv (tune, rlaif) as a user would, capturing its output."""
+    exe = Path(sys.executable).parent / args[0]
+    return subprocess.run([str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout)
