@@ -260,7 +260,7 @@ def test_engine_start_failure_is_named(tiny_model_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_to_answer(policy: nn.Module, prompt: List[int], answer: List[int], steps: int = 10) -> List[float]:
+def train_to_answer(policy: nn.Module, prompt: List[int], answer: List[int], steps: int = 20) -> List[float]:
     """A few AdamW steps of next-token cross-entropy on `answer` after `prompt`; returns the losses."""
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
@@ -289,8 +289,8 @@ def test_update_weights_makes_vllm_follow_the_trained_policy(
     before = vllm_sampler.sample(PROMPTS, n=1, temperature=0)
 
     tok = tt_sampler.tokenizer
-    answer = tok("Yes, send it SIGTERM.", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|eot|>")]
-    losses = train_to_answer(policy, tt_sampler.encode(PROMPTS[0]), answer)
+    answer = tok("Sure.", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|eot|>")]
+    losses = train_to_answer(policy, tt_sampler.encode(PROMPTS[0]), answer, steps=20)
     assert losses[-1] < losses[0] / 2
 
     try:
