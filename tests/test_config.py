@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from omegaconf import OmegaConf
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.cli import _sweep

@@ -45,8 +45,7 @@ def prompt_dataset(
     for column, allowed in (where or {}).items():
         if column not in ds.column_names:
             raise ValueError(f"data.where names column '{column}', which {source} lacks (columns: {ds.column_names})")
-        keep = set(allowed)
-        ds = ds.filter(lambda row: row[column] in keep)
+        ds = ds.filter(lambda row, column=column, keep=set(allowed): row[column] in keep)
     if split != "all":
         want_held_out = split == "held_out"
         ds = ds.filter(lambda row: is_held_out(row[prompt_column], held_out_fraction) == want_held_out)

@@ -105,5 +105,11 @@ class VLLMSampler(Sampler):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or repr(e)
-    return text.splitlines()[0][:300]
+    """vLLM's reason on one line (its config errors put it after a 'N validation errors' header)."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(str(err.get("msg", err)) for err in errors())[:300]
+        except Exception:
+            pass
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300] or repr(e)
