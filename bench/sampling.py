@@ -49,8 +49,9 @@ def measure(sampler: Sampler, prompts, args: argparse.Namespace) -> Dict[str, fl
         tokens = sum(len(c.token_ids) for ps in out for c in ps.completions)
         runs.append((tokens / seconds, seconds, tokens))
     tps, seconds, tokens = sorted(runs)[len(runs) // 2]  # the median run by tokens/s
-    return dict(tps=tps, seconds=seconds, tokens=tokens, threads=torch.get_num_threads(),
-                all_tps=[r[0] for r in runs])
+    return dict(
+        tps=tps, seconds=seconds, tokens=tokens, threads=torch.get_num_threads(), all_tps=[r[0] for r in runs]
+    )
 
 
 def main() -> None:
@@ -67,22 +68,32 @@ def main() -> None:
         make_tiny_model(str(model_dir), **TINY)
     prompts = load_prompts(args.prompts)
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"platform: {platform.platform()} | {platform.processor() or platform.machine()} | "
-          f"python {platform.python_version()} | torch {torch.__version__}")
-    print(f"torch threads at start: {torch.get_num_threads()}; os.cpu_count(): {os.cpu_count()}; "
-          f"load average (1/5/15 min): {os.getloadavg()} (other processes skew timings)")
+    print(
+        f"platform: {platform.platform()} | {platform.processor() or platform.machine()} | "
+        f"python {platform.python_version()} | torch {torch.__version__}"
+    )
+    print(
+        f"torch threads at start: {torch.get_num_threads()}; os.cpu_count(): {os.cpu_count()}; "
+        f"load average (1/5/15 min): {os.getloadavg()} (other processes skew timings)"
+    )
     print(f"model: {TINY}; {len(prompts)} prompts x n={args.n}, max_tokens={args.max_tokens}, float32\n")
 
     results = {}
     model = llama3_from_hf_dir(str(model_dir))
-    ckpt = FullModelHFCheckpointer(checkpoint_dir=str(model_dir), checkpoint_files=["model.safetensors"],
-                                   model_type="LLAMA3", output_dir=str(Path(args.out_dir) / "bench_ckpt_out"))
+    ckpt = FullModelHFCheckpointer(
+        checkpoint_dir=str(model_dir),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3",
+        output_dir=str(Path(args.out_dir) / "bench_ckpt_out"),
+    )
     model.load_state_dict(ckpt.load_checkpoint()["model"])
     tt = TorchtuneSampler(str(model_dir), batch_size=args.prompts * args.n, max_tokens=args.max_tokens)
     tt.bind_policy(model.float())
     results["torchtune"] = measure(tt, prompts, args)
 
-    vllm = VLLMSampler(str(model_dir), dtype="float32", gpu_memory_utilization=0.3, max_tokens=args.max_tokens)
+    vllm = VLLMSampler(
+        str(model_dir), dtype="float32", gpu_memory_utilization=0.3, max_tokens=args.max_tokens
+    )
     try:
         results["vllm"] = measure(vllm, prompts, args)
     finally:
@@ -92,9 +103,13 @@ def main() -> None:
     print("| backend | tokens/s | seconds | generated tokens | speedup vs torchtune | torch threads |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | {r['tps'] / base:.2f}x | {r['threads']} |")
-    print("\nall reps (tokens/s): " + "; ".join(
-        f"{k}: {', '.join(f'{x:.0f}' for x in r['all_tps'])}" for k, r in results.items()))
+        print(
+            f"| {name} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | {r['tps'] / base:.2f}x | {r['threads']} |"
+        )
+    print(
+        "\nall reps (tokens/s): "
+        + "; ".join(f"{k}: {', '.join(f'{x:.0f}' for x in r['all_tps'])}" for k, r in results.items())
+    )
 
 
 if __name__ == "__main__":
