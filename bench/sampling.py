@@ -9,7 +9,7 @@ The torchtune run happens before the vLLM engine is created: creating the engine
 thread count in this process (to 1 on a 2-core CPU), which would slow torchtune down unfairly.
 The thread count seen during each measurement is printed next to its numbers.
 
-    python bench/sampling.py --prompts 64 --n 2 --max-tokens 64 --out-dir tmp
+    python bench/sampling.py --prompts 64 --n 2 --max-tokens 64 --out-dir outputs/bench
 """
 
 import argparse
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out-dir", default="tmp")
+    p.add_argument("--out-dir", default="outputs/bench")
     args = p.parse_args()
 
     model_dir = Path(args.out_dir) / "bench_sampling_tiny"
