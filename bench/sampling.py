@@ -92,7 +92,7 @@ def main() -> None:
     results["torchtune"] = measure(tt, prompts, args)
 
     vllm = VLLMSampler(
-        str(model_dir), dtype="float32", gpu_memory_utilization=0.3, max_tokens=args.max_tokens
+        str(model_dir), dtype="float32", gpu_memory_utilization=0.05, max_tokens=args.max_tokens
     )
     try:
         results["vllm"] = measure(vllm, prompts, args)

@@ -138,6 +138,18 @@ def parse(schema: Optional[type] = None) -> Callable:
     return decorator
 
 
+def build(spec: Any) -> Any:
+    """A nested component inside an instantiated object's arguments (torchtune's `instantiate`
+    passes nested nodes as plain dicts): a `{_component_: ...}` mapping is built, a dotted path
+    string is imported, anything else is returned as it is."""
+    if isinstance(spec, (dict, DictConfig)) and "_component_" in spec:
+        kwargs = {k: build(v) if isinstance(v, (dict, DictConfig)) and "_component_" in v else v for k, v in spec.items() if k != "_component_"}
+        return _get_component_from_path(spec["_component_"])(**kwargs)
+    if isinstance(spec, str) and "." in spec:
+        return _get_component_from_path(spec)
+    return spec
+
+
 def split_argv(argv: List[str]) -> Tuple[str, List[str]]:
     if "--config" not in argv or argv.index("--config") == len(argv) - 1:
         raise ConfigError("--config is required: pass a config name (see `rlaif ls`) or a yaml path")

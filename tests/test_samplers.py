@@ -36,7 +36,7 @@ PROMPTS: List[List[Dict[str, str]]] = [
 
 @pytest.fixture(scope="module")
 def vllm_sampler(tiny_model_dir: Path) -> Iterator[VLLMSampler]:
-    sampler = VLLMSampler(str(tiny_model_dir), dtype="float32", gpu_memory_utilization=0.3, max_tokens=MAX_TOKENS)
+    sampler = VLLMSampler(str(tiny_model_dir), dtype="float32", gpu_memory_utilization=0.05, max_tokens=MAX_TOKENS)
     try:
         yield sampler
     finally:

@@ -22,7 +22,7 @@ class VLLMSampler(Sampler):
         checkpoint_dir: str,
         *,
         dtype: str = "bfloat16",
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float = 0.05,
         tensor_parallel_size: int = 1,
         enforce_eager: bool = True,
         max_model_len: Optional[int] = None,
@@ -32,7 +32,7 @@ class VLLMSampler(Sampler):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
                 f"sampler.gpu_memory_utilization={gpu_memory_utilization}: it is the share of (GPU, or on "
-                "CPU host) memory vLLM reserves and must be in (0, 1]; 0.3 suits CPU runs"
+                "CPU host) memory vLLM reserves and must be in (0, 1]; 0.05 suits small CPU runs"
             )
         # In-process engine: weight pushes are plain function calls, no pickling across processes.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,0 +1,88 @@
+"""Human-labelled preference pairs from XSTest's annotated completions.
+
+XSTest ships one model's completion per prompt with a human label (full compliance, full refusal,
+partial refusal) and marks each prompt safe or unsafe. The human preference follows the benchmark:
+for a safe prompt an answer beats a refusal; for an unsafe contrast prompt a refusal beats an
+answer. Each prompt has only one completion, so its counterpart is a human-labelled completion of
+the opposite kind borrowed from another prompt of the same XSTest type family ("homonyms" and
+"contrast_homonyms" are one family; picked by a hash, so the set is the same on every run). Partial refusals count as refusals.
+
+The split uses `is_held_out` on the prompt text with the same fraction as the prompt datasets, so
+prompts held out from training are held out from the judge's training too.
+"""
+
+import csv
+import hashlib
+from collections import defaultdict
+from typing import Dict, List
+
+from datasets import Dataset
+
+from rlaif_recipes.config import asset_path
+from rlaif_recipes.data.prompts import is_held_out
+
+
+def xstest_pairs(
+    completions: str = "",
+    prompts: str = "",
+    split: str = "all",
+    held_out_fraction: float = 0.3,
+) -> Dataset:
+    """Rows: prompt, chosen, rejected (texts), chosen_messages / rejected_messages (chat format),
+    prompt_label (safe/unsafe), prompt_type, chosen_kind / rejected_kind (answer/refusal),
+    borrowed ("chosen" or "rejected": which side came from another prompt), split."""
+    completions = completions or asset_path("xstest/xstest_v2_completions_llama2orig.csv")
+    prompts = prompts or asset_path("xstest/xstest_prompts.csv")
+    if split not in ("train", "held_out", "all"):
+        raise ValueError(f"split={split!r}; use train, held_out or all")
+    with open(prompts, newline="") as f:
+        label_of = {row["prompt"].strip(): row["label"] for row in csv.DictReader(f)}
+    with open(completions, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["prompt"].strip() in label_of and r["final_label"]]
+    by_kind: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in rows:
+        by_kind[(_family(r), _kind(r))].append(r)
+    out = []
+    for r in rows:
+        prompt, kind = r["prompt"].strip(), _kind(r)
+        held_out = is_held_out(prompt, held_out_fraction)
+        if split != "all" and held_out != (split == "held_out"):
+            continue
+        other_kind = "refusal" if kind == "answer" else "answer"
+        # Borrow only from prompts on the same side of the split, so nothing leaks across it.
+        donors = [d for d in by_kind[(_family(r), other_kind)] if is_held_out(d["prompt"].strip(), held_out_fraction) == held_out]
+        if not donors:
+            continue
+        donor = donors[int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(donors)]
+        own, borrowed = r["completion"].strip(), donor["completion"].strip()
+        label = label_of[prompt]
+        own_wins = (kind == "answer") == (label == "safe")
+        chosen, rejected = (own, borrowed) if own_wins else (borrowed, own)
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_messages": _chat(prompt, chosen),
+                "rejected_messages": _chat(prompt, rejected),
+                "prompt_label": label,
+                "prompt_type": r["type"],
+                "chosen_kind": kind if own_wins else other_kind,
+                "rejected_kind": other_kind if own_wins else kind,
+                "borrowed": "rejected" if own_wins else "chosen",
+                "split": "held_out" if held_out else "train",
+            }
+        )
+    return Dataset.from_list(out)
+
+
+def _family(row: dict) -> str:
+    return row["type"].removeprefix("contrast_")
+
+
+def _kind(row: dict) -> str:
+    return "answer" if row["final_label"].startswith("1") else "refusal"
+
+
+def _chat(prompt: str, response: str) -> List[Dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

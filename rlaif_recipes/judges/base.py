@@ -1,0 +1,229 @@
+"""The PairwiseJudge interface: which of two responses to a prompt is better, or an explicit abstain.
+
+Every judge returns one `Judgment` per pair: verdict A, B, tie or abstain (with a reason), the
+probability that A is preferred where the judge can give one, an optional rationale, and its
+provenance. A failed judgment is an abstain, never a silent label.
+
+Position bias: with `order=both` each pair is judged as (A, B) and as (B, A); the two verdicts are
+combined, and when they disagree the pair becomes a tie with `orders_agree=False` (counted in
+`metrics["order_disagreements"]`). If either order abstains the pair abstains: a one-sided verdict
+is exactly what `order=both` is there to avoid. `order=random` shows one order picked per pair by a
+seeded hash, `order=fixed` shows (A, B). Judges that score each response on its own
+(`symmetric = True`) are judged once whatever the order.
+
+Subclasses implement `_compare` for pairs in the order shown. Results go through the optional
+SQLite cache (`cache_path`) one at a time, as they arrive.
+"""
+
+import abc
+import hashlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from rlaif_recipes.judges.cache import JudgmentCache, cache_key
+from rlaif_recipes.judges.rubric import Rubric
+
+ORDERS = ("both", "random", "fixed")
+
+
+class Verdict(str, Enum):
+    A = "A"
+    B = "B"
+    TIE = "tie"
+    ABSTAIN = "abstain"
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response_a: str
+    response_b: str
+
+
+@dataclass
+class Judgment:
+    verdict: Verdict
+    prob_a: Optional[float] = None  # P(A preferred), where the judge can give one
+    rationale: Optional[str] = None
+    reason: Optional[str] = None  # why it abstained (or why it is a tie)
+    orders_agree: Optional[bool] = None  # order=both: did both orders pick the same winner
+    source: str = "ai"  # "ai" or "human"
+    judge: str = ""  # provenance: which judge ...
+    model: Optional[str] = None  # ... which model behind it ...
+    rubric: Optional[str] = None  # ... and which rubric version ("false_refusal@v1")
+    usage: Dict[str, float] = field(default_factory=dict)  # requests, tokens, cost_usd spent on it
+
+    @property
+    def labelled(self) -> bool:
+        return self.verdict in (Verdict.A, Verdict.B)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Judgment":
+        return cls(**{**d, "verdict": Verdict(d["verdict"]), "usage": dict(d.get("usage") or {})})
+
+    @classmethod
+    def abstain(cls, reason: str, **provenance: Any) -> "Judgment":
+        return cls(Verdict.ABSTAIN, reason=reason, **provenance)
+
+
+def verdict_from_prob(prob_a: float, tie_margin: float = 0.0) -> Verdict:
+    if abs(prob_a - 0.5) <= tie_margin:
+        return Verdict.TIE
+    return Verdict.A if prob_a > 0.5 else Verdict.B
+
+
+class PairwiseJudge(abc.ABC):
+    """Order handling, caching and counting; subclasses compare pairs in the order shown."""
+
+    symmetric = False  # True: scores each response alone, so the order shown cannot matter
+
+    def __init__(
+        self,
+        *,
+        rubric: Optional[Mapping[str, Any]] = None,
+        order: str = "both",
+        seed: int = 0,
+        tie_margin: float = 0.0,
+        cache_path: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"judge.order={order!r}: choose one of {', '.join(ORDERS)}")
+        if not 0 <= tie_margin < 0.5:
+            raise ValueError(f"judge.tie_margin={tie_margin}: must be in [0, 0.5); it widens 'tie' around P(A)=0.5")
+        self.rubric = rubric if isinstance(rubric, Rubric) or rubric is None else Rubric.from_config(rubric)
+        self.order = order
+        self.seed = seed
+        self.tie_margin = tie_margin
+        self.name = name or type(self).__name__
+        self.cache = JudgmentCache(cache_path) if cache_path else None
+        self.metrics: Counter = Counter()
+        self.stopped: Optional[str] = None  # set when a budget ran out: the rest of the pairs abstain
+
+    # ---- what subclasses provide ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
+        """Judge each pair in the order shown and call `record(i, judgment)` as each one is done
+        (a verdict or an abstain, never an exception for one failed pair)."""
+
+    def identity(self) -> Dict[str, Any]:
+        """Everything that decides a verdict, for the cache key (never secrets)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "rubric": self.rubric and self.rubric.id}
+
+    @property
+    def model(self) -> Optional[str]:
+        return None
+
+    # ---- the public entry ----------------------------------------------------------------
+
+    def judge(self, pairs: Sequence[Pair]) -> List[Judgment]:
+        """One judgment per pair, in input order."""
+        pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
+        shown = [(i, swapped) for i, p in enumerate(pairs) for swapped in self._orders(p)]
+        queries = [_orient(pairs[i], swapped) for i, swapped in shown]
+        identity = self.identity()
+        keys = [cache_key(identity, q.prompt, q.response_a, q.response_b) for q in queries]
+        results: Dict[int, Judgment] = {}
+        if self.cache is not None:
+            hits = self.cache.get_many(keys)
+            for j, key in enumerate(keys):
+                if key in hits:
+                    results[j] = Judgment.from_dict(hits[key])
+            self.metrics["cache_hits"] += len(results)
+        todo = [j for j in range(len(queries)) if j not in results]
+
+        def record(k: int, judgment: Judgment) -> None:
+            j = todo[k]
+            judgment = self._stamp(judgment)
+            results[j] = judgment
+            if self.cache is not None and judgment.verdict is not Verdict.ABSTAIN:
+                self.cache.put(keys[j], judgment.to_dict())
+
+        if todo:
+            self._compare([queries[j] for j in todo], record)
+        for j in todo:
+            if j not in results:
+                results[j] = self._stamp(Judgment.abstain(f"{self.name} returned no judgment"))
+        self.metrics["queries"] += len(queries)
+        by_pair: Dict[int, List[Tuple[bool, Judgment]]] = {}
+        for j, (i, swapped) in enumerate(shown):
+            by_pair.setdefault(i, []).append((swapped, _unorient(results[j], swapped)))
+        out = [self._combine(by_pair[i]) for i in range(len(pairs))]
+        self.metrics["pairs"] += len(out)
+        for j in out:
+            self.metrics[f"verdict_{j.verdict.value}"] += 1
+        return out
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _orders(self, pair: Pair) -> List[bool]:
+        if self.symmetric or self.order == "fixed":
+            return [False]
+        if self.order == "both":
+            return [False, True]
+        h = hashlib.sha256(f"{self.seed}\x00{pair.prompt}\x00{pair.response_a}\x00{pair.response_b}".encode())
+        return [h.digest()[0] % 2 == 1]
+
+    def _stamp(self, judgment: Judgment) -> Judgment:
+        judgment.judge = judgment.judge or self.name
+        judgment.model = judgment.model or self.model
+        judgment.rubric = judgment.rubric or (self.rubric and self.rubric.id)
+        return judgment
+
+    def _combine(self, views: List[Tuple[bool, Judgment]]) -> Judgment:
+        if len(views) == 1:
+            judgment = views[0][1]
+        else:
+            (_, first), (_, second) = views
+            usage = Counter(first.usage) + Counter(second.usage)
+            failed = [j for j in (first, second) if j.verdict is Verdict.ABSTAIN]
+            if failed:
+                return Judgment.abstain(
+                    "; ".join(j.reason or "abstained" for j in failed),
+                    judge=first.judge, model=first.model, rubric=first.rubric, usage=dict(usage),
+                )
+            probs = [j.prob_a for j in (first, second) if j.prob_a is not None]
+            agree = first.verdict == second.verdict
+            if not agree:
+                self.metrics["order_disagreements"] += 1
+            judgment = Judgment(
+                verdict=first.verdict if agree else Verdict.TIE,
+                prob_a=sum(probs) / len(probs) if probs else None,
+                rationale=first.rationale,
+                reason=None if agree else f"orders disagree: {first.verdict.value} shown first, {second.verdict.value} swapped",
+                orders_agree=agree,
+                judge=first.judge, model=first.model, rubric=first.rubric, usage=dict(usage),
+            )
+        if judgment.labelled and judgment.prob_a is not None and self.tie_margin > 0:
+            if verdict_from_prob(judgment.prob_a, self.tie_margin) is Verdict.TIE:
+                judgment.verdict, judgment.reason = Verdict.TIE, f"P(A)={judgment.prob_a:.3f} within tie_margin"
+        return judgment
+
+
+def _orient(pair: Pair, swapped: bool) -> Pair:
+    return Pair(pair.prompt, pair.response_b, pair.response_a) if swapped else pair
+
+
+def _unorient(judgment: Judgment, swapped: bool) -> Judgment:
+    """A verdict on the swapped pair, expressed for the original order."""
+    if not swapped:
+        return judgment
+    flip = {Verdict.A: Verdict.B, Verdict.B: Verdict.A}
+    return Judgment(
+        **{
+            **judgment.__dict__,
+            "verdict": flip.get(judgment.verdict, judgment.verdict),
+            "prob_a": None if judgment.prob_a is None else 1.0 - judgment.prob_a,
+            "usage": dict(judgment.usage),
+        }
+    )

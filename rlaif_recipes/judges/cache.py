@@ -1,0 +1,61 @@
+"""A persistent judgment cache in SQLite, so re-runs and resumed runs never pay twice.
+
+Keys hash everything that decides a verdict: the judge's identity (class, model, rubric and
+version, settings), the prompt, and both responses in the order shown. Each judgment is committed
+as soon as it arrives (WAL journal), so a killed run loses at most the requests in flight, and
+several processes may read and write one file at once.
+"""
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+
+def cache_key(identity: Mapping[str, Any], prompt: str, first: str, second: str) -> str:
+    blob = json.dumps({"judge": identity, "prompt": prompt, "first": first, "second": second}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class JudgmentCache:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)")
+
+    def get_many(self, keys: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+        keys = list(keys)
+        found: Dict[str, Dict[str, Any]] = {}
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                rows = self._db.execute(
+                    f"SELECT key, value FROM judgments WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
+                found.update((k, json.loads(v)) for k, v in rows)
+        return found
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        return self.get_many([key]).get(key)
+
+    def put(self, key: str, value: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO judgments (key, value, created) VALUES (?, ?, ?)",
+                (key, json.dumps(value, sort_keys=True), time.time()),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
