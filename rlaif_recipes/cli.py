@@ -6,6 +6,8 @@
     rlaif run generate_pairs -m loss=dpo,hinge    a sweep: one run per combination, in order
     rlaif run --nproc_per_node 2 generate_pairs   torchrun flags go before the recipe
     rlaif make-tiny-model --out DIR
+    rlaif audit-judge [overrides]             any recipe by its name with dashes = `rlaif run RECIPE`
+    rlaif train-reward-model [overrides]
 """
 
 import argparse
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("ls", "cp", "run", "make-tiny-model") and argv[0].replace("-", "_") in recipe_names():
+        argv = ["run", argv[0].replace("-", "_"), *argv[1:]]  # `rlaif audit-judge ...` = `rlaif run audit_judge ...`
     torchrun_args: List[str] = []
     if argv[:1] == ["run"]:  # torchrun flags sit between `run` and the recipe name
         rest = argv[1:]
