@@ -314,7 +314,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_message(key: str, value: Any, hint: Any) -> str:
-    shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
     return f"'{key}' must be {shown}, got {value!r} ({type(value).__name__}); fix it in the config or with {key}=..."
 
 
