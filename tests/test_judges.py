@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Callable, List
 
 import pytest
@@ -68,7 +67,7 @@ def test_order_both_keeps_consistent_verdicts_and_averages_probabilities() -> No
 def test_an_abstain_in_either_order_abstains_the_pair() -> None:
     judge = LongerWins(order="both")
     out = judge.judge([Pair("p", "", "text"), Pair("p", "longer text", "text")])
-    assert out[0].verdict is Verdict.ABSTAIN and out[0].reason == "empty response; empty response"
+    assert out[0].verdict is Verdict.ABSTAIN and out[0].reason == "empty response"
     assert out[1].verdict is Verdict.A
 
 

@@ -189,7 +189,7 @@ class PairwiseJudge(abc.ABC):
             failed = [j for j in (first, second) if j.verdict is Verdict.ABSTAIN]
             if failed:
                 return Judgment.abstain(
-                    "; ".join(j.reason or "abstained" for j in failed),
+                    "; ".join(dict.fromkeys(j.reason or "abstained" for j in failed)),
                     judge=first.judge, model=first.model, rubric=first.rubric, usage=dict(usage),
                 )
             probs = [j.prob_a for j in (first, second) if j.prob_a is not None]
