@@ -26,6 +26,7 @@ class VLLMSampler(Sampler):
         tensor_parallel_size: int = 1,
         enforce_eager: bool = True,
         max_model_len: Optional[int] = None,
+        kv_cache_memory_bytes: Optional[int] = None,
         **sampling,
     ) -> None:
         super().__init__(checkpoint_dir, max_model_len=max_model_len, **sampling)
@@ -48,6 +49,8 @@ class VLLMSampler(Sampler):
             max_model_len=self.max_model_len,
             seed=self.defaults["seed"] + (dist.get_rank() if distributed else 0),
         )
+        if kv_cache_memory_bytes is not None:  # a fixed KV cache: a second engine in the process (e.g. an LLM judge) still fits
+            engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if distributed:  # one engine per training rank, inside the trainer's own process group
             engine_args["distributed_executor_backend"] = "external_launcher"
         try:
@@ -90,7 +93,18 @@ class VLLMSampler(Sampler):
             for _ in range(copies)
         ]
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids for _ in range(copies)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        # vLLM 0.32's CPU backend fails on a seeded request whose prefill is split across scheduler
+        # steps ("CPU Generator does not use offset"): submit chunks whose prefill fits one step.
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        outputs, chunk, used = [], [], 0
+        for j, request in enumerate(requests):
+            cost = len(request["prompt_token_ids"]) * per_request
+            if chunk and used + cost > budget:
+                outputs += self.llm.generate([requests[k] for k in chunk], [params[k] for k in chunk], use_tqdm=False)
+                chunk, used = [], 0
+            chunk.append(j)
+            used += cost
+        outputs += self.llm.generate([requests[k] for k in chunk], [params[k] for k in chunk], use_tqdm=False)
         completions = [self._completion(c) for out in outputs for c in out.outputs]
         return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
