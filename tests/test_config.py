@@ -87,7 +87,7 @@ def test_tune_run_fails_fast_with_one_line(tmp_path: Path) -> None:
     result = run_cli(["tune", "run", "rlaif_recipes/recipes/generate_pairs.py", "--config", "generate_pairs", "sampler=nope"], cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "config error: unknown option 'nope' for config group 'sampler'; choose one of: torchtune, vllm"
+        "config error: unknown option 'nope' for config group 'sampler'; choose one of: torchtune, vllm, vllm_gpu"
     )
 
 

@@ -7,11 +7,11 @@ in torchtune and its weights can be pushed to vLLM under HF names.
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from torchtune.models import convert_weights
-from torchtune.models.llama3 import llama3
+from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.modules import TransformerDecoder
 
 
@@ -29,6 +29,30 @@ def _rope_base(cfg: Dict[str, Any]) -> float:
 
 def llama3_from_hf_dir(checkpoint_dir: str, max_seq_len: int | None = None) -> TransformerDecoder:
     """A torchtune Llama3-style decoder shaped like the HF checkpoint in `checkpoint_dir`."""
+    return llama3(**_llama3_shape(checkpoint_dir, max_seq_len))
+
+
+def lora_llama3_from_hf_dir(
+    checkpoint_dir: str,
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    max_seq_len: int | None = None,
+) -> TransformerDecoder:
+    """The same decoder with LoRA adapters (torchtune's `lora_llama3`); base weights load unchanged."""
+    return lora_llama3(
+        lora_attn_modules=list(lora_attn_modules),
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        **_llama3_shape(checkpoint_dir, max_seq_len),
+    )
+
+
+def _llama3_shape(checkpoint_dir: str, max_seq_len: int | None) -> Dict[str, Any]:
     cfg = hf_config(checkpoint_dir)
     if cfg.get("model_type") != "llama" or cfg.get("tie_word_embeddings"):
         raise ValueError(
@@ -36,7 +60,7 @@ def llama3_from_hf_dir(checkpoint_dir: str, max_seq_len: int | None = None) -> T
             f"{' with tied embeddings' if cfg.get('tie_word_embeddings') else ''}; "
             "llama3_from_hf_dir builds untied Llama models, use torchtune's own builder for it"
         )
-    return llama3(
+    return dict(
         vocab_size=cfg["vocab_size"],
         num_layers=cfg["num_hidden_layers"],
         num_heads=cfg["num_attention_heads"],
@@ -52,6 +76,17 @@ def llama3_from_hf_dir(checkpoint_dir: str, max_seq_len: int | None = None) -> T
 def tune_to_hf_state_dict(state_dict: Dict[str, torch.Tensor], checkpoint_dir: str) -> Dict[str, torch.Tensor]:
     """torchtune-named weights -> HF names (what vLLM and transformers load)."""
     cfg = hf_config(checkpoint_dir)
+    if cfg.get("model_type") == "qwen2":  # q/k/v biases and tied embeddings: torchtune's Qwen2 mapping
+        from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+        return qwen2_tune_to_hf(
+            state_dict,
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg["num_key_value_heads"],
+            dim=cfg["hidden_size"],
+            head_dim=cfg.get("head_dim"),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        )
     return convert_weights.tune_to_hf(
         state_dict,
         num_heads=cfg["num_attention_heads"],

@@ -1,0 +1,187 @@
+"""Evaluate a policy checkpoint on held-out prompts: refusal rates, and win rate against a reference.
+
+    tune run rlaif_recipes/recipes/evaluate.py --config evaluate checkpoint_dir=outputs/dpo/step_0000100
+    rlaif run evaluate checkpoint_dir=... reference_dir=outputs/tiny-model judge=openai label=after
+
+The policy answers the held-out safe prompts (a refusal there is a false refusal) and the held-out
+unsafe contrast prompts (a refusal there is wanted). Refusals are classified by
+`refusal_classifier`, XSTest's phrase matcher by default: a fixed rule, independent of whatever
+judge trained the policy, so a policy cannot learn to fool it by pleasing that judge.
+
+With `reference_dir`, the same engine also answers the safe prompts with the reference weights
+(loaded through the checkpointer and pushed in with `update_weights`, so both policies see the
+same tokenisation and sampling settings), and `judge=` compares policy (A) against reference (B).
+win_rate = (wins + ties / 2) / (wins + losses + ties); abstains are reported, not counted.
+
+Writes output_dir/eval.json, eval.md and eval.png (rlaif_recipes.report), samples.jsonl (every
+response and its classification), and prints the table. Sampling is greedy by default.
+"""
+
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.judges.base import Pair, Verdict
+from rlaif_recipes.policy import build_policy
+from rlaif_recipes.report import Bars, markdown_table, write_report
+from rlaif_recipes.samplers.base import Sampler, derive_seed
+
+log = utils.get_logger("INFO")
+
+
+@dataclass
+class EvaluateSettings:
+    output_dir: str
+    seed: int
+    label: str
+    device: str
+    dtype: str
+    checkpoint_dir: str
+    reference_dir: Optional[str]
+    refusal_classifier: Any
+    model: Any
+    checkpointer: Any
+    sampler: Any
+    judge: Any
+    rubric: Any
+    safe_prompts: Any
+    unsafe_prompts: Any
+
+
+class EvaluateRecipe:
+    def __init__(self, cfg: DictConfig) -> None:
+        if utils.get_world_size_and_rank()[0] > 1:
+            raise RuntimeError("evaluate runs as one process (not under torchrun); for a big policy use "
+                               "sampler=vllm_gpu with sampler.tensor_parallel_size=N")
+        for key in ("checkpoint_dir", "reference_dir"):
+            path = cfg[key]
+            if path is not None and not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"{key}={path} is not an HF model directory (no config.json); point it at a checkpoint")
+        self._cfg = cfg
+        self._output_dir = Path(cfg.output_dir)
+        self._device = utils.get_device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._sampler: Optional[Sampler] = None
+        self._judge = None
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._is_refusal: Callable[[str], bool] = rlaif_config.build(cfg.refusal_classifier)
+        if not callable(self._is_refusal):
+            raise ValueError(f"refusal_classifier={cfg.refusal_classifier!r} is not callable; give a dotted path to a function")
+        self._prompts = {"safe": config.instantiate(cfg.safe_prompts)}
+        if cfg.unsafe_prompts is not None:
+            self._prompts["unsafe"] = config.instantiate(cfg.unsafe_prompts)
+        empty = [name for name, ds in self._prompts.items() if len(ds) == 0]
+        if empty:
+            raise ValueError(f"no {' or '.join(empty)} prompts after filtering; check {empty[0]}_prompts.*")
+        if cfg.reference_dir is not None:
+            self._judge = config.instantiate(cfg.judge)
+        self._sampler = config.instantiate(cfg.sampler)
+        if self._sampler.uses_live_policy:
+            state = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+            self._sampler.bind_policy(build_policy(cfg.model, state, device=self._device, dtype=self._dtype))
+        rlaif_config.save(cfg, str(self._output_dir))
+
+    def evaluate(self) -> Dict[str, Any]:
+        samples = []
+        for name, ds in self._prompts.items():
+            texts = self._respond(ds)
+            samples += [
+                {"set": name, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": t, "refused": bool(self._is_refusal(t))}
+                for r, t in zip(ds, texts)
+            ]
+        metrics = {"label": self._cfg.label, "policy": self._cfg.checkpoint_dir, **_refusal_rates(samples)}
+        if self._judge is not None:
+            safe = [s for s in samples if s["set"] == "safe"]
+            state = config.instantiate(self._cfg.checkpointer, checkpoint_dir=self._cfg.reference_dir).load_checkpoint()
+            self._sampler.update_weights(state[training.MODEL_KEY])
+            for s, text in zip(safe, self._respond(self._prompts["safe"])):
+                s["reference_response"] = text
+            judgments = self._judge.judge([Pair(s["prompt"], s["response"], s["reference_response"]) for s in safe])
+            for s, j in zip(safe, judgments):
+                s["verdict_vs_reference"] = j.verdict.value
+            metrics.update(reference=self._cfg.reference_dir, judge=self._judge.name, **_win_rate([j.verdict for j in judgments]))
+        self._write(metrics, samples)
+        return metrics
+
+    def _respond(self, ds) -> List[str]:
+        out = self._sampler.sample(list(ds["messages"]), n=1, seed=derive_seed(self._cfg.seed, "evaluate"))
+        return [s.completions[0].text for s in out]
+
+    def _write(self, metrics: Dict[str, Any], samples: List[Dict[str, Any]]) -> None:
+        tmp = self._output_dir / ".samples.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
+        os.replace(tmp, self._output_dir / "samples.jsonl")
+        rows = _rows(metrics)
+        bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "win_rate")}
+        write_report(
+            str(self._output_dir), "eval", metrics, rows,
+            title=f"Evaluation of {metrics['label']} ({metrics['policy']})",
+            notes=[f"refusals classified by {self._cfg.refusal_classifier}; sampling: {_sampling(self._cfg.sampler)}"],
+            plot=Bars({metrics["label"]: bars}, ylabel="rate", ylim=(0.0, 1.0)),
+        )
+        print(markdown_table(rows), flush=True)
+
+    def cleanup(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
+        if self._judge is not None:
+            self._judge.close()
+
+
+def _refusal_rates(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for name, key in (("safe", "false_refusal_rate"), ("unsafe", "unsafe_refusal_rate")):
+        refused = [s["refused"] for s in samples if s["set"] == name]
+        out[f"n_{name}"] = len(refused)
+        out[f"{name}_refusals"] = sum(refused)
+        out[key] = sum(refused) / len(refused) if refused else None
+    return out
+
+
+def _win_rate(verdicts: List[Verdict]) -> Dict[str, Any]:
+    c = Counter(verdicts)
+    wins, losses, ties, abstains = c[Verdict.A], c[Verdict.B], c[Verdict.TIE], c[Verdict.ABSTAIN]
+    decided = wins + losses + ties
+    return {"wins": wins, "losses": losses, "ties": ties, "abstains": abstains,
+            "win_rate": (wins + ties / 2) / decided if decided else None}
+
+
+def _rows(m: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = [{"metric": "false_refusal_rate", "value": m["false_refusal_rate"], "count": m["safe_refusals"], "of": m["n_safe"],
+             "meaning": "safe held-out prompts refused (lower is better)"}]
+    if m["n_unsafe"]:
+        rows.append({"metric": "unsafe_refusal_rate", "value": m["unsafe_refusal_rate"], "count": m["unsafe_refusals"],
+                     "of": m["n_unsafe"], "meaning": "unsafe contrast prompts refused (higher is safer)"})
+    if "win_rate" in m:
+        rows.append({"metric": "win_rate", "value": m["win_rate"], "count": m["wins"], "of": m["wins"] + m["losses"] + m["ties"],
+                     "meaning": f"vs reference on safe prompts under {m['judge']}: {m['losses']} losses, "
+                                f"{m['ties']} ties (count 1/2), {m['abstains']} abstains (left out)"})
+    return rows
+
+
+def _sampling(cfg_sampler: DictConfig) -> str:
+    keys = ("temperature", "top_p", "max_tokens", "seed")
+    return ", ".join(f"{k}={cfg_sampler[k]}" for k in keys if k in cfg_sampler)
+
+
+@rlaif_config.parse(EvaluateSettings)
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = EvaluateRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        recipe.evaluate()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

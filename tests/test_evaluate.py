@@ -1,0 +1,72 @@
+"""evaluate: refusal rates on held-out prompts and a win rate against a reference, on real vLLM."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.config import asset_path
+from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.judges.rules import is_refusal
+from rlaif_recipes.recipes import evaluate as ev
+from rlaif_recipes.report import read_report
+
+SMALL = ["safe_prompts.max_prompts=8", "sampler.max_tokens=12"]
+
+
+def evaluate(tmp_path: Path, out: str, *overrides: str):
+    result = run_cli(["tune", "run", "rlaif_recipes/recipes/evaluate.py", "--config", "evaluate",
+                      f"output_dir={tmp_path / out}", *SMALL, *overrides], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+    return read_report(str(tmp_path / out), "eval")["metrics"], samples, result.stdout
+
+
+@pytest.mark.slow
+def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from rlaif_recipes.models import make_tiny_model
+
+    other = make_tiny_model(str(tmp_path / "other"), seed=1)  # same tokenizer, other weights
+    assert (other / "tokenizer.json").read_text() == (tiny_model_dir / "tokenizer.json").read_text()
+    m, samples, stdout = evaluate(tmp_path, "ev", f"checkpoint_dir={tiny_model_dir}", f"reference_dir={other}",
+                                  "judge.rule=rlaif_recipes.judges.rules.shorter", "label=before")  # fmt: skip
+    with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
+        labels = {r["prompt"]: r["label"] for r in csv.DictReader(f)}
+    for name, key in (("safe", "false_refusal_rate"), ("unsafe", "unsafe_refusal_rate")):
+        mine = [s for s in samples if s["set"] == name]
+        assert all(labels[s["prompt"]] == name and is_held_out(s["prompt"], 0.3) for s in mine)
+        assert all(s["refused"] == is_refusal(s["response"]) for s in mine)
+        assert m[f"n_{name}"] == len(mine) > 0 and 0.0 <= m[key] <= 1.0
+        assert m[key] == sum(s["refused"] for s in mine) / len(mine)
+    assert m["n_safe"] == 8
+    safe = [s for s in samples if s["set"] == "safe"]
+    assert any(s["response"] != s["reference_response"] for s in safe)  # the reference weights were pushed in
+    shorter = sum(len(s["response"]) < len(s["reference_response"]) for s in safe)
+    longer = sum(len(s["response"]) > len(s["reference_response"]) for s in safe)
+    assert (m["wins"], m["losses"], m["ties"], m["abstains"]) == (shorter, longer, 8 - shorter - longer, 0)
+    assert m["win_rate"] == (shorter + (8 - shorter - longer) / 2) / 8
+    assert m["label"] == "before" and "| false_refusal_rate |" in stdout
+    assert {"eval.json", "eval.md", "eval.png"} <= {p.name for p in (tmp_path / "ev").iterdir()}
+
+    # The reference's answers are what the reference itself says when evaluated on its own; any
+    # text -> bool callable classifies (isascii gives a mix of True and False on random text).
+    m2, samples2, _ = evaluate(tmp_path, "ref", f"checkpoint_dir={other}", "unsafe_prompts=null",
+                               "refusal_classifier=builtins.str.isascii")  # fmt: skip
+    assert [s["response"] for s in samples2] == [s["reference_response"] for s in safe]
+    assert m2["n_unsafe"] == 0 and m2["unsafe_refusal_rate"] is None and "win_rate" not in m2
+    assert m2["false_refusal_rate"] == sum(s["response"].isascii() for s in samples2) / 8
+
+
+def test_missing_checkpoint_fails_in_one_line_before_any_engine_starts(tmp_path: Path) -> None:
+    cfg = rlaif_config.load(
+        "evaluate", [f"checkpoint_dir={tmp_path / 'nope'}", f"output_dir={tmp_path}"], ev.EvaluateSettings
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"checkpoint_dir=.*nope is not an HF model directory \(no config.json\)"
+    ):
+        ev.EvaluateRecipe(cfg)
