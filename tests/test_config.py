@@ -93,8 +93,12 @@ def test_tune_run_fails_fast_with_one_line(tmp_path: Path) -> None:
 
 def test_rlaif_ls_lists_recipes_and_groups(tmp_path: Path) -> None:
     out = run_cli(["rlaif", "ls"], cwd=tmp_path).stdout
-    assert "generate_pairs" in out and "make_tiny_model" in out
-    assert "sampler: torchtune, vllm" in out and "loss: dpo, hinge" in out
+    from rlaif_recipes.config import group_options
+
+    assert all(f"  {r}\n" in out for r in ("generate_pairs", "judge_pairs", "dpo", "online_dpo", "evaluate", "audit_judge"))
+    for group in ("sampler", "judge", "loss", "rubric"):
+        assert f"{group}: {', '.join(group_options(group))}" in out
+    assert {"rule", "openai", "anthropic", "llm", "reward_model", "panel", "router"} <= set(group_options("judge"))
 
 
 def test_configs_ship_inside_a_non_editable_install(tmp_path: Path) -> None:
