@@ -1,0 +1,30 @@
+"""The DPO loss family, all with torchtune's loss signature so any of them (or a user's own, by
+`_component_`) drops into the `dpo` and `online_dpo` recipes:
+
+    losses, chosen_rewards, rejected_rewards = loss_fn(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+
+Inputs are (B,) per-sequence response log-probs (`rlaif_recipes.logprobs.PairLogprobs`); outputs
+are (B,) per-pair losses and implicit rewards. A loss that wants per-token *average* log-probs sets
+`average_logprobs = True`; recipes check it with `wants_average_logprobs(loss_fn)` and pass
+`PairLogprobs.averaged()` instead of sums.
+
+| config (`loss=`) | class | paper |
+|---|---|---|
+| `dpo` | torchtune.rlhf.loss.DPOLoss (label_smoothing > 0: conservative DPO) | Rafailov et al. 2023 |
+| `hinge` | torchtune.rlhf.loss.RSOLoss (SLiC-style hinge on the margin) | Liu et al. 2023 |
+| `ipo` | IPOLoss | Azar et al. 2023 |
+| `dpo_norm` | LengthNormalizedDPOLoss (DPO on per-token average log-probs) | e.g. Meng et al. 2024 |
+"""
+
+from torch import nn
+
+from rlaif_recipes.losses.dpo import IPOLoss, LengthNormalizedDPOLoss
+
+
+def wants_average_logprobs(loss_fn: nn.Module) -> bool:
+    """Whether `loss_fn` takes per-token average log-probs rather than sums."""
+    return bool(getattr(loss_fn, "average_logprobs", False))
+
+
+__all__ = ["IPOLoss", "LengthNormalizedDPOLoss", "wants_average_logprobs"]

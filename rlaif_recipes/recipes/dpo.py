@@ -1,0 +1,510 @@
+"""Offline DPO-family training on a preference dataset (prompt, chosen, rejected).
+
+    tune run rlaif_recipes/recipes/dpo.py --config dpo loss=ipo
+    tune run --nproc_per_node 2 rlaif_recipes/recipes/dpo.py --config dpo      # FSDP2 (gloo on CPU)
+    rlaif run dpo reference=precomputed model=tiny_lora resume_from_checkpoint=true
+
+The loss is a config group (`loss=dpo|ipo|hinge|dpo_norm`, or any `_component_` with torchtune's
+DPO loss signature). The reference policy is either a frozen copy of the starting weights
+(`reference: model`; with LoRA, the same model with its adapters switched off), or its log-probs,
+computed once and cached under `reference_cache_dir` keyed by the tokenised data and the
+reference weights (`reference: precomputed`), so training skips the reference forward pass.
+
+Each optimizer step takes the next `batch_size * gradient_accumulation_steps * world_size` pairs of
+a per-epoch permutation fixed by the seed; rank r takes its slices of them, and the loss is scaled
+so that FSDP2's averaged gradient is the mean over the whole global batch (so 1 and 2 processes
+train the same way). The permutation and the step count are all a resume needs to continue the
+data exactly where it stopped. Checkpoints (`checkpointing.py`) are HF model directories (LoRA
+merged in) with the optimizer, scheduler, RNG and data position beside them.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchtune import config, training, utils
+from torchtune.modules.peft import (
+    LoRALinear,
+    disable_adapter,
+    get_adapter_params,
+    get_merged_lora_ckpt,
+    set_trainable_params,
+)
+from tqdm import tqdm
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.checkpointing import (
+    CheckpointError,
+    CheckpointManager,
+    gather_optimizer_state,
+    load_optimizer_state,
+    rng_state,
+    set_rng_state,
+)
+from rlaif_recipes.data.preferences import tokenize_preferences
+from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
+from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_logprobs
+from rlaif_recipes.losses import wants_average_logprobs
+from rlaif_recipes.models.hf_llama import hf_config
+from rlaif_recipes.policy import build_policy
+
+log = utils.get_logger("INFO")
+
+REFERENCE_CACHE_VERSION = 1
+PAD_ID = 0  # padded positions are never scored, so any valid id works
+
+
+@dataclass
+class DPOSettings:
+    output_dir: str
+    seed: int
+    device: str
+    dtype: str
+    checkpoint_dir: str
+    model: Any
+    checkpointer: Any
+    loss: Any
+    dataset: Any
+    eval_dataset: Any
+    max_seq_len: Optional[int]
+    reference: str
+    reference_cache_dir: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    epochs: int
+    max_steps: Optional[int]
+    optimizer: Any
+    lr_scheduler: Any
+    clip_grad_norm: Optional[float]
+    enable_activation_checkpointing: bool
+    eval_every_n_steps: Optional[int]
+    save_every_n_steps: Optional[int]
+    keep_last_checkpoints: Optional[int]
+    resume_from_checkpoint: bool
+    metric_logger: Any
+    log_every_n_steps: int
+
+
+class DPORecipe:
+    def __init__(self, cfg: DictConfig) -> None:
+        if cfg.reference not in ("model", "precomputed"):
+            raise ValueError(f"reference={cfg.reference!r}; use reference=model or reference=precomputed")
+        if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+        self._device = utils.get_device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self._rank == 0
+        self._output_dir = Path(cfg.output_dir)
+        self._batch_size = cfg.batch_size
+        self._accum = cfg.gradient_accumulation_steps
+        self._global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self._world_size
+        self._seed = training.set_seed(seed=cfg.seed)
+        self._clip_grad_norm = cfg.clip_grad_norm
+        self._log_every = cfg.log_every_n_steps
+        self._eval_every = cfg.eval_every_n_steps
+        self._save_every = cfg.save_every_n_steps
+        self._metric_logger = None
+        self.global_step = 0
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._train = self._load_pairs(cfg.dataset, cfg)
+        self._eval = self._load_pairs(cfg.eval_dataset, cfg) if cfg.eval_dataset is not None else []
+        if len(self._train) < self._global_batch:
+            raise ValueError(
+                f"{len(self._train)} training pairs cannot fill one global batch of {self._global_batch} "
+                "(batch_size x gradient_accumulation_steps x world size); lower batch_size or add data"
+            )
+        self._steps_per_epoch = len(self._train) // self._global_batch
+        # the lr schedule spans all epochs; max_steps only stops early (a later run resumes on schedule)
+        self._schedule_steps = cfg.epochs * self._steps_per_epoch
+        self._total_steps = min(self._schedule_steps, cfg.max_steps if cfg.max_steps is not None else self._schedule_steps)
+        self._data_key = _data_key(self._train + self._eval)
+
+        base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+        self._lora = _lora_shapes(cfg.model)
+        self._checkpoints = CheckpointManager(
+            str(self._output_dir / "checkpoints"),
+            cfg.checkpoint_dir,
+            fingerprint=self._fingerprint(cfg),
+            keep_last=cfg.keep_last_checkpoints,
+        )
+        resumed = self._checkpoints.load() if cfg.resume_from_checkpoint else None
+
+        adapters = (resumed.state["adapter"] if resumed else _fresh_adapters(self._lora, self._seed)) if self._lora else {}
+        weights = {**base, **adapters} if self._lora or resumed is None else resumed.model
+        self._model = build_policy(
+            cfg.model,
+            weights,
+            device=self._device,
+            dtype=self._dtype,
+            activation_checkpointing=cfg.enable_activation_checkpointing,
+        )
+        training.disable_dropout(self._model)
+        if self._lora:
+            set_trainable_params(self._model, get_adapter_params(self._model))
+
+        self._ref_model = None
+        self._ref_train = self._ref_eval = None
+        if cfg.reference == "model" and not self._lora:
+            self._ref_model = self._frozen_copy(cfg, base)
+        elif cfg.reference == "precomputed":
+            self._ref_train, self._ref_eval = self._precomputed_reference(cfg, base, fresh=resumed is None)
+        del base
+
+        self._loss_fn = config.instantiate(cfg.loss)
+        self._average = wants_average_logprobs(self._loss_fn)
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        self._optimizer = config.instantiate(cfg.optimizer, trainable)
+        self._lr_scheduler = (
+            config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._schedule_steps)
+            if cfg.lr_scheduler is not None
+            else None
+        )
+        if resumed is not None:
+            self._restore(resumed)
+        if self._is_rank_zero:
+            rlaif_config.save(cfg, str(self._output_dir))
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            log.info(
+                f"{len(self._train)} training pairs, {len(self._eval)} eval pairs; {self._total_steps} steps of "
+                f"{self._global_batch} pairs; reference={cfg.reference}; lora={bool(self._lora)}; "
+                f"loss={type(self._loss_fn).__name__}; starting at step {self.global_step}"
+            )
+
+    def _load_pairs(self, cfg_data: DictConfig, cfg: DictConfig) -> List[PairIds]:
+        ds = tokenize_preferences(config.instantiate(cfg_data), cfg.checkpoint_dir, cfg.max_seq_len)
+        return [PairIds(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ds]
+
+    def _fingerprint(self, cfg: DictConfig) -> Dict[str, Any]:
+        """What a resumed run must share with the saved one (a mismatch fails with one line)."""
+        shape = {k: v for k, v in hf_config(cfg.checkpoint_dir).items() if k.endswith(("_size", "_layers", "_heads"))}
+        return {
+            "recipe": "dpo",
+            "model": shape,
+            "lora": {k: list(v) for k, v in sorted(self._lora.items())} or None,
+            "data": self._data_key,
+            "global_batch_size": self._global_batch,
+        }
+
+    def _frozen_copy(self, cfg: DictConfig, base: Dict[str, torch.Tensor]) -> nn.Module:
+        model = build_policy(cfg.model, base, device=self._device, dtype=self._dtype)
+        training.disable_dropout(model)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad = False
+        return model
+
+    def _precomputed_reference(self, cfg: DictConfig, base, fresh: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of the train and eval pairs, from the cache or computed once now.
+
+        Before any update the policy *is* the reference (with LoRA: adapters off), so a fresh run
+        scores with it; only a resumed run with a cold cache needs a temporary frozen copy.
+        """
+        key = hashlib.sha256(
+            json.dumps(
+                {"v": REFERENCE_CACHE_VERSION, "data": self._data_key, "reference": _weights_key(cfg.checkpoint_dir),
+                 "dtype": str(self._dtype), "device": self._device.type},
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:24]
+        path = Path(cfg.reference_cache_dir) / f"reference-logps-{key}.safetensors"
+        if path.is_file():
+            logps = load_file(str(path))["logps"]
+            utils.log_rank_zero(log, f"reference log-probs from cache {path}")
+        else:
+            scorer = self._model if fresh or self._lora else self._frozen_copy(cfg, base)
+            start = time.perf_counter()
+            with disable_adapter(scorer) if self._lora else contextlib.nullcontext():
+                logps = self._score(scorer, self._train + self._eval)
+            utils.log_rank_zero(log, f"reference log-probs of {len(logps)} pairs in {time.perf_counter() - start:.1f}s -> {path}")
+            if self._is_rank_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                save_file({"logps": logps}, str(tmp), metadata={"key": key, "pairs": str(len(logps))})
+                os.replace(tmp, path)
+        if len(logps) != len(self._train) + len(self._eval):
+            raise ValueError(f"reference cache {path} holds {len(logps)} pairs, expected {len(self._train) + len(self._eval)}; delete it")
+        return logps[: len(self._train)], logps[len(self._train) :]
+
+    @torch.no_grad()
+    def _score(self, model: nn.Module, pairs: List[PairIds]) -> torch.Tensor:
+        """(N, 4) chosen, rejected, chosen_tokens, rejected_tokens; ranks split the pairs and
+        step in lockstep (every FSDP forward is a collective), then share the results."""
+        mine = list(range(self._rank, len(pairs), self._world_size))
+        chunks = [mine[i : i + self._batch_size] for i in range(0, len(mine), self._batch_size)]
+        rows: Dict[int, List[float]] = {}
+        for i in range(max_over_ranks(len(chunks))):
+            chunk = chunks[min(i, len(chunks) - 1)] if chunks else [0]
+            out = pair_logprobs(model, collate_pairs([pairs[j] for j in chunk], PAD_ID).to(self._device))
+            for j, row in zip(chunk, _rows(out)):
+                rows[j] = row
+        if self._world_size > 1:
+            gathered: List[Dict[int, List[float]]] = [None] * self._world_size  # type: ignore[list-item]
+            dist.all_gather_object(gathered, rows)
+            rows = {j: r for part in gathered for j, r in part.items()}
+        return torch.tensor([rows[j] for j in range(len(pairs))], dtype=torch.float32)
+
+    def _restore(self, resumed) -> None:
+        state = resumed.state
+        load_optimizer_state(self._model, self._optimizer, state["optimizer"] if self._is_rank_zero else {})
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self._rank] if len(rngs) == self._world_size else rngs[0])
+        self.global_step = state["global_step"]
+        utils.log_rank_zero(log, f"resumed from {resumed.path} at step {self.global_step}")
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def _step_pairs(self, step: int) -> List[List[int]]:
+        """Dataset indices of this rank's micro-batches for optimizer step `step`."""
+        epoch, k = divmod(step, self._steps_per_epoch)
+        order = torch.randperm(len(self._train), generator=torch.Generator().manual_seed(self._seed * 1_000_003 + epoch))
+        step_idx = order[k * self._global_batch : (k + 1) * self._global_batch].tolist()
+        b = self._batch_size
+        return [step_idx[(m * self._world_size + self._rank) * b :][:b] for m in range(self._accum)]
+
+    def _forward(self, idx: List[int], pairs: List[PairIds], ref: Optional[torch.Tensor]) -> Tuple[PairLogprobs, PairLogprobs, int]:
+        batch = collate_pairs([pairs[i] for i in idx], PAD_ID).to(self._device)
+        policy = pair_logprobs(self._model, batch)
+        with torch.no_grad():
+            if ref is not None:
+                r = ref[idx].to(self._device)
+                reference = PairLogprobs(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+            elif self._ref_model is not None:
+                reference = pair_logprobs(self._ref_model, batch)
+            else:
+                with disable_adapter(self._model):
+                    reference = pair_logprobs(self._model, batch)
+        return policy, reference, batch.input_ids.numel()
+
+    def _loss(self, policy: PairLogprobs, reference: PairLogprobs):
+        p, r = (policy.averaged(), reference.averaged()) if self._average else (policy, reference)
+        return self._loss_fn(p.chosen, p.rejected, r.chosen, r.rejected)
+
+    def train(self) -> None:
+        self._model.train()
+        if self.global_step == 0 and self._eval:
+            self._log(self.evaluate(), 0)
+        bar = tqdm(total=self._total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="dpo")
+        t0 = time.perf_counter()
+        while self.global_step < self._total_steps:
+            sums = torch.zeros(len(_METRICS), dtype=torch.float64)
+            tokens = 0
+            for idx in self._step_pairs(self.global_step):
+                policy, reference, n_tokens = self._forward(idx, self._train, self._ref_train)
+                losses, chosen_rewards, rejected_rewards = self._loss(policy, reference)
+                (losses.mean() / self._accum).backward()
+                sums += _batch_metrics(losses, chosen_rewards, rejected_rewards, policy, reference) / self._accum
+                tokens += n_tokens
+            grad_norm = self._step_optimizer()
+            self.global_step += 1
+            metrics = self._reduce(sums, tokens)
+            elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if self.global_step % self._log_every == 0 or self.global_step == self._total_steps:
+                metrics["tokens_per_second_per_gpu"] = metrics.pop("tokens") / (elapsed * self._world_size)
+                metrics["lr"] = self._optimizer.param_groups[0]["lr"]
+                if grad_norm is not None:
+                    metrics["grad_norm"] = grad_norm
+                self._log({**metrics, **self._memory()}, self.global_step)
+            done = self.global_step == self._total_steps
+            if self._eval and (done or (self._eval_every and self.global_step % self._eval_every == 0)):
+                self._log(self.evaluate(), self.global_step)
+                t0 = time.perf_counter()
+            if done or (self._save_every and self.global_step % self._save_every == 0):
+                self.save_checkpoint()
+                t0 = time.perf_counter()
+        bar.close()
+
+    def _step_optimizer(self) -> Optional[float]:
+        grad_norm = None
+        if self._clip_grad_norm is not None:
+            norm = nn.utils.clip_grad_norm_([p for p in self._model.parameters() if p.requires_grad], self._clip_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        return grad_norm
+
+    def _reduce(self, sums: torch.Tensor, tokens: int) -> Dict[str, float]:
+        """Means over ranks (equal shares: the mean over the global batch); tokens summed."""
+        values = torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)])
+        if self._world_size > 1:
+            dist.all_reduce(values)
+            values[: len(_METRICS)] /= self._world_size
+        out = dict(zip(_METRICS, values.tolist()))
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out["tokens"] = values[-1].item()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Loss and reward accuracy on the held-out pairs (a tie counts half). Every rank scores
+        every eval pair: FSDP forwards are collectives, and eval sets are small."""
+        self._model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i in range(0, len(self._eval), self._batch_size):
+            idx = list(range(i, min(i + self._batch_size, len(self._eval))))
+            policy, reference, _ = self._forward(idx, self._eval, self._ref_eval)
+            losses, chosen_rewards, rejected_rewards = self._loss(policy, reference)
+            margin = (chosen_rewards - rejected_rewards).double().cpu()
+            sums += torch.stack([losses.double().sum().cpu(), ((margin > 0).double() + 0.5 * (margin == 0).double()).sum(), margin.sum()])
+        self._model.train()
+        loss, acc, margin = (sums / len(self._eval)).tolist()
+        return {"eval/loss": loss, "eval/rewards/accuracies": acc, "eval/rewards/margins": margin}
+
+    def _memory(self) -> Dict[str, float]:
+        if self._device.type == "cuda":
+            return training.get_memory_stats(device=self._device)
+        return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+    def _log(self, metrics: Dict[str, float], step: int) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict({k: float(v) for k, v in metrics.items()}, step=step)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """HF weights (LoRA merged) + everything an exact resume needs; a collective under FSDP."""
+        weights = _full_cpu_state(self._model, self._is_rank_zero, self._device)
+        optimizer = gather_optimizer_state(self._model, self._optimizer)
+        rngs: List[Any] = [None] * self._world_size
+        if self._world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if self._is_rank_zero:
+            adapter = {k: v for k, v in weights.items() if k in self._lora}
+            if self._lora:
+                rank, alpha = _lora_rank_alpha(self._model)
+                weights = get_merged_lora_ckpt(dict(weights), rank=rank, alpha=alpha)
+            epoch, k = divmod(self.global_step, self._steps_per_epoch)
+            state = {
+                "optimizer": optimizer,
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+                "rng": rngs,
+                "global_step": self.global_step,
+                "data_position": {"epoch": epoch, "step_in_epoch": k},
+                "seed": self._seed,
+                "adapter": adapter,
+            }
+            path = self._checkpoints.save(self.global_step, weights, state)
+            log.info(f"saved checkpoint {path}")
+        if self._world_size > 1:
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+
+
+_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "log_probs/chosen", "log_probs/rejected", "kl/implicit")
+
+
+def _batch_metrics(losses, chosen_rewards, rejected_rewards, policy: PairLogprobs, reference: PairLogprobs) -> torch.Tensor:
+    """Per-micro-batch means in `_METRICS` order. kl/implicit: mean log pi/pi_ref of the dataset's
+    responses (sums over tokens), a sample estimate of how far the policy moved on this data."""
+    kl = ((policy.chosen - reference.chosen) + (policy.rejected - reference.rejected)) / 2
+    values = [
+        losses.mean(),
+        chosen_rewards.mean(),
+        rejected_rewards.mean(),
+        (chosen_rewards > rejected_rewards).float().mean(),
+        policy.chosen.mean(),
+        policy.rejected.mean(),
+        kl.mean(),
+    ]
+    return torch.stack([v.detach().double().cpu() for v in values])
+
+
+def _full_cpu_state(model: nn.Module, is_rank_zero: bool, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Full weights on rank 0, as copies (LoRA merging adds into them in place)."""
+    if training.is_distributed():
+        return training.gather_cpu_state_dict(model, is_rank_zero, device=device)
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _rows(out: PairLogprobs) -> List[List[float]]:
+    return torch.stack([out.chosen, out.rejected, out.chosen_tokens.float(), out.rejected_tokens.float()], dim=1).float().cpu().tolist()
+
+
+def _data_key(pairs: List[PairIds]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()[:24]
+
+
+def _weights_key(checkpoint_dir: str) -> str:
+    """Content hash of the reference weights and config (a changed file changes the key)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(checkpoint_dir).glob("*.safetensors")) + [Path(checkpoint_dir) / "config.json"]:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _lora_shapes(cfg_model: DictConfig) -> Dict[str, Tuple[int, ...]]:
+    """Adapter parameter names and shapes (empty without LoRA), from a meta-device build."""
+    with torch.device("meta"):
+        probe = config.instantiate(cfg_model)
+    return {name: tuple(p.shape) for name, p in get_adapter_params(probe).items()}
+
+
+def _fresh_adapters(shapes: Dict[str, Tuple[int, ...]], seed: int) -> Dict[str, torch.Tensor]:
+    """LoRA's own init (A: Kaiming-uniform, B: zeros), so the policy starts equal to the reference.
+    One generator seeded by the config: every rank draws the same adapters (torchtune seeds each
+    rank's global generator differently)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape)
+        out[name] = nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g) if name.endswith("lora_a.weight") else t.zero_()
+    return out
+
+
+def _lora_rank_alpha(model: nn.Module) -> Tuple[int, float]:
+    lora = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    return lora.rank, lora.alpha
+
+
+@rlaif_config.parse(DPOSettings)
+def recipe_main(cfg: DictConfig) -> None:
+    distributed = training.is_distributed()
+    if distributed:
+        init_process_group()
+    recipe = DPORecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        recipe.train()
+    except CheckpointError as e:
+        sys.exit(f"checkpoint error: {e}")
+    finally:
+        recipe.cleanup()
+        if distributed:
+            destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

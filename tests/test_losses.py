@@ -1,0 +1,149 @@
+"""DPO-family losses (values, gradients, config wiring) and the shared log-prob code."""
+
+import math
+
+import pytest
+import torch
+from torchtune import config as tt_config
+from torchtune import rlhf
+from torchtune.rlhf.loss import DPOLoss, RSOLoss
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.logprobs import (
+    IGNORE_INDEX,
+    PairIds,
+    collate_pairs,
+    encode_pair,
+    pair_logprobs,
+    sequence_logprobs,
+)
+from rlaif_recipes.losses import IPOLoss, LengthNormalizedDPOLoss, wants_average_logprobs
+from rlaif_recipes.recipes.dpo import DPOSettings
+
+# policy chosen/rejected, reference chosen/rejected: pair 0 prefers chosen more than the reference
+# does, pair 1 less.
+LOGPS = (
+    torch.tensor([-10.0, -12.0]),
+    torch.tensor([-14.0, -11.0]),
+    torch.tensor([-11.0, -12.0]),
+    torch.tensor([-13.0, -12.0]),
+)
+
+
+def margins() -> torch.Tensor:
+    pc, pr, rc, rr = LOGPS
+    return (pc - rc) - (pr - rr)  # [2, -1]
+
+
+def test_dpo_label_smoothing_is_conservative_dpo():
+    beta, eps = 0.1, 0.2
+    losses, chosen, rejected = DPOLoss(beta=beta, label_smoothing=eps)(*LOGPS)
+    m = margins()
+    expected = -(1 - eps) * torch.nn.functional.logsigmoid(beta * m) - eps * torch.nn.functional.logsigmoid(
+        -beta * m
+    )
+    assert torch.allclose(losses, expected)
+    assert torch.allclose(chosen - rejected, beta * m)
+
+
+def test_ipo_targets_margin_of_one_over_two_tau():
+    tau = 0.25
+    loss_fn = IPOLoss(tau=tau)
+    losses, chosen, rejected = loss_fn(*LOGPS)
+    assert torch.allclose(losses, (margins() - 1 / (2 * tau)) ** 2)
+    # at the target margin the loss is zero and its gradient vanishes
+    pc = torch.tensor([-11.0 + 1 / (2 * tau)], requires_grad=True)  # margin (pc - rc) - (pr - rr) = target
+    loss, _, _ = loss_fn(pc, torch.tensor([-13.0]), torch.tensor([-11.0]), torch.tensor([-13.0]))
+    loss.sum().backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-10) and pc.grad.abs().item() < 1e-6
+    assert wants_average_logprobs(loss_fn) and not wants_average_logprobs(
+        IPOLoss(tau=tau, average_logprobs=False)
+    )
+    with pytest.raises(ValueError, match="tau > 0"):
+        IPOLoss(tau=0.0)
+
+
+def test_ipo_pushes_a_small_margin_up_and_a_large_one_down():
+    pc = torch.tensor([-10.0, -10.0], requires_grad=True)
+    loss, _, _ = IPOLoss(tau=0.5)(
+        pc, torch.tensor([-10.0, -40.0]), torch.tensor([-10.0, -10.0]), torch.tensor([-10.0, -10.0])
+    )
+    loss.sum().backward()
+    assert pc.grad[0] < 0 < pc.grad[1]  # margin 0 < target 1: raise chosen; margin 30 > 1: lower it
+
+
+def test_length_normalised_dpo_and_hinge():
+    assert wants_average_logprobs(LengthNormalizedDPOLoss(beta=2.0))
+    assert not wants_average_logprobs(DPOLoss()) and not wants_average_logprobs(RSOLoss())
+    losses, _, _ = RSOLoss(gamma=0.5)(*LOGPS)
+    assert torch.allclose(losses, torch.relu(1 - 0.5 * margins()))
+
+
+@pytest.mark.parametrize(
+    "option,cls",
+    [("dpo", DPOLoss), ("hinge", RSOLoss), ("ipo", IPOLoss), ("dpo_norm", LengthNormalizedDPOLoss)],
+)
+def test_loss_group_options_compose_and_build(option, cls, tiny_model_dir):
+    cfg = rlaif_config.load("dpo", [f"loss={option}", f"checkpoint_dir={tiny_model_dir}"], DPOSettings)
+    loss_fn = tt_config.instantiate(cfg.loss)
+    assert isinstance(loss_fn, cls)
+    losses, _, _ = loss_fn(*LOGPS)
+    assert losses.shape == (2,) and torch.isfinite(losses).all()
+
+
+def test_custom_loss_by_component_and_bad_key(tiny_model_dir):
+    cfg = rlaif_config.load(
+        "dpo",
+        [
+            f"checkpoint_dir={tiny_model_dir}",
+            "loss._component_=rlaif_recipes.losses.IPOLoss",
+            "~loss.beta",
+            "~loss.label_smoothing",
+            "+loss.tau=0.3",
+        ],
+        DPOSettings,
+    )
+    assert tt_config.instantiate(cfg.loss).tau == 0.3
+    with pytest.raises(rlaif_config.ConfigError, match="unknown key 'loss.gamma'"):
+        rlaif_config.load("dpo", [f"checkpoint_dir={tiny_model_dir}", "+loss.gamma=1"], DPOSettings)
+
+
+# ---- logprobs ---------------------------------------------------------------------------------
+
+
+def test_encode_pair_truncates_prompt_left_and_responses_right():
+    pair = encode_pair(list(range(10)), [100, 101, 102, 103, 104], [200, 201], max_seq_len=8)
+    assert pair.prompt == [6, 7, 8, 9]  # the last half of the budget
+    assert pair.chosen == [100, 101, 102, 103] and pair.rejected == [200, 201]
+    with pytest.raises(ValueError, match="non-empty"):
+        encode_pair([1], [], [2])
+
+
+def test_collate_layout_and_targets():
+    batch = collate_pairs([PairIds([1, 2], [3, 4], [5]), PairIds([6], [7], [8, 9, 10])], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4], [6, 7, 0, 0], [1, 2, 5, 0], [6, 8, 9, 10]]
+    X = IGNORE_INDEX
+    assert batch.targets.tolist() == [[X, 3, 4, X], [7, X, X, X], [X, 5, X, X], [8, 9, 10, X]]
+
+
+def test_response_logprobs_match_torchtune_on_full_logits(policy):
+    pairs = [
+        encode_pair([1, 2, 3], [40, 41, 42, 43], [50, 51]),
+        encode_pair([1, 2, 3, 4, 5], [60], [70, 71, 72, 73, 74, 75]),
+    ]
+    batch = collate_pairs(pairs, pad_id=0)
+    out = pair_logprobs(policy, batch)
+    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)  # torchtune's layout: unshifted labels
+    labels[:, 1:] = batch.targets[:, :-1]
+    expected = rlhf.get_batch_log_probs(policy(batch.input_ids), labels)
+    assert torch.allclose(torch.cat([out.chosen, out.rejected]), expected, atol=1e-5)
+    assert out.chosen_tokens.tolist() == [4, 1] and out.rejected_tokens.tolist() == [2, 6]
+    averaged = out.averaged()
+    assert torch.allclose(averaged.rejected, out.rejected / torch.tensor([2.0, 6.0]))
+    # gradients flow only through the scored positions' projection
+    sums, counts = sequence_logprobs(policy, batch.input_ids, batch.targets)
+    sums.sum().backward()
+    assert policy.output.weight.grad is not None and math.isfinite(
+        policy.output.weight.grad.abs().sum().item()
+    )
+    assert counts.tolist() == [4, 1, 2, 6]
