@@ -1,0 +1,559 @@
+"""Online DPO with AI feedback (OAIF, Guo et al. 2024): sample -> judge -> train -> sync, every step.
+
+    tune run rlaif_recipes/recipes/online_dpo.py --config online_dpo judge=rule loss=ipo
+    tune run --nproc_per_node 2 rlaif_recipes/recipes/online_dpo.py --config online_dpo
+    rlaif online-dpo resume_from_checkpoint=true       # continue a killed run exactly
+
+Each step draws `prompts_per_step` prompts, the sampler produces `n` responses per prompt from the
+current policy, the judge compares them (all pairs when n > 2) and the best and the worst by wins
+become (chosen, rejected) if the judge's direct verdict between them is a win; ties and abstains are
+dropped and counted, never guessed. One DPO-family optimizer step follows (the reference is a frozen
+copy of the initial policy), and every `sync_every` steps the new weights go into the sampler.
+
+Under torchrun every rank takes every world_size-th prompt of the step, samples with its own
+sampler, judges its own share (all ranks share the SQLite judgment cache), and the update is
+data-parallel with FSDP2: the loss is scaled so that the averaged gradient is the mean over all
+ranks' pairs. Everything a run produces lands under output_dir: config.yaml, metrics.jsonl,
+steps/step-XXXXX.parquet (prompts, responses, every judgment, the pair chosen), the judge cache,
+logs/ and checkpoints/.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+from tqdm import tqdm
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.checkpointing import (
+    Checkpoint,
+    CheckpointManager,
+    gather_optimizer_state,
+    load_optimizer_state,
+    rng_state,
+    set_rng_state,
+)
+from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
+from rlaif_recipes.judges import Judgment, Pair, Verdict
+from rlaif_recipes.logprobs import PairIds, collate_pairs, encode_pair, pair_logprobs
+from rlaif_recipes.losses import wants_average_logprobs
+from rlaif_recipes.models.hf_llama import hf_config
+from rlaif_recipes.policy import build_policy, full_state_dict
+from rlaif_recipes.samplers.base import derive_seed
+
+log = utils.get_logger("INFO")
+
+
+@dataclass
+class OnlineDPOSettings:
+    output_dir: str
+    seed: int
+    device: str
+    dtype: str
+    max_steps: int
+    prompts_per_step: int
+    n: int
+    micro_batch_size: int
+    max_seq_len: Optional[int]
+    sync_every: int
+    checkpoint_every: int
+    keep_last_checkpoints: Optional[int]
+    resume_from_checkpoint: bool
+    clip_grad_norm: Optional[float]
+    save_steps: bool
+    checkpoint_dir: str
+    model: Any
+    checkpointer: Any
+    sampler: Any
+    judge: Any
+    rubric: Any
+    loss: Any
+    data: Any
+    optimizer: Any
+    lr_scheduler: Any
+    metric_logger: Any
+
+
+class OnlineDPORecipe:
+    def __init__(self, cfg: DictConfig) -> None:
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        _check_settings(cfg, self._world_size)
+        self._device = utils.get_device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._output_dir = Path(cfg.output_dir)
+        self._seed = cfg.seed
+        self._max_steps = cfg.max_steps
+        self._prompts_per_step = cfg.prompts_per_step
+        self._n = cfg.n
+        self._micro_batch_size = cfg.micro_batch_size
+        self._max_seq_len = cfg.max_seq_len
+        self._sync_every = cfg.sync_every
+        self._checkpoint_every = cfg.checkpoint_every
+        self._clip_grad_norm = cfg.clip_grad_norm
+        self._save_steps = cfg.save_steps
+        self._step = 0  # finished steps
+        self._prompts_seen = 0  # position in the endless stream of shuffled epochs
+        self._judge_totals: Counter = Counter()  # judge requests / cache hits of all ranks over the run (rank 0)
+        self._sampler = self._judge = self._metric_logger = None
+        training.set_seed(seed=cfg.seed)  # torchtune adds the rank
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Data, models, optimizer and the loop state (from the latest checkpoint when resuming),
+        then the sampler and the judge, which get the policy's current weights."""
+        self._prompts = config.instantiate(cfg.data)
+        if len(self._prompts) == 0:
+            raise ValueError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
+        self._checkpoints = CheckpointManager(
+            str(self._output_dir / "checkpoints"),
+            source_dir=cfg.checkpoint_dir,
+            keep_last=cfg.keep_last_checkpoints,
+            # what a resumed run must share with the saved one, or its state would not fit
+            fingerprint={
+                "recipe": "online_dpo",
+                "model": {k: v for k, v in hf_config(cfg.checkpoint_dir).items() if not k.endswith("token_id")},
+                "prompts": _fingerprint(self._prompts),
+                "n": self._n,
+            },
+        )
+        resume = self._resume_checkpoint(cfg.resume_from_checkpoint)
+        initial = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+        weights = resume.model if resume else initial
+        self._policy = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
+        training.disable_dropout(self._policy)
+        self._reference = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
+        self._reference.eval().requires_grad_(False)
+        del initial, weights
+        self._optimizer = config.instantiate(cfg.optimizer, self._policy.parameters())
+        base_lrs = [group["lr"] for group in self._optimizer.param_groups]
+        if resume is not None:
+            self._restore(resume)
+        # The schedule is a function of the step (as in torchtune's recipes): a resumed run picks it
+        # up at its step, also when max_steps changed, from the configured learning rate.
+        for group, lr in zip(self._optimizer.param_groups, base_lrs):
+            group["lr"] = group["initial_lr"] = lr
+        self._lr_scheduler = (
+            config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._max_steps, last_epoch=self._step - 1)
+            if cfg.lr_scheduler is not None
+            else None
+        )
+        self._loss_fn = config.instantiate(cfg.loss)
+        self._average_logprobs = wants_average_logprobs(self._loss_fn)
+        self._sampler = config.instantiate(cfg.sampler)
+        self._sampler.bind_policy(self._policy)
+        if self._step > 0 and not self._sampler.uses_live_policy:
+            self._sampler.update_weights(full_state_dict(self._policy))
+        self._pad_id = self._sampler.tokenizer.pad_token_id or 0
+        self._judge = config.instantiate(cfg.judge)
+        if self._rank == 0:
+            rlaif_config.save(cfg, str(self._output_dir))
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            _truncate_jsonl(self._output_dir / "metrics.jsonl", self._step)
+
+    def train(self) -> None:
+        bar = tqdm(initial=self._step, total=self._max_steps, desc="online_dpo", unit="step", disable=self._rank != 0)
+        while self._step < self._max_steps:
+            step, times = self._step, {}
+
+            # 1. Prompts: the next prompts_per_step of the shuffled stream; this rank takes every
+            #    world_size-th one.
+            start = time.perf_counter()
+            indices = self._prompt_indices(self._prompts_seen, self._prompts_per_step)[self._rank :: self._world_size]
+            rows = self._prompts.select(indices)
+
+            # 2. Sample n responses per prompt from the current policy (the sampler holds the last
+            #    synced weights); the seed depends only on (seed, step, rank), so a resumed run
+            #    samples exactly what the killed run did.
+            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._seed, "step", step, self._rank))
+            times["sample"] = time.perf_counter() - start
+
+            # 3. Judge every pair of responses per prompt; the best vs the worst by wins become
+            #    (chosen, rejected) when the judge's own verdict between them is a win.
+            start = time.perf_counter()
+            before = Counter(self._judge.metrics)
+            comparisons = [(p, i, j) for p in range(len(samples)) for i in range(self._n) for j in range(i + 1, self._n)]
+            judgments = self._judge.judge(
+                [Pair(rows[p]["prompt"], samples[p].completions[i].text, samples[p].completions[j].text) for p, i, j in comparisons]
+            )
+            by_prompt: Dict[int, Dict[Tuple[int, int], Judgment]] = {p: {} for p in range(len(samples))}
+            for (p, i, j), judgment in zip(comparisons, judgments):
+                by_prompt[p][(i, j)] = judgment
+            picks = [pick_pair(self._n, by_prompt[p]) for p in range(len(samples))]
+            pairs = [
+                encode_pair(s.prompt_token_ids, s.completions[pick.chosen].token_ids, s.completions[pick.rejected].token_ids, self._max_seq_len)
+                for s, pick in zip(samples, picks)
+                if pick.labelled
+            ]
+            judge_delta = Counter(self._judge.metrics) - before
+            times["judge"] = time.perf_counter() - start
+
+            # 4. One optimizer step on this step's pairs (gradient accumulation over micro-batches).
+            #    Under FSDP2 every rank runs the same number of forward/backward passes, and each
+            #    rank's loss is scaled by world_size / (pairs on all ranks), so the gradient FSDP
+            #    averages is the mean over every rank's pairs.
+            start = time.perf_counter()
+            total_pairs = _sum_over_ranks(len(pairs))
+            train_stats: Counter = Counter()
+            if total_pairs > 0:
+                chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
+                for k in range(max_over_ranks(len(chunks))):
+                    real = k < len(chunks)
+                    batch = collate_pairs(chunks[k] if real else [_PLACEHOLDER_PAIR], pad_id=self._pad_id).to(self._device)
+                    policy_lp = pair_logprobs(self._policy, batch)
+                    with torch.no_grad():
+                        reference_lp = pair_logprobs(self._reference, batch)
+                    p, r = (policy_lp.averaged(), reference_lp.averaged()) if self._average_logprobs else (policy_lp, reference_lp)
+                    losses, chosen_rewards, rejected_rewards = self._loss_fn(p.chosen, p.rejected, r.chosen, r.rejected)
+                    scale = self._world_size / total_pairs if real else 0.0
+                    (losses.sum() * scale).backward()
+                    if real:
+                        train_stats.update(_pair_stats(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
+                grad_norm = (
+                    _clip_grad_norm(self._policy, self._clip_grad_norm) if self._clip_grad_norm is not None else None
+                )
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                train_stats["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
+            if self._lr_scheduler is not None:  # every step, pairs or not: the schedule follows the step
+                self._lr_scheduler.step()
+            times["train"] = time.perf_counter() - start
+
+            # 5. Push the new weights into the sampler (full tensors: a collective under FSDP2;
+            #    nothing to push when the sampler generates with the live policy).
+            start = time.perf_counter()
+            if (step + 1) % self._sync_every == 0 and not self._sampler.uses_live_policy:
+                self._sampler.update_weights(full_state_dict(self._policy))
+            times["sync"] = time.perf_counter() - start
+
+            # 6. Bookkeeping: artefacts and metrics of this step, then (maybe) a checkpoint.
+            self._step += 1
+            self._prompts_seen += self._prompts_per_step
+            stats = _gather(_step_stats(samples, picks, judgments, judge_delta, train_stats))
+            records = _gather(self._step_records(step, rows, samples, comparisons, judgments, picks) if self._save_steps else [])
+            if self._rank == 0:
+                metrics = self._step_metrics(stats, times, len(rows) * self._world_size)
+                self._judge_totals.update(requests=metrics["judge/requests"], cache_hits=metrics["judge/cache_hits"])
+                self._log(step, metrics, records)
+                bar.set_postfix(win=f"{metrics['judge/win_rate_chosen']:.2f}", pairs=metrics["pairs/trained"],
+                                loss=f"{metrics['loss']:.3f}")
+            bar.update()
+            if self._step % self._checkpoint_every == 0 or self._step == self._max_steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def save_checkpoint(self) -> None:
+        """Weights (an HF model directory), optimizer, every rank's RNG state and the loop position
+        (the step fixes the learning rate schedule), written atomically as
+        output_dir/checkpoints/step_XXXXXXX."""
+        model = full_state_dict(self._policy)
+        optimizer = gather_optimizer_state(self._policy, self._optimizer)
+        rng = _gather(rng_state())
+        if self._rank == 0:
+            self._checkpoints.save(
+                self._step,
+                model,
+                {
+                    "optimizer": optimizer,
+                    "rng": rng,
+                    "prompts_seen": self._prompts_seen,
+                    "judge_totals": dict(self._judge_totals),
+                },
+            )
+        if self._world_size > 1:
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if self._sampler is not None:  # first: the vLLM engine uses the trainer's process group
+            self._sampler.close()
+        if self._judge is not None:
+            self._judge.close()
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+
+    # ---- helpers of setup / train ------------------------------------------------------------
+
+    def _resume_checkpoint(self, resume: bool) -> Optional[Checkpoint]:
+        """The latest checkpoint when resuming; refuse to start over a run that has checkpoints."""
+        if resume:
+            ckpt = self._checkpoints.load()  # a clear CheckpointError if none, corrupt or incompatible
+            if ckpt.step >= self._max_steps:
+                raise ValueError(
+                    f"checkpoint {ckpt.path} is at step {ckpt.step} and max_steps={self._max_steps}: nothing "
+                    "left to do; raise max_steps to train further"
+                )
+            return ckpt
+        latest = self._checkpoints.latest()
+        if latest is not None:
+            raise ValueError(
+                f"{latest.parent} already holds checkpoints ({latest.name}); continue that run with "
+                "resume_from_checkpoint=true or choose a new output_dir"
+            )
+        return None
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Put the loop back exactly where the checkpoint left it."""
+        state = ckpt.state
+        load_optimizer_state(self._policy, self._optimizer, state["optimizer"])
+        if len(state["rng"]) == self._world_size:
+            set_rng_state(state["rng"][self._rank])
+        else:
+            utils.log_rank_zero(log, f"checkpoint has RNG states of {len(state['rng'])} ranks, this run has "
+                                f"{self._world_size}: fresh RNG states (sampling seeds do not depend on them)")
+        self._step, self._prompts_seen = ckpt.step, state["prompts_seen"]
+        self._judge_totals = Counter(state["judge_totals"])
+        utils.log_rank_zero(log, f"resumed from {ckpt.path} at step {self._step}")
+
+    def _prompt_indices(self, start: int, count: int) -> List[int]:
+        """Positions start..start+count of an endless stream of epochs, each a seeded shuffle."""
+        size = len(self._prompts)
+        out = []
+        for pos in range(start, start + count):
+            epoch, offset = divmod(pos, size)
+            if getattr(self, "_perm_epoch", None) != epoch:
+                g = torch.Generator().manual_seed(derive_seed(self._seed, "epoch", epoch))
+                self._perm, self._perm_epoch = torch.randperm(size, generator=g).tolist(), epoch
+            out.append(self._perm[offset])
+        return out
+
+    def _step_records(self, step, rows, samples, comparisons, judgments, picks) -> List[Dict[str, Any]]:
+        per_prompt: Dict[int, List[Dict[str, Any]]] = {p: [] for p in range(len(samples))}
+        for (p, i, j), judgment in zip(comparisons, judgments):
+            per_prompt[p].append({"a": i, "b": j, **judgment.to_dict()})
+        return [
+            {
+                "step": step,
+                "rank": self._rank,
+                "prompt_id": rows[p]["prompt_id"],
+                "prompt": rows[p]["prompt"],
+                "prompt_token_ids": s.prompt_token_ids,
+                "responses": [c.text for c in s.completions],
+                "response_token_ids": [c.token_ids for c in s.completions],
+                "finish_reasons": [c.finish_reason for c in s.completions],
+                "judgments": json.dumps(per_prompt[p], sort_keys=True),
+                "label": pick.status,
+                "chosen": pick.chosen if pick.labelled else None,
+                "rejected": pick.rejected if pick.labelled else None,
+                "prob_chosen": pick.prob_chosen,
+                "source": pick.source,
+            }
+            for p, (s, pick) in enumerate(zip(samples, picks))
+        ]
+
+    def _step_metrics(self, stats: List[Counter], times: Dict[str, float], prompts: int) -> Dict[str, float]:
+        total = sum(stats, Counter())
+        pairs = total["pairs"]
+        compared = max(total["comparisons"], 1)
+        step_seconds = sum(times.values())
+        metrics = {
+            "prompts": prompts,
+            "pairs/trained": pairs,
+            "pairs/dropped_tie": total["dropped_tie"],
+            "pairs/dropped_abstain": total["dropped_abstain"],
+            "labels/ai": total["source_ai"],
+            "labels/human": total["source_human"],
+            "judge/win_rate_chosen": total["prob_chosen"] / pairs if pairs else float("nan"),
+            "judge/tie_rate": total["comparisons_tie"] / compared,
+            "judge/abstain_rate": total["comparisons_abstain"] / compared,
+            "judge/requests": total["judge_requests"],
+            "judge/cache_hits": total["judge_cache_hits"],
+            "response/tokens_mean": total["response_tokens"] / max(total["responses"], 1),
+            "response/stop_rate": total["responses_stopped"] / max(total["responses"], 1),
+            "loss": total["loss"] / pairs if pairs else float("nan"),
+            "rewards/chosen": total["reward_chosen"] / pairs if pairs else float("nan"),
+            "rewards/rejected": total["reward_rejected"] / pairs if pairs else float("nan"),
+            "rewards/margin": (total["reward_chosen"] - total["reward_rejected"]) / pairs if pairs else float("nan"),
+            "rewards/accuracy": total["reward_correct"] / pairs if pairs else float("nan"),
+            "kl/reference": total["kl"] / (2 * pairs) if pairs else float("nan"),
+            "grad_norm": stats[0]["grad_norm"] if pairs else float("nan"),
+            "lr": self._optimizer.param_groups[0]["lr"],
+            **{f"time/{k}": v for k, v in times.items()},
+            "time/step": step_seconds,
+            "pairs_per_second": pairs / step_seconds if step_seconds else 0.0,
+        }
+        return metrics
+
+    def _log(self, step: int, metrics: Dict[str, float], records: List[List[Dict[str, Any]]]) -> None:
+        self._metric_logger.log_dict(metrics, step=step + 1)
+        line = json.dumps({"step": step + 1, "time": time.time(), **metrics, "judge_totals": dict(self._judge_totals)})
+        with open(self._output_dir / "metrics.jsonl", "a") as f:
+            f.write(line + "\n")
+        rows = [r for per_rank in records for r in per_rank]
+        if rows:
+            steps_dir = self._output_dir / "steps"
+            steps_dir.mkdir(parents=True, exist_ok=True)
+            path = steps_dir / f"step-{step + 1:05d}.parquet"
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            os.replace(tmp, path)
+
+
+# ---- choosing the pair --------------------------------------------------------------------------
+
+
+@dataclass
+class Pick:
+    status: str  # "labelled", "tie" or "abstain"
+    chosen: int = -1
+    rejected: int = -1
+    prob_chosen: Optional[float] = None  # the judge's P(chosen preferred) (1.0 for a hard verdict)
+    source: Optional[str] = None  # label provenance: "ai" or "human"
+
+    @property
+    def labelled(self) -> bool:
+        return self.status == "labelled"
+
+
+def pick_pair(n: int, judgments: Dict[Tuple[int, int], Judgment]) -> Pick:
+    """Best vs worst of n responses from all pairwise judgments `{(i, j): judgment}`, i < j.
+
+    Responses are ranked by wins (ties and abstains win nothing); the label is the judge's own
+    verdict between the top and the bottom response, so a tie or an abstain there drops the prompt
+    rather than guessing.
+    """
+    wins = [0] * n
+    for (i, j), judgment in judgments.items():
+        if judgment.verdict is Verdict.A:
+            wins[i] += 1
+        elif judgment.verdict is Verdict.B:
+            wins[j] += 1
+    best = max(range(n), key=lambda k: (wins[k], -k))
+    worst = min(range(n), key=lambda k: (wins[k], -k))
+    if best == worst:
+        best, worst = 0, 1
+    i, j = sorted((best, worst))
+    judgment = judgments[(i, j)]
+    if not judgment.labelled:
+        return Pick(judgment.verdict.value)
+    chosen, rejected = (i, j) if judgment.verdict is Verdict.A else (j, i)
+    prob_a = judgment.prob_a if judgment.prob_a is not None else float(judgment.verdict is Verdict.A)
+    return Pick("labelled", chosen, rejected, prob_a if chosen == i else 1.0 - prob_a, judgment.source)
+
+
+# ---- small pieces -------------------------------------------------------------------------------
+
+_PLACEHOLDER_PAIR = PairIds(prompt=[0], chosen=[0], rejected=[0])  # keeps a rank with no pairs in FSDP lockstep
+
+
+def _check_settings(cfg: DictConfig, world_size: int) -> None:
+    """Bad settings fail here, before any model loads."""
+    problems = {
+        "n": (cfg.n >= 2, "a preference pair needs at least 2 responses per prompt (n >= 2)"),
+        "max_steps": (cfg.max_steps >= 1, "train at least one step (max_steps >= 1)"),
+        "micro_batch_size": (cfg.micro_batch_size >= 1, "use micro_batch_size >= 1"),
+        "sync_every": (cfg.sync_every >= 1, "push weights every sync_every >= 1 steps"),
+        "checkpoint_every": (
+            cfg.checkpoint_every >= 1 and cfg.checkpoint_every % cfg.sync_every == 0,
+            f"checkpoint_every must be a positive multiple of sync_every={cfg.sync_every}, so a resumed "
+            "sampler holds exactly the checkpoint's weights",
+        ),
+        "prompts_per_step": (
+            cfg.prompts_per_step >= world_size and cfg.prompts_per_step % world_size == 0,
+            f"prompts_per_step must be a positive multiple of the {world_size} rank(s), each takes an equal share",
+        ),
+    }
+    for key, (ok, fix) in problems.items():
+        if not ok:
+            raise ValueError(f"{key}={cfg[key]}: {fix}")
+
+
+def _pair_stats(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp) -> Dict[str, float]:
+    kl = (policy_lp.chosen - reference_lp.chosen) + (policy_lp.rejected - reference_lp.rejected)
+    return {
+        "loss": float(losses.detach().sum()),
+        "reward_chosen": float(chosen_rewards.detach().sum()),
+        "reward_rejected": float(rejected_rewards.detach().sum()),
+        "reward_correct": float((chosen_rewards > rejected_rewards).sum()),
+        # log pi(y) - log pi_ref(y) on sequences the policy sampled: a sample estimate of KL(pi || pi_ref)
+        "kl": float(kl.detach().sum()),
+    }
+
+
+def _step_stats(samples, picks: Sequence[Pick], judgments: Sequence[Judgment], judge_delta: Counter, train: Counter) -> Counter:
+    labelled = [p for p in picks if p.labelled]
+    stats = Counter(
+        pairs=len(labelled),
+        dropped_tie=sum(p.status == "tie" for p in picks),
+        dropped_abstain=sum(p.status == "abstain" for p in picks),
+        prob_chosen=sum(p.prob_chosen for p in labelled),
+        comparisons=len(judgments),
+        comparisons_tie=sum(j.verdict is Verdict.TIE for j in judgments),
+        comparisons_abstain=sum(j.verdict is Verdict.ABSTAIN for j in judgments),
+        judge_requests=judge_delta["queries"] - judge_delta["cache_hits"],
+        judge_cache_hits=judge_delta["cache_hits"],
+        responses=sum(len(s.completions) for s in samples),
+        response_tokens=sum(len(c.token_ids) for s in samples for c in s.completions),
+        responses_stopped=sum(c.finish_reason == "stop" for s in samples for c in s.completions),
+    )
+    stats.update(Counter(f"source_{p.source}" for p in labelled))
+    stats.update(train)
+    return stats
+
+
+def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _sum_over_ranks(value: int) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def _gather(obj: Any) -> List[Any]:
+    """`obj` from every rank, in rank order (just [obj] on one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _fingerprint(prompts) -> str:
+    """Identifies the prompt set: a resumed run's data position only means something on the same one."""
+    digest = hashlib.sha256()
+    for pid, text in zip(prompts["prompt_id"], prompts["prompt"]):
+        digest.update(f"{pid}\x00{text}\x00".encode())
+    return f"{len(prompts)}:{digest.hexdigest()[:16]}"
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop metric lines past the step a resumed run restarts from (the killed run's tail)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+@rlaif_config.parse(OnlineDPOSettings)
+def recipe_main(cfg: DictConfig) -> None:
+    distributed = training.is_distributed()
+    if distributed:
+        init_process_group()
+    recipe = OnlineDPORecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+        if distributed:  # after the sampler: vLLM's engine shutdown uses the process group
+            destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
