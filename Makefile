@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= outputs
 PYTEST_ARGS ?=
 
-.PHONY: install test smoke demo bench lint clean
+.PHONY: install install-bench test smoke demo demo-offline bench bench-all lint clean
 
 install: $(STAMP)
 
@@ -31,15 +31,31 @@ smoke: install
 	$(BIN)/rlaif run generate_pairs checkpoint_dir=$(OUT)/smoke/tiny-model output_dir=$(OUT)/smoke/vllm data.max_prompts=16 sampler.max_tokens=16
 	$(BIN)/rlaif run generate_pairs sampler=torchtune checkpoint_dir=$(OUT)/smoke/tiny-model output_dir=$(OUT)/smoke/torchtune data.max_prompts=16 sampler.max_tokens=16
 
-# The main job on embedded defaults (CPU, no API key): build the tiny model, sample response pairs
-# for XSTest's safe prompts with vLLM, and show a few.
+# The main job on embedded defaults (CPU, no API key, ~15 min on 2 cores): an over-cautious SFT
+# policy, then online DPO judged by the encoder reward model (router: doubtful pairs to a review
+# file), evaluated before and after on held-out XSTest prompts; prints the before/after table.
+# A second run reuses finished stages; `make clean` starts over.
 demo: install
-	test -f $(OUT)/tiny-model/config.json || $(BIN)/rlaif make-tiny-model --out $(OUT)/tiny-model
-	$(BIN)/rlaif run generate_pairs output_dir=$(OUT)/demo/pairs
-	$(BIN)/python -m rlaif_recipes.show_pairs $(OUT)/demo/pairs
+	$(BIN)/python -m rlaif_recipes.demo --out $(OUT)/demo
 
-bench: install
+# The same reference case the offline way: generate_pairs -> judge_pairs -> dpo -> evaluate.
+demo-offline: install
+	$(BIN)/python -m rlaif_recipes.demo --out $(OUT)/demo --offline
+
+# TRL for the side-by-side online benchmark: --no-deps, since TRL's own extras would replace the CPU torch.
+install-bench: install
+	$(BIN)/pip install -q --no-deps trl==1.16.0 'accelerate>=1.10.1'
+
+# The quick benchmarks (minutes each); run them on an idle machine and record figures in bench/RESULTS.md.
+bench: install-bench
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/judge_throughput.py
+	$(BIN)/python bench/online_dpo.py --steps 8
+
+# Everything, including the offline DPO comparison with torchtune and the 100k-pair scale run (~40 min).
+bench-all: bench
+	$(BIN)/python bench/dpo_throughput.py
+	$(BIN)/python bench/pipeline_scale.py
 
 lint: install
 	$(BIN)/ruff check rlaif_recipes tests bench

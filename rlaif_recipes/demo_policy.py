@@ -9,6 +9,7 @@ imitator does too: the false refusals RLAIF is meant to remove. `evaluate` measu
 """
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -49,6 +50,10 @@ def sft(checkpoint_dir: Path, output_dir: Path, overrides: Sequence[str] = ()) -
         if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
             raise RuntimeError(f"SFT failed: {' '.join(cmd)}; see {log}")
     final = last_checkpoint(output_dir)
+    shards = sorted(final.glob("model-*-of-*.safetensors"))
+    if len(shards) == 1:  # one shard: name it as model_type=tiny's checkpointer expects (model.safetensors)
+        os.replace(shards[0], final / "model.safetensors")
+        (final / "model.safetensors.index.json").unlink(missing_ok=True)
     for earlier in output_dir.glob("epoch_*"):  # torchtune saves every epoch; the demo needs only the last
         if earlier != final:
             shutil.rmtree(earlier)
