@@ -45,7 +45,7 @@ ROWS = {
 # config's defaults: a far smaller learning rate).
 ONLINE = [
     "judge=router", "judge@judge.judge=reward_model", "judge.min_confidence=0.1",
-    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "optimizer.lr=5e-4", "loss.beta=0.1",
+    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "optimizer.lr=1e-4", "loss.beta=0.1",
     "checkpoint_every=40", "sync_every=1",
 ]  # fmt: skip
 
@@ -84,18 +84,18 @@ def offline(policy: Path, out: Path, seed: int) -> Path:
         rlaif(["run", "judge_pairs", f"input_dir={out / 'pairs'}", f"output_dir={out / 'prefs'}", f"checkpoint_dir={policy}",
                *ONLINE[:3], *common[:2]], out / "judge_pairs.log")  # fmt: skip
         rlaif(["run", "dpo", f"checkpoint_dir={policy}", f"dataset.source={out / 'prefs'}", f"output_dir={out / 'dpo'}",
-               "epochs=4", "optimizer.lr=5e-4", "batch_size=8", "eval_dataset=null", f"seed={seed}"], out / "dpo.log")  # fmt: skip
+               "epochs=4", "optimizer.lr=1e-4", "batch_size=8", "eval_dataset=null", f"seed={seed}"], out / "dpo.log")  # fmt: skip
     return latest_checkpoint(out / "dpo")
 
 
-def online(policy: Path, out: Path, row: str, steps: int, seed: int) -> Path:
+def online(policy: Path, out: Path, row: str, steps: int, seed: int, overrides: Sequence[str] = ()) -> Path:
     """Run online DPO from `policy` (skipped when finished) and return its last checkpoint."""
     final = out / "checkpoints" / f"step_{steps:07d}"
     if not (final / "checkpoint.json").is_file():
         resume = ["resume_from_checkpoint=true"] if any((out / "checkpoints").glob("step_*")) else []
         rlaif(
             ["run", "online_dpo", f"checkpoint_dir={policy}", f"output_dir={out}", f"max_steps={steps}", f"seed={seed}",
-             *ONLINE, *ROWS[row]["overrides"], *resume],
+             *ONLINE, *ROWS[row]["overrides"], *overrides, *resume],
             out.with_suffix(".log"),
         )  # fmt: skip
     return final
@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Dict[str, float]]:
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, SFT, sampling and training")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which RLAIF rows to run")
     parser.add_argument("--offline", action="store_true", help="row 1 as generate_pairs -> judge_pairs -> dpo")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for the online_dpo runs (e.g. optimizer.lr=1e-4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = Path(args.out)
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Dict[str, float]]:
         args.rows = ["false_refusal"]
     for i, row in enumerate([] if args.offline else args.rows):
         print(f"3/4 online DPO, row {i + 1}: {ROWS[row]['title']} ({args.steps} steps)", flush=True)
-        trained = online(policy, out / f"online_{row}", row, args.steps, args.seed)
+        trained = online(policy, out / f"online_{row}", row, args.steps, args.seed, args.overrides)
         print(f"4/4 evaluate row {i + 1}", flush=True)
         results[f"after: {ROWS[row]['title']}"] = evaluate(trained, out / "eval" / row, row, args.seed)
     minutes = (time.perf_counter() - start) / 60

@@ -13,9 +13,9 @@ All pairs of one `judge()` call go to the engine in one batch. Greedy decoding a
 seed make the verdicts deterministic. A judge prompt longer than the context abstains with its
 length in the reason (the responses are never cut: the judge must see what it compares).
 
-Memory on CPU: vLLM sizes its KV cache as `gpu_memory_utilization` x RAM minus what the process
-already holds, so a second engine in one process (a judge beside the policy's sampler, as in
-online DPO) needs an explicit `kv_cache_memory_bytes`.
+Memory on CPU: vLLM would size its KV cache as `gpu_memory_utilization` x RAM minus what the
+process already holds (negative beside the policy's sampler, as in online DPO), so on CPU the share
+of RAM is passed as the KV-cache size itself (`samplers.vllm_sampler.kv_cache_args`).
 """
 
 import hashlib
@@ -66,6 +66,8 @@ class LLMJudge(PairwiseJudge):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
         from vllm import LLM
 
+        from rlaif_recipes.samplers.vllm_sampler import kv_cache_args
+
         engine_args: Dict[str, Any] = dict(
             model=self.checkpoint_dir,
             dtype=dtype,
@@ -74,8 +76,7 @@ class LLMJudge(PairwiseJudge):
             enforce_eager=enforce_eager,
             seed=0,
         )
-        if kv_cache_memory_bytes is not None:
-            engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        engine_args.update(kv_cache_args(gpu_memory_utilization, kv_cache_memory_bytes))
         try:
             self.llm = LLM(**engine_args)
         except Exception as e:

@@ -49,8 +49,7 @@ class VLLMSampler(Sampler):
             max_model_len=self.max_model_len,
             seed=self.defaults["seed"] + (dist.get_rank() if distributed else 0),
         )
-        if kv_cache_memory_bytes is not None:  # a fixed KV cache: a second engine in the process (e.g. an LLM judge) still fits
-            engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        engine_args.update(kv_cache_args(gpu_memory_utilization, kv_cache_memory_bytes))
         if distributed:  # one engine per training rank, inside the trainer's own process group
             engine_args["distributed_executor_backend"] = "external_launcher"
         try:
@@ -116,6 +115,15 @@ class VLLMSampler(Sampler):
             logprobs=[step[tok].logprob for tok, step in zip(ids, c.logprobs or [])],
             finish_reason="stop" if c.finish_reason == "stop" else "length",
         )
+
+
+def kv_cache_args(gpu_memory_utilization: float, kv_cache_memory_bytes: Optional[int]) -> dict:
+    """A fixed KV-cache size where vLLM's own sizing fails: on CPU it reserves the memory share
+    minus what this process already holds, which turns negative once the process has loaded other
+    models (a judge, a reward model, a trainer). There the share is taken of RAM itself."""
+    if kv_cache_memory_bytes is None and not torch.cuda.is_available():
+        kv_cache_memory_bytes = int(gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return {} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}
 
 
 def _first_line(e: BaseException) -> str:
