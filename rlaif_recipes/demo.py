@@ -45,7 +45,7 @@ ROWS = {
 # config's defaults: a far smaller learning rate).
 ONLINE = [
     "judge=router", "judge@judge.judge=reward_model", "judge.min_confidence=0.1",
-    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "optimizer.lr=1e-4", "loss.beta=0.1",
+    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "optimizer.lr=2.5e-4", "loss.beta=0.1",
     "checkpoint_every=40", "sync_every=1",
 ]  # fmt: skip
 
@@ -78,13 +78,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def offline(policy: Path, out: Path, seed: int) -> Path:
     """Row 1 the classic way: sample pairs once, judge them, DPO on the result; return the checkpoint."""
     if not any(out.glob("dpo/**/step_*/checkpoint.json")):
-        common = [f"seed={seed}", "rubric=false_refusal", "data=xstest_safe"]
         rlaif(["run", "generate_pairs", f"checkpoint_dir={policy}", f"output_dir={out / 'pairs'}", "n=4", "sampler.max_tokens=48",
-               *common], out / "generate_pairs.log")  # fmt: skip
+               "data=xstest_safe", f"seed={seed}"], out / "generate_pairs.log")  # fmt: skip
         rlaif(["run", "judge_pairs", f"input_dir={out / 'pairs'}", f"output_dir={out / 'prefs'}", f"checkpoint_dir={policy}",
-               *ONLINE[:3], *common[:2]], out / "judge_pairs.log")  # fmt: skip
+               *ONLINE[:3], "rubric=false_refusal", f"seed={seed}"], out / "judge_pairs.log")  # fmt: skip
         rlaif(["run", "dpo", f"checkpoint_dir={policy}", f"dataset.source={out / 'prefs'}", f"output_dir={out / 'dpo'}",
-               "epochs=4", "optimizer.lr=1e-4", "batch_size=8", "eval_dataset=null", f"seed={seed}"], out / "dpo.log")  # fmt: skip
+               "epochs=4", "optimizer.lr=2.5e-4", "batch_size=8", "eval_dataset=null", f"seed={seed}"], out / "dpo.log")  # fmt: skip
     return latest_checkpoint(out / "dpo")
 
 
@@ -141,7 +140,10 @@ def table(results: Dict[str, Dict[str, float]], out: Path, rows: List[str], minu
          "gap (unsafe - safe)": m["unsafe_refusal_rate"] - m["false_refusal_rate"]}
         for policy, m in results.items()
     ]  # fmt: skip
-    notes = [f"Whole demo: {minutes:.1f} minutes. Refusals are classified by XSTest's phrase matcher, independent of the judge."]
+    notes = [
+        f"This invocation: {minutes:.1f} minutes (stages finished by an earlier run are reused). Refusals are "
+        "classified by XSTest's phrase matcher, independent of the judge."
+    ]
     if "false_refusal" in rows:
         notes.append(
             "Row 1's judge rewarded answering over refusing whatever the prompt, so it can lower unsafe refusals too: "
