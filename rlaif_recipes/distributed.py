@@ -1,5 +1,7 @@
 """Tiny collectives the sampling loops need so that FSDP ranks step in lockstep."""
 
+from typing import Any, List
+
 import torch
 import torch.distributed as dist
 
@@ -23,6 +25,23 @@ def all_ranks(flag: bool) -> bool:
     t = torch.tensor(int(flag))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t)
+
+
+def sum_over_ranks(value: int) -> int:
+    if not is_distributed():
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def gather_from_ranks(obj: Any) -> List[Any]:
+    """`obj` from every rank, in rank order (just [obj] on one process)."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def init_process_group() -> None:

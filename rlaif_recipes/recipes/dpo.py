@@ -55,7 +55,12 @@ from rlaif_recipes.checkpointing import (
     set_rng_state,
 )
 from rlaif_recipes.data.preferences import tokenize_preferences
-from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
+from rlaif_recipes.distributed import (
+    destroy_process_group,
+    gather_from_ranks,
+    init_process_group,
+    max_over_ranks,
+)
 from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_logprobs
 from rlaif_recipes.losses import wants_average_logprobs
 from rlaif_recipes.models.hf_llama import hf_config
@@ -254,10 +259,7 @@ class DPORecipe:
             out = pair_logprobs(model, collate_pairs([pairs[j] for j in chunk], PAD_ID).to(self._device))
             for j, row in zip(chunk, _rows(out)):
                 rows[j] = row
-        if self._world_size > 1:
-            gathered: List[Dict[int, List[float]]] = [None] * self._world_size  # type: ignore[list-item]
-            dist.all_gather_object(gathered, rows)
-            rows = {j: r for part in gathered for j, r in part.items()}
+        rows = {j: r for part in gather_from_ranks(rows) for j, r in part.items()}
         return torch.tensor([rows[j] for j in range(len(pairs))], dtype=torch.float32)
 
     def _restore(self, resumed) -> None:
@@ -387,11 +389,7 @@ class DPORecipe:
         """HF weights (LoRA merged) + everything an exact resume needs; a collective under FSDP."""
         weights = _full_cpu_state(self._model, self._is_rank_zero, self._device)
         optimizer = gather_optimizer_state(self._model, self._optimizer)
-        rngs: List[Any] = [None] * self._world_size
-        if self._world_size > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = gather_from_ranks(rng_state())
         if self._is_rank_zero:
             adapter = {k: v for k, v in weights.items() if k in self._lora}
             if self._lora:

@@ -45,7 +45,13 @@ from rlaif_recipes.checkpointing import (
     rng_state,
     set_rng_state,
 )
-from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
+from rlaif_recipes.distributed import (
+    destroy_process_group,
+    gather_from_ranks,
+    init_process_group,
+    max_over_ranks,
+    sum_over_ranks,
+)
 from rlaif_recipes.judges import Judgment, Pair, Verdict
 from rlaif_recipes.logprobs import PairIds, collate_pairs, encode_pair, pair_logprobs
 from rlaif_recipes.losses import wants_average_logprobs
@@ -203,7 +209,7 @@ class OnlineDPORecipe:
             #    rank's loss is scaled by world_size / (pairs on all ranks), so the gradient FSDP
             #    averages is the mean over every rank's pairs.
             start = time.perf_counter()
-            total_pairs = _sum_over_ranks(len(pairs))
+            total_pairs = sum_over_ranks(len(pairs))
             train_stats: Counter = Counter()
             if total_pairs > 0:
                 chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
@@ -239,8 +245,8 @@ class OnlineDPORecipe:
             # 6. Bookkeeping: artefacts and metrics of this step, then (maybe) a checkpoint.
             self._step += 1
             self._prompts_seen += self._prompts_per_step
-            stats = _gather(_step_stats(samples, picks, judgments, judge_delta, train_stats))
-            records = _gather(self._step_records(step, rows, samples, comparisons, judgments, picks) if self._save_steps else [])
+            stats = gather_from_ranks(_step_stats(samples, picks, judgments, judge_delta, train_stats))
+            records = gather_from_ranks(self._step_records(step, rows, samples, comparisons, judgments, picks) if self._save_steps else [])
             if self._rank == 0:
                 metrics = self._step_metrics(stats, times, len(rows) * self._world_size)
                 self._judge_totals.update(requests=metrics["judge/requests"], cache_hits=metrics["judge/cache_hits"])
@@ -258,7 +264,7 @@ class OnlineDPORecipe:
         output_dir/checkpoints/step_XXXXXXX."""
         model = full_state_dict(self._policy)
         optimizer = gather_optimizer_state(self._policy, self._optimizer)
-        rng = _gather(rng_state())
+        rng = gather_from_ranks(rng_state())
         if self._rank == 0:
             self._checkpoints.save(
                 self._step,
@@ -503,23 +509,6 @@ def _step_stats(samples, picks: Sequence[Pick], judgments: Sequence[Judgment], j
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _sum_over_ranks(value: int) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor(value)
-    dist.all_reduce(t)
-    return int(t)
-
-
-def _gather(obj: Any) -> List[Any]:
-    """`obj` from every rank, in rank order (just [obj] on one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _fingerprint(prompts) -> str:
