@@ -34,18 +34,19 @@ from rlaif_recipes.report import Bars, read_report, write_report
 ROWS = {
     "false_refusal": {
         "title": "benign prompts, false_refusal rubric",
-        "overrides": ["rubric=false_refusal", "data=xstest_safe"],
+        "overrides": ["rubric=false_refusal", "data=xstest_safe", "optimizer.lr=4e-4"],
     },
     "helpful_harmless": {
         "title": "safe + unsafe prompts, helpful_harmless rubric",
-        "overrides": ["rubric=helpful_harmless", "data=xstest_all"],
+        "overrides": ["rubric=helpful_harmless", "data=xstest_all", "optimizer.lr=2.5e-4"],
     },
 }
 # The online stage's settings for the demo's few-million-parameter policy (a real model keeps the
-# config's defaults: a far smaller learning rate).
+# config's defaults: a far smaller learning rate). Each row's learning rate is the highest that did
+# not collapse the policy into short non-replies (row 1 at 5e-4: 52% of replies under 4 words).
 ONLINE = [
     "judge=router", "judge@judge.judge=reward_model", "judge.min_confidence=0.1",
-    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "optimizer.lr=2.5e-4", "loss.beta=0.1",
+    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "loss.beta=0.1",
     "checkpoint_every=40", "sync_every=1",
 ]  # fmt: skip
 
@@ -137,12 +138,13 @@ def table(results: Dict[str, Dict[str, float]], out: Path, rows: List[str], minu
     """The before/after table (demo.md / .json / .png) and what each judge rewarded."""
     lines = [
         {"policy": policy, "false refusals (safe, held out)": m["false_refusal_rate"], "refusals (unsafe, held out)": m["unsafe_refusal_rate"],
-         "gap (unsafe - safe)": m["unsafe_refusal_rate"] - m["false_refusal_rate"]}
+         "gap (unsafe - safe)": m["unsafe_refusal_rate"] - m["false_refusal_rate"], "short replies (all)": m.get("short_reply_rate")}
         for policy, m in results.items()
     ]  # fmt: skip
     notes = [
         f"This invocation: {minutes:.1f} minutes (stages finished by an earlier run are reused). Refusals are "
-        "classified by XSTest's phrase matcher, independent of the judge."
+        "classified by XSTest's phrase matcher, independent of the judge. Short replies (under 4 words) are no "
+        "refusal but no answer either: a falling refusal rate counts only while they stay rare."
     ]
     if "false_refusal" in rows:
         notes.append(

@@ -44,6 +44,8 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
         assert m[f"n_{name}"] == len(mine) > 0 and 0.0 <= m[key] <= 1.0
         assert m[key] == sum(s["refused"] for s in mine) / len(mine)
     assert m["n_safe"] == 8
+    short = sum(len(s["response"].split()) < m["short_reply_words"] for s in samples)  # the collapse check
+    assert m["short_replies"] == short and m["short_reply_rate"] == short / len(samples)
     safe = [s for s in samples if s["set"] == "safe"]
     assert any(s["response"] != s["reference_response"] for s in safe)  # the reference weights were pushed in
     shorter = sum(len(s["response"]) < len(s["reference_response"]) for s in safe)

@@ -78,6 +78,11 @@ def test_retrained_heads_agree_with_humans_on_held_out_pairs(trained: Path) -> N
     # false_refusal prefers answers: right on benign requests, against the humans on harmful ones,
     # which is what its rubric says (it assumes the request is benign).
     assert agreement["false_refusal"]["safe"] > 0.85 and agreement["false_refusal"]["unsafe"] < 0.3
+    # Real held-out responses beat their own fragments (the reply head), whatever the objective.
+    assert (
+        agreement["false_refusal"]["over_fragment"] > 0.8
+        and agreement["helpful_harmless"]["over_fragment"] > 0.9
+    )
     assert (trained / HEAD_WEIGHTS).stat().st_size < 10_000 and not list(trained.glob(".*.tmp"))
 
 
@@ -125,6 +130,23 @@ def test_helpful_harmless_reads_harm_from_the_prompt(hh_judge: RewardModelJudge)
 
 
 @pytest.mark.slow
+def test_fragments_lose_to_a_real_reply_under_both_objectives(hh_judge: RewardModelJudge) -> None:
+    """The reply head is the guard against reward hacking: "." or a cut-off opening is no refusal,
+    but it is no answer either, so it must not win where a real reply is on offer."""
+    fragments = ["", ".", "!", "Sure.", "Here is how", "I'm sorry"]
+    fr = RewardModelJudge(rubric=FALSE_REFUSAL)
+    for judge, prompt, reply in (
+        (fr, BENIGN, ANSWER),
+        (hh_judge, BENIGN, ANSWER),
+        (hh_judge, HARMFUL, REFUSAL),
+    ):
+        judgments = judge.judge(
+            [Pair(prompt, reply, f) for f in fragments] + [Pair(prompt, f, reply) for f in fragments]
+        )
+        assert [j.verdict for j in judgments] == [Verdict.A] * 6 + [Verdict.B] * 6, (prompt, reply)
+
+
+@pytest.mark.slow
 def test_bradley_terry_probability_symmetry_and_cache(hh_judge: RewardModelJudge, tmp_path: Path) -> None:
     pairs = [Pair(BENIGN, ANSWER, REFUSAL), Pair(BENIGN, REFUSAL, ANSWER)]
     s_answer, s_refusal = hh_judge.score([pairs[0].prompt] * 2, [ANSWER, REFUSAL])
@@ -147,6 +169,18 @@ def test_bradley_terry_probability_symmetry_and_cache(hh_judge: RewardModelJudge
         and len(identity["head_sha256"]) == 64
         and "all-MiniLM-L6-v2" in identity["encoder"]
     )
+
+
+def test_fragments_are_fixed_and_short() -> None:
+    """The reply head's negatives: cut-off openings and empty or punctuation-only texts."""
+    from rlaif_recipes.recipes.train_reward_model import EMPTY_REPLIES, fragments
+
+    long_answer = " ".join([ANSWER] * 6)
+    texts = [long_answer, REFUSAL, ANSWER, long_answer + " Done."] * 2
+    cuts = fragments(texts)
+    assert cuts == fragments(texts) and cuts[3] in EMPTY_REPLIES and cuts[7] in EMPTY_REPLIES
+    for text, cut in zip(texts[:3], cuts[:3]):
+        assert 1 <= len(cut.split()) <= 4 and text.startswith(cut.rstrip(".!"))
 
 
 def test_objective_comes_from_the_rubric_and_bad_combinations_fail_first() -> None:

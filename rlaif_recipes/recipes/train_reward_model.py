@@ -7,21 +7,25 @@ The frozen sentence encoder embeds every prompt and response once (cached in
 `encoder.cache_path`, so a re-run embeds nothing); the two small heads of
 rlaif_recipes/judges/reward_model.py then train full-batch on the embeddings in seconds:
 
-    loss = BCE(answer head, each response's answer/refusal label)
+    loss = BCE(reply head, every real response (1) against fragments of them (0))
+         + BCE(answer head, each response's answer/refusal label)
          + BCE(harm head, each prompt's safe/unsafe label)
          + sum over objectives of the Bradley–Terry loss -log sigmoid(s_chosen - s_rejected)
            (false_refusal on the pairs whose request is benign, where its rubric applies)
 
-All labels are human ones from the training split. It then measures agreement with the human
-choice on the held-out pairs, per objective and for safe and unsafe requests apart, prints the
-table, and writes head.safetensors + head.json (the encoder it needs, its training data, the
+All labels are human ones from the training split; the fragments (`fragments()`: an empty or
+punctuation-only text, or a response cut to its first few words) are what a policy collapses to
+when the reward model cannot tell them from an answer. It then measures agreement with the human
+choice on the held-out pairs, per objective and for safe and unsafe requests apart, and how often a
+held-out response beats its own fragment, prints the table, and writes head.safetensors + head.json (the encoder it needs, its training data, the
 agreement) atomically to output_dir: `judge=reward_model judge.head_dir=OUTPUT_DIR` uses it.
 """
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,20 @@ from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_head
 
 log = utils.get_logger("INFO")
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "chosen_kind", "rejected_kind", "prompt_label")
+EMPTY_REPLIES = ("", ".", "!", "?", "...", "-")
+
+
+def fragments(texts: Sequence[str]) -> List[str]:
+    """One non-reply per text: its first 1-4 words (a hash of the text picks how many and the end
+    mark), cycling in the empty and punctuation-only ones; the same on every run."""
+    out = []
+    for i, text in enumerate(texts):
+        h = int(hashlib.sha256(text.encode()).hexdigest(), 16)
+        if i % 4 == 3:
+            out.append(EMPTY_REPLIES[h % len(EMPTY_REPLIES)])
+        else:
+            out.append(" ".join(text.split()[: 1 + h % 4]) + ("", ".", "!")[(h >> 8) % 3])
+    return out
 
 
 @dataclass
@@ -75,7 +93,8 @@ class TrainRewardModelRecipe:
 
     def _embed(self, data) -> Dict[str, torch.Tensor]:
         return {
-            "prompt": self._encoder.encode(data["prompt"]),
+            "prompt": self._encoder.encode(data["prompt"], prompts=True),
+            "fragment": self._encoder.encode(fragments(list(data["chosen"]) + list(data["rejected"]))),
             "chosen": self._encoder.encode(data["chosen"]),
             "rejected": self._encoder.encode(data["rejected"]),
             "chosen_answers": torch.tensor([k == "answer" for k in data["chosen_kind"]], dtype=torch.float32),
@@ -105,7 +124,10 @@ class TrainRewardModelRecipe:
         d, heads = self._train, self._heads
         responses = torch.cat([d["chosen"], d["rejected"]])
         answers = torch.cat([d["chosen_answers"], d["rejected_answers"]])
-        loss = F.binary_cross_entropy_with_logits(heads.answer(responses).squeeze(-1), answers)
+        replies = torch.cat([responses, d["fragment"]])
+        is_reply = torch.cat([torch.ones(len(responses)), torch.zeros(len(d["fragment"]))])
+        loss = F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply)
+        loss = loss + F.binary_cross_entropy_with_logits(heads.answer(responses).squeeze(-1), answers)
         loss = loss + F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"])
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
@@ -116,7 +138,8 @@ class TrainRewardModelRecipe:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Dict[str, float]]:
-        """Share of held-out pairs where the objective's score ranks the human's choice first."""
+        """Share of held-out pairs where the objective's score ranks the human's choice first, and
+        share of the human's chosen responses it ranks above their own fragment (over_fragment)."""
         d = self._held_out
         groups = {
             "safe": d["harmful"] == 0,
@@ -131,11 +154,21 @@ class TrainRewardModelRecipe:
             table[objective] = {
                 g: round(agree[m].float().mean().item(), 4) for g, m in groups.items() if m.any()
             }
+            rows = groups["safe" if objective == "false_refusal" else "all"]  # where its rubric applies
+            p, chosen, cut = d["prompt"][rows], d["chosen"][rows], d["fragment"][: len(d["chosen"])][rows]
+            over = self._heads.scores(objective, p, chosen) > self._heads.scores(objective, p, cut)
+            table[objective]["over_fragment"] = round(over.float().mean().item(), 4)
         table["pairs"] = {g: int(m.sum()) for g, m in groups.items()}
         self._agreement = table
-        print("held-out agreement with the human choice (share of pairs):")
-        print("| objective | " + " | ".join(f"{g} (n={n})" for g, n in table["pairs"].items()) + " |")
-        print("|---|" + "---:|" * len(table["pairs"]))
+        print(
+            "held-out agreement with the human choice (share of pairs; over_fragment: chosen response over its own fragment):"
+        )
+        print(
+            "| objective | "
+            + " | ".join(f"{g} (n={n})" for g, n in table["pairs"].items())
+            + " | over_fragment |"
+        )
+        print("|---|" + "---:|" * (len(table["pairs"]) + 1))
         for objective in OBJECTIVES:
             print(
                 f"| {objective} | "
@@ -152,6 +185,7 @@ class TrainRewardModelRecipe:
                 "encoder": {
                     "fingerprint": self._encoder.fingerprint,
                     "max_seq_length": self._encoder.max_seq_length,
+                    "prompt_max_seq_length": self._encoder.prompt_max_seq_length,
                 },
                 "data": self._data_info,
                 "steps": self._steps,
