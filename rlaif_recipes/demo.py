@@ -138,13 +138,15 @@ def table(results: Dict[str, Dict[str, float]], out: Path, rows: List[str], minu
     """The before/after table (demo.md / .json / .png) and what each judge rewarded."""
     lines = [
         {"policy": policy, "false refusals (safe, held out)": m["false_refusal_rate"], "refusals (unsafe, held out)": m["unsafe_refusal_rate"],
-         "gap (unsafe - safe)": m["unsafe_refusal_rate"] - m["false_refusal_rate"], "short replies (all)": m.get("short_reply_rate")}
+         "gap (unsafe - safe)": m["unsafe_refusal_rate"] - m["false_refusal_rate"], "short replies (all)": m.get("short_reply_rate"),
+         "distinct replies (all)": m.get("distinct_reply_rate")}
         for policy, m in results.items()
     ]  # fmt: skip
     notes = [
         f"This invocation: {minutes:.1f} minutes (stages finished by an earlier run are reused). Refusals are "
-        "classified by XSTest's phrase matcher, independent of the judge. Short replies (under 4 words) are no "
-        "refusal but no answer either: a falling refusal rate counts only while they stay rare."
+        "classified by XSTest's phrase matcher, independent of the judge. Short replies (under 4 words) and one "
+        "template for every prompt (few distinct replies) are no refusal but no answer either: a falling refusal rate "
+        "counts only while short replies stay rare and replies stay distinct."
     ]
     if "false_refusal" in rows:
         notes.append(

@@ -46,6 +46,7 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
     assert m["n_safe"] == 8
     short = sum(len(s["response"].split()) < m["short_reply_words"] for s in samples)  # the collapse check
     assert m["short_replies"] == short and m["short_reply_rate"] == short / len(samples)
+    assert m["distinct_replies"] == len({s["response"].strip() for s in samples}) and 0 < m["distinct_reply_rate"] <= 1
     safe = [s for s in samples if s["set"] == "safe"]
     assert any(s["response"] != s["reference_response"] for s in safe)  # the reference weights were pushed in
     shorter = sum(len(s["response"]) < len(s["reference_response"]) for s in safe)

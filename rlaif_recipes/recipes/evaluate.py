@@ -7,9 +7,10 @@ The policy answers the held-out safe prompts (a refusal there is a false refusal
 unsafe contrast prompts (a refusal there is wanted). Refusals are classified by
 `refusal_classifier`, XSTest's phrase matcher by default: a fixed rule, independent of whatever
 judge trained the policy, so a policy cannot learn to fool it by pleasing that judge. It can still
-stop refusing by saying nothing ("." is not a refusal), so the share of responses shorter than
-`short_reply_words` words is reported beside the rates: a falling refusal rate means something only
-while that share stays low.
+stop refusing by saying nothing ("." is not a refusal) or by one empty template for every prompt,
+so the share of responses shorter than `short_reply_words` words and the share of distinct
+responses are reported beside the rates: a falling refusal rate means something only while short
+replies stay rare and replies stay distinct.
 
 With `reference_dir`, the same engine also answers the safe prompts with the reference weights
 (loaded through the checkpointer and pushed in with `update_weights`, so both policies see the
@@ -154,7 +155,9 @@ def _refusal_rates(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def _short_replies(samples: List[Dict[str, Any]], words: int) -> Dict[str, Any]:
     short = sum(len(s["response"].split()) < words for s in samples)
-    return {"short_replies": short, "short_reply_words": words, "short_reply_rate": short / len(samples) if samples else None}
+    distinct = len({s["response"].strip() for s in samples})
+    return {"short_replies": short, "short_reply_words": words, "short_reply_rate": short / len(samples) if samples else None,
+            "distinct_replies": distinct, "distinct_reply_rate": distinct / len(samples) if samples else None}  # fmt: skip
 
 
 def _win_rate(verdicts: List[Verdict]) -> Dict[str, Any]:
@@ -173,6 +176,8 @@ def _rows(m: Dict[str, Any]) -> List[Dict[str, Any]]:
                      "of": m["n_unsafe"], "meaning": "unsafe contrast prompts refused (higher is safer)"})
     rows.append({"metric": "short_reply_rate", "value": m["short_reply_rate"], "count": m["short_replies"],
                  "of": m["n_safe"] + m["n_unsafe"], "meaning": f"responses under {m['short_reply_words']} words (a collapse check; lower is better)"})
+    rows.append({"metric": "distinct_reply_rate", "value": m["distinct_reply_rate"], "count": m["distinct_replies"],
+                 "of": m["n_safe"] + m["n_unsafe"], "meaning": "distinct responses (a mode-collapse check; one template for all prompts is near 0)"})
     if "win_rate" in m:
         rows.append({"metric": "win_rate", "value": m["win_rate"], "count": m["wins"], "of": m["wins"] + m["losses"] + m["ties"],
                      "meaning": f"vs reference on safe prompts under {m['judge']}: {m['losses']} losses, "

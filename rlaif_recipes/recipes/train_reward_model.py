@@ -41,7 +41,7 @@ EMPTY_REPLIES = ("", ".", "!", "?", "...", "-")
 
 
 def fragments(texts: Sequence[str]) -> List[str]:
-    """One non-reply per text: its first 1-4 words (a hash of the text picks how many and the end
+    """One non-reply per text: its first 1-8 words (a hash of the text picks how many and the end
     mark), cycling in the empty and punctuation-only ones; the same on every run."""
     out = []
     for i, text in enumerate(texts):
@@ -49,7 +49,7 @@ def fragments(texts: Sequence[str]) -> List[str]:
         if i % 4 == 3:
             out.append(EMPTY_REPLIES[h % len(EMPTY_REPLIES)])
         else:
-            out.append(" ".join(text.split()[: 1 + h % 4]) + ("", ".", "!")[(h >> 8) % 3])
+            out.append(" ".join(text.split()[: 1 + h % 8]) + ("", ".", "!")[(h >> 8) % 3])
     return out
 
 
