@@ -44,10 +44,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torchtune.models import convert_weights
 from torchtune.utils import get_logger
 
-from rlaif_recipes.models.hf_llama import hf_config, tune_to_hf_state_dict
+from rlaif_recipes.models.hf_llama import hf_to_tune_state_dict, tune_to_hf_state_dict
 
 log = get_logger("INFO")
 
@@ -75,17 +74,6 @@ class Checkpoint:
     manifest: Dict[str, Any]
 
 
-def llama_hf_to_tune(state_dict: StateDict, source_dir: str) -> StateDict:
-    cfg = hf_config(source_dir)
-    return convert_weights.hf_to_tune(
-        state_dict,
-        num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg["num_key_value_heads"],
-        dim=cfg["hidden_size"],
-        head_dim=cfg.get("head_dim"),
-    )
-
-
 class CheckpointManager:
     """Writes, finds and reads checkpoints under `output_dir` (see the module docstring).
 
@@ -96,7 +84,7 @@ class CheckpointManager:
         fingerprint: JSON-able facts a resumed run must share with the saved one (model shape,
             LoRA settings, recipe ...); a mismatch is a CheckpointError on load.
         keep_last: keep only this many newest checkpoints (None: all).
-        to_hf / from_hf: weight-name converters (default: Llama, torchtune <-> HF).
+        to_hf / from_hf: weight-name converters (default: Llama or Qwen2 by config.json, torchtune <-> HF).
     """
 
     def __init__(
@@ -107,7 +95,7 @@ class CheckpointManager:
         fingerprint: Optional[Mapping[str, Any]] = None,
         keep_last: Optional[int] = None,
         to_hf: Callable[[StateDict, str], StateDict] = tune_to_hf_state_dict,
-        from_hf: Callable[[StateDict, str], StateDict] = llama_hf_to_tune,
+        from_hf: Callable[[StateDict, str], StateDict] = hf_to_tune_state_dict,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least 1 checkpoint, or null for all")

@@ -13,7 +13,7 @@ import torch
 from torchtune import config
 
 from rlaif_recipes import config as rlaif_config
-from rlaif_recipes.models import tune_to_hf_state_dict
+from rlaif_recipes.models import hf_to_tune_state_dict, tune_to_hf_state_dict
 from rlaif_recipes.recipes.dpo import DPOSettings
 from rlaif_recipes.recipes.evaluate import EvaluateSettings
 from rlaif_recipes.recipes.generate_pairs import GeneratePairsSettings
@@ -97,11 +97,15 @@ def test_builder_matches_the_release_and_maps_to_its_hf_names(model: str, tmp_pa
         tune = config.instantiate(cfg.model)
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tmp_path)))
     assert sum(p.numel() for p in tune.parameters()) == sum(p.numel() for p in hf.parameters())
-    mapped = {k: tuple(v.shape) for k, v in tune_to_hf_state_dict(tune.state_dict(), str(tmp_path)).items()}
+    hf_named = tune_to_hf_state_dict(tune.state_dict(), str(tmp_path))
+    mapped = {k: tuple(v.shape) for k, v in hf_named.items()}
     expected = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     if RELEASES[model]["tie_word_embeddings"]:
         expected.pop("lm_head.weight")  # tied: saved once, as the input embedding
     assert mapped == expected
+    # Reading a checkpoint back (resume) inverts the mapping exactly.
+    restored = {k: tuple(v.shape) for k, v in hf_to_tune_state_dict(hf_named, str(tmp_path)).items()}
+    assert restored == {k: tuple(v.shape) for k, v in tune.state_dict().items()}
 
 
 def test_checkpoint_files_of_the_8b_expand_to_its_four_shards() -> None:

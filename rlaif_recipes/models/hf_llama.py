@@ -79,18 +79,29 @@ def tune_to_hf_state_dict(state_dict: Dict[str, torch.Tensor], checkpoint_dir: s
     if cfg.get("model_type") == "qwen2":  # q/k/v biases and tied embeddings: torchtune's Qwen2 mapping
         from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
-        return qwen2_tune_to_hf(
-            state_dict,
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg["num_key_value_heads"],
-            dim=cfg["hidden_size"],
-            head_dim=cfg.get("head_dim"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        )
-    return convert_weights.tune_to_hf(
-        state_dict,
-        num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg["num_key_value_heads"],
-        dim=cfg["hidden_size"],
-        head_dim=cfg.get("head_dim"),
-    )
+        return qwen2_tune_to_hf(state_dict, **_weight_shape(cfg), tie_word_embeddings=_tied(cfg))
+    return convert_weights.tune_to_hf(state_dict, **_weight_shape(cfg))
+
+
+def hf_to_tune_state_dict(state_dict: Dict[str, torch.Tensor], checkpoint_dir: str) -> Dict[str, torch.Tensor]:
+    """HF names -> torchtune names: the inverse of tune_to_hf_state_dict, for reading checkpoints back."""
+    cfg = hf_config(checkpoint_dir)
+    if cfg.get("model_type") == "qwen2":
+        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+        return qwen2_hf_to_tune(state_dict, **_weight_shape(cfg), tie_word_embeddings=_tied(cfg))
+    return convert_weights.hf_to_tune(state_dict, **_weight_shape(cfg))
+
+
+def _weight_shape(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The attention shape torchtune's weight converters need to permute q/k projections."""
+    return {
+        "num_heads": cfg["num_attention_heads"],
+        "num_kv_heads": cfg["num_key_value_heads"],
+        "dim": cfg["hidden_size"],
+        "head_dim": cfg.get("head_dim"),
+    }
+
+
+def _tied(cfg: Dict[str, Any]) -> bool:
+    return cfg.get("tie_word_embeddings", False)
