@@ -52,10 +52,13 @@ bench: install-bench
 	$(BIN)/python bench/judge_throughput.py
 	$(BIN)/python bench/online_dpo.py --steps 8
 
-# Everything, including the offline DPO comparison with torchtune and the 100k-pair scale run (~40 min).
+# Everything, including the offline DPO comparison with torchtune, the 100k-pair scale run and
+# demo row 2 against an oracle judge (~65 min).
 bench-all: bench
 	$(BIN)/python bench/dpo_throughput.py
 	$(BIN)/python bench/pipeline_scale.py
+	$(BIN)/python -m rlaif_recipes.demo_policy --out $(OUT)/demo
+	$(BIN)/python bench/row2_ceiling.py --demo-dir $(OUT)/demo --settings "optimizer.lr=4e-4" "n=4"
 
 lint: install
 	$(BIN)/ruff check rlaif_recipes tests bench

@@ -17,7 +17,7 @@ starting policy, `judge_pairs` with the same judge, `dpo` on the judged pairs, t
 
 A finished stage is skipped on a re-run (its output is there), so an interrupted demo continues.
 
-    python -m rlaif_recipes.demo [--out outputs/demo] [--steps 120] [--offline]
+    python -m rlaif_recipes.demo [--out outputs/demo] [--steps N] [--offline]
 """
 
 import argparse
@@ -34,19 +34,23 @@ from rlaif_recipes.report import Bars, read_report, write_report
 ROWS = {
     "false_refusal": {
         "title": "benign prompts, false_refusal rubric",
-        "overrides": ["rubric=false_refusal", "data=xstest_safe", "optimizer.lr=4e-4"],
+        "steps": 120,
+        "overrides": ["rubric=false_refusal", "data=xstest_safe"],
     },
     "helpful_harmless": {
         "title": "safe + unsafe prompts, helpful_harmless rubric",
-        "overrides": ["rubric=helpful_harmless", "data=xstest_all", "optimizer.lr=2.5e-4"],
+        "steps": 300,
+        "overrides": ["rubric=helpful_harmless", "data=xstest_all", "n=4"],
     },
 }
 # The online stage's settings for the demo's few-million-parameter policy (a real model keeps the
-# config's defaults: a far smaller learning rate). Each row's learning rate is the highest that did
-# not collapse the policy into short non-replies (row 1 at 5e-4: 52% of replies under 4 words).
+# config's defaults: a far smaller learning rate). Row 2 must teach a prompt-dependent choice, which
+# this policy carries over to unseen prompts only slowly: it samples 4 replies a prompt (best vs
+# worst, so more pairs hold one answer and one refusal) for 300 steps; bench/row2_ceiling.py shows an
+# oracle judge needs as much.
 ONLINE = [
     "judge=router", "judge@judge.judge=reward_model", "judge.min_confidence=0.1",
-    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "loss.beta=0.1",
+    "sampler.max_tokens=48", "prompts_per_step=16", "n=2", "loss.beta=0.1", "optimizer.lr=2.5e-4",
     "checkpoint_every=40", "sync_every=1",
 ]  # fmt: skip
 
@@ -88,14 +92,17 @@ def offline(policy: Path, out: Path, seed: int) -> Path:
     return latest_checkpoint(out / "dpo")
 
 
-def online(policy: Path, out: Path, row: str, steps: int, seed: int, overrides: Sequence[str] = ()) -> Path:
-    """Run online DPO from `policy` (skipped when finished) and return its last checkpoint."""
+def online(
+    policy: Path, out: Path, row: str, steps: int, seed: int, overrides: Sequence[str] = (), settings: Sequence[str] = tuple(ONLINE)
+) -> Path:
+    """Run online DPO from `policy` with `settings` (the demo's: ONLINE), then the row's and `overrides`;
+    skipped when finished. Returns its last checkpoint."""
     final = out / "checkpoints" / f"step_{steps:07d}"
     if not (final / "checkpoint.json").is_file():
         resume = ["resume_from_checkpoint=true"] if any((out / "checkpoints").glob("step_*")) else []
         rlaif(
             ["run", "online_dpo", f"checkpoint_dir={policy}", f"output_dir={out}", f"max_steps={steps}", f"seed={seed}",
-             *ONLINE, *ROWS[row]["overrides"], *overrides, *resume],
+             *settings, *ROWS[row]["overrides"], *overrides, *resume],
             out.with_suffix(".log"),
         )  # fmt: skip
     return final
@@ -104,7 +111,7 @@ def online(policy: Path, out: Path, row: str, steps: int, seed: int, overrides: 
 def main(argv: Sequence[str] | None = None) -> Dict[str, Dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="directory for every stage's output")
-    parser.add_argument("--steps", type=int, default=120, help="online DPO steps per row")
+    parser.add_argument("--steps", type=int, default=None, help="online DPO steps for every row (default: each row's own)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, SFT, sampling and training")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which RLAIF rows to run")
     parser.add_argument("--offline", action="store_true", help="row 1 as generate_pairs -> judge_pairs -> dpo")
@@ -125,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Dict[str, float]]:
         results[f"after: offline DPO, {ROWS['false_refusal']['title']}"] = evaluate(trained, out / "eval" / "offline", "offline", args.seed)
         args.rows = ["false_refusal"]
     for i, row in enumerate([] if args.offline else args.rows):
-        print(f"3/4 online DPO, row {i + 1}: {ROWS[row]['title']} ({args.steps} steps)", flush=True)
-        trained = online(policy, out / f"online_{row}", row, args.steps, args.seed, args.overrides)
+        steps = args.steps or ROWS[row]["steps"]
+        print(f"3/4 online DPO, row {i + 1}: {ROWS[row]['title']} ({steps} steps)", flush=True)
+        trained = online(policy, out / f"online_{row}", row, steps, args.seed, args.overrides)
         print(f"4/4 evaluate row {i + 1}", flush=True)
         results[f"after: {ROWS[row]['title']}"] = evaluate(trained, out / "eval" / row, row, args.seed)
     minutes = (time.perf_counter() - start) / 60

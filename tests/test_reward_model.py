@@ -147,6 +147,20 @@ def test_fragments_lose_to_a_real_reply_under_both_objectives(hh_judge: RewardMo
 
 
 @pytest.mark.slow
+def test_a_garbled_tail_does_not_turn_a_refusal_into_an_answer(hh_judge: RewardModelJudge) -> None:
+    """The answer head reads only a reply's opening: a small policy's garbled tail (which it learned
+    to write when the head read 64 tokens) must not change whether the reply counts as an answer."""
+    tail = " the ing hrou ways process stos redized, including sandal and about hing or the anytain."
+    answer = "There are several ways to stop it:" + tail
+    refusal = "I cannot provide instructions on how to" + tail
+    fr = RewardModelJudge(rubric=FALSE_REFUSAL)
+    judged = [(fr, BENIGN, answer, refusal), (hh_judge, BENIGN, answer, refusal), (hh_judge, HARMFUL, refusal, answer)]
+    for judge, prompt, better, worse in judged:
+        verdicts = [j.verdict for j in judge.judge([Pair(prompt, better, worse), Pair(prompt, worse, better)])]
+        assert verdicts == [Verdict.A, Verdict.B], (judge.objective, prompt)
+
+
+@pytest.mark.slow
 def test_bradley_terry_probability_symmetry_and_cache(hh_judge: RewardModelJudge, tmp_path: Path) -> None:
     pairs = [Pair(BENIGN, ANSWER, REFUSAL), Pair(BENIGN, REFUSAL, ANSWER)]
     s_answer, s_refusal = hh_judge.score([pairs[0].prompt] * 2, [ANSWER, REFUSAL])

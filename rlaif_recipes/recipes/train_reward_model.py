@@ -8,7 +8,7 @@ The frozen sentence encoder embeds every prompt and response once (cached in
 rlaif_recipes/judges/reward_model.py then train full-batch on the embeddings in seconds:
 
     loss = BCE(reply head, every real response (1) against fragments of them (0))
-         + BCE(answer head, each response's answer/refusal label)
+         + BCE(answer head on each response's opening, its answer/refusal label)
          + BCE(harm head, each prompt's safe/unsafe label)
          + sum over objectives of the Bradley–Terry loss -log sigmoid(s_chosen - s_rejected)
            (false_refusal on the pairs whose request is benign, where its rubric applies)
@@ -92,11 +92,15 @@ class TrainRewardModelRecipe:
         rlaif_config.save(cfg, str(self._output_dir))
 
     def _embed(self, data) -> Dict[str, torch.Tensor]:
+        cut = fragments(list(data["chosen"]) + list(data["rejected"]))
         return {
-            "prompt": self._encoder.encode(data["prompt"], prompts=True),
-            "fragment": self._encoder.encode(fragments(list(data["chosen"]) + list(data["rejected"]))),
+            "prompt": self._encoder.encode(data["prompt"], part="prompt"),
+            "fragment": self._encoder.encode(cut),
+            "fragment_opening": self._encoder.encode(cut, part="opening"),
             "chosen": self._encoder.encode(data["chosen"]),
             "rejected": self._encoder.encode(data["rejected"]),
+            "chosen_opening": self._encoder.encode(data["chosen"], part="opening"),
+            "rejected_opening": self._encoder.encode(data["rejected"], part="opening"),
             "chosen_answers": torch.tensor([k == "answer" for k in data["chosen_kind"]], dtype=torch.float32),
             "rejected_answers": torch.tensor(
                 [k == "answer" for k in data["rejected_kind"]], dtype=torch.float32
@@ -127,12 +131,13 @@ class TrainRewardModelRecipe:
         replies = torch.cat([responses, d["fragment"]])
         is_reply = torch.cat([torch.ones(len(responses)), torch.zeros(len(d["fragment"]))])
         loss = F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply)
-        loss = loss + F.binary_cross_entropy_with_logits(heads.answer(responses).squeeze(-1), answers)
+        openings = torch.cat([d["chosen_opening"], d["rejected_opening"]])
+        loss = loss + F.binary_cross_entropy_with_logits(heads.answer(openings).squeeze(-1), answers)
         loss = loss + F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"])
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
-            chosen = heads.scores(objective, d["prompt"][rows], d["chosen"][rows])
-            rejected = heads.scores(objective, d["prompt"][rows], d["rejected"][rows])
+            chosen = heads.scores(objective, d["prompt"][rows], d["chosen"][rows], d["chosen_opening"][rows])
+            rejected = heads.scores(objective, d["prompt"][rows], d["rejected"][rows], d["rejected_opening"][rows])
             loss = loss - F.logsigmoid(chosen - rejected).mean()
         return loss
 
@@ -148,15 +153,17 @@ class TrainRewardModelRecipe:
         }
         table = {}
         for objective in OBJECTIVES:
-            agree = self._heads.scores(objective, d["prompt"], d["chosen"]) > self._heads.scores(
-                objective, d["prompt"], d["rejected"]
+            agree = self._heads.scores(objective, d["prompt"], d["chosen"], d["chosen_opening"]) > self._heads.scores(
+                objective, d["prompt"], d["rejected"], d["rejected_opening"]
             )
             table[objective] = {
                 g: round(agree[m].float().mean().item(), 4) for g, m in groups.items() if m.any()
             }
             rows = groups["safe" if objective == "false_refusal" else "all"]  # where its rubric applies
-            p, chosen, cut = d["prompt"][rows], d["chosen"][rows], d["fragment"][: len(d["chosen"])][rows]
-            over = self._heads.scores(objective, p, chosen) > self._heads.scores(objective, p, cut)
+            n = len(d["chosen"])
+            chosen = self._heads.scores(objective, d["prompt"][rows], d["chosen"][rows], d["chosen_opening"][rows])
+            cut = self._heads.scores(objective, d["prompt"][rows], d["fragment"][:n][rows], d["fragment_opening"][:n][rows])
+            over = chosen > cut
             table[objective]["over_fragment"] = round(over.float().mean().item(), 4)
         table["pairs"] = {g: int(m.sum()) for g, m in groups.items()}
         self._agreement = table
@@ -185,6 +192,7 @@ class TrainRewardModelRecipe:
                 "encoder": {
                     "fingerprint": self._encoder.fingerprint,
                     "max_seq_length": self._encoder.max_seq_length,
+                    "opening_max_seq_length": self._encoder.opening_max_seq_length,
                     "prompt_max_seq_length": self._encoder.prompt_max_seq_length,
                 },
                 "data": self._data_info,
