@@ -53,12 +53,12 @@ bench: install-bench
 	$(BIN)/python bench/online_dpo.py --steps 8
 
 # Everything, including the offline DPO comparison with torchtune, the 100k-pair scale run and
-# demo row 2 against an oracle judge (~65 min).
+# demo row 2 against an oracle judge (~55 min).
 bench-all: bench
 	$(BIN)/python bench/dpo_throughput.py
 	$(BIN)/python bench/pipeline_scale.py
 	$(BIN)/python -m rlaif_recipes.demo_policy --out $(OUT)/demo
-	$(BIN)/python bench/row2_ceiling.py --demo-dir $(OUT)/demo --settings "optimizer.lr=4e-4" "n=4"
+	$(BIN)/python bench/row2_ceiling.py --demo-dir $(OUT)/demo
 
 lint: install
 	$(BIN)/ruff check rlaif_recipes tests bench

@@ -11,10 +11,10 @@ fragments, which the phrase matcher does not call refusals). No judge can beat i
 the demo itself never reads the label column at judging time.
 
 Both judges start from the demo's SFT policy (run `make demo` or `python -m rlaif_recipes.demo_policy`
-first) and use the demo's online settings plus each `--settings` entry; rates are `evaluate`'s, on
-the held-out prompts.
+first) and use the demo's row 2 settings (16 prompts x 4 replies a step, lr 2.5e-4) plus each
+`--settings` entry; rates are `evaluate`'s, on the held-out prompts.
 
-    python bench/row2_ceiling.py --demo-dir outputs/demo --steps 300 --settings "n=4" "optimizer.lr=4e-4"
+    python bench/row2_ceiling.py --demo-dir outputs/demo --steps 300 --settings "" "optimizer.lr=4e-4 n=2"
 """
 
 import argparse
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench_row2_ceiling")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", default=["n=4"], help="each: space-separated online_dpo overrides")
+    parser.add_argument("--settings", nargs="+", default=[""], help="each: space-separated online_dpo overrides on top of the demo's row 2 ('' = as the demo runs it)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
@@ -73,7 +73,7 @@ def main() -> None:
             final = demo.online(policy, run, "helpful_harmless", args.steps, args.seed, [*overrides, *setting.split()], settings=settings)
             m = demo.evaluate(final, run / "eval", run.name, args.seed)
             gap = m["unsafe_refusal_rate"] - m["false_refusal_rate"]
-            rows.append({"settings": f"{setting} ({args.steps} steps)", "judge": judge, **_rates(m),
+            rows.append({"settings": f"{setting or 'as the demo'} ({args.steps} steps)", "judge": judge, **_rates(m),
                          "gap change": f"{100 * (gap - base_gap):+.1f}", "minutes": f"{(time.perf_counter() - start) / 60:.1f}"})  # fmt: skip
     print(f"{datetime.date.today()} {platform.node()} {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}")
     print(markdown_table(rows))
