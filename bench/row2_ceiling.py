@@ -65,7 +65,7 @@ def main() -> None:
         sys.exit(f"no finished SFT policy in {args.demo_dir}; run `make demo` or `python -m rlaif_recipes.demo_policy --out {args.demo_dir}` first")
     policy, out = Path(done.read_text().strip()), Path(args.out)
     before = demo.evaluate(policy, out / "eval" / "before", "before", args.seed)
-    base_gap = before["unsafe_refusal_rate"] - before["false_refusal_rate"]
+    base_gap = _gap(before)
     rows: List[Dict[str, object]] = [{"settings": "before (SFT policy)", "judge": "", **_rates(before), "gap change": "", "minutes": ""}]
     for i, setting in enumerate(args.settings):
         for j, (judge, overrides) in enumerate(JUDGES.items()):
@@ -74,17 +74,19 @@ def main() -> None:
             start = time.perf_counter()
             final = demo.online(policy, run, "helpful_harmless", args.steps, args.seed, [*overrides, *setting.split()], settings=settings)
             m = demo.evaluate(final, run / "eval", run.name, args.seed)
-            gap = m["unsafe_refusal_rate"] - m["false_refusal_rate"]
             rows.append({"settings": f"{setting or 'as the demo'} ({args.steps} steps)", "judge": judge, **_rates(m),
-                         "gap change": f"{100 * (gap - base_gap):+.1f}", "minutes": f"{(time.perf_counter() - start) / 60:.1f}"})  # fmt: skip
+                         "gap change": f"{100 * (_gap(m) - base_gap):+.1f}", "minutes": f"{(time.perf_counter() - start) / 60:.1f}"})  # fmt: skip
     print(f"{datetime.date.today()} {platform.node()} {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}")
     print(markdown_table(rows))
 
 
+def _gap(m: Dict[str, float]) -> float:
+    return m["unsafe_refusal_rate"] - m["false_refusal_rate"]
+
+
 def _rates(m: Dict[str, float]) -> Dict[str, str]:
-    gap = m["unsafe_refusal_rate"] - m["false_refusal_rate"]
     return {"false refusals": f"{m['false_refusal_rate']:.1%}", "unsafe refusals": f"{m['unsafe_refusal_rate']:.1%}",
-            "gap": f"{100 * gap:.1f}", "short": f"{m['short_reply_rate']:.1%}", "distinct": f"{m['distinct_reply_rate']:.1%}"}  # fmt: skip
+            "gap": f"{100 * _gap(m):.1f}", "short": f"{m['short_reply_rate']:.1%}", "distinct": f"{m['distinct_reply_rate']:.1%}"}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -116,7 +116,6 @@ class SentenceEncoder:
         self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
         self.max_seq_length, self.opening_max_seq_length = max_seq_length, opening_max_seq_length
         self.prompt_max_seq_length = prompt_max_seq_length
-        self.lengths = {"response": max_seq_length, "opening": opening_max_seq_length, "prompt": prompt_max_seq_length}
         self.batch_size = batch_size
         weights = file_sha256(self.model_dir / "model.safetensors")[:16]
         self.fingerprint = f"{self.name}:{weights}:{max_seq_length}:{opening_max_seq_length}:{prompt_max_seq_length}"
@@ -130,7 +129,7 @@ class SentenceEncoder:
     def encode(self, texts: Sequence[str], *, part: str = "response") -> torch.Tensor:
         """[len(texts), dim] embeddings of responses, of their openings (part="opening") or of
         requests (part="prompt"); each distinct text is encoded once per length."""
-        length = self.lengths[part]
+        length = {"response": self.max_seq_length, "opening": self.opening_max_seq_length, "prompt": self.prompt_max_seq_length}[part]
         keys = [hashlib.sha256(f"{length}:{t}".encode()).hexdigest() for t in texts]
         cache = self._cache if self.cache_path else {}
         todo = {k: t for k, t in zip(keys, texts) if k not in cache}

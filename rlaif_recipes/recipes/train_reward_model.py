@@ -136,8 +136,7 @@ class TrainRewardModelRecipe:
         loss = loss + F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"])
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
-            chosen = heads.scores(objective, d["prompt"][rows], d["chosen"][rows], d["chosen_opening"][rows])
-            rejected = heads.scores(objective, d["prompt"][rows], d["rejected"][rows], d["rejected_opening"][rows])
+            chosen, rejected = _scores(heads, objective, d, "chosen", rows), _scores(heads, objective, d, "rejected", rows)
             loss = loss - F.logsigmoid(chosen - rejected).mean()
         return loss
 
@@ -153,17 +152,13 @@ class TrainRewardModelRecipe:
         }
         table = {}
         for objective in OBJECTIVES:
-            agree = self._heads.scores(objective, d["prompt"], d["chosen"], d["chosen_opening"]) > self._heads.scores(
-                objective, d["prompt"], d["rejected"], d["rejected_opening"]
-            )
+            chosen = _scores(self._heads, objective, d, "chosen")
+            agree = chosen > _scores(self._heads, objective, d, "rejected")
             table[objective] = {
                 g: round(agree[m].float().mean().item(), 4) for g, m in groups.items() if m.any()
             }
             rows = groups["safe" if objective == "false_refusal" else "all"]  # where its rubric applies
-            n = len(d["chosen"])
-            chosen = self._heads.scores(objective, d["prompt"][rows], d["chosen"][rows], d["chosen_opening"][rows])
-            cut = self._heads.scores(objective, d["prompt"][rows], d["fragment"][:n][rows], d["fragment_opening"][:n][rows])
-            over = chosen > cut
+            over = (chosen > _scores(self._heads, objective, d, "fragment"))[rows]
             table[objective]["over_fragment"] = round(over.float().mean().item(), 4)
         table["pairs"] = {g: int(m.sum()) for g, m in groups.items()}
         self._agreement = table
@@ -203,6 +198,13 @@ class TrainRewardModelRecipe:
         log.info(
             f"wrote the reward model heads to {self._output_dir}; use them with judge=reward_model judge.head_dir={self._output_dir}"
         )
+
+
+def _scores(heads: RewardHeads, objective: str, d: Dict[str, torch.Tensor], side: str, rows: Any = slice(None)) -> torch.Tensor:
+    """The objective's score of one side's response to each prompt: "chosen", "rejected" or
+    "fragment" (whose first len(prompt) rows are the chosen responses' fragments)."""
+    n = len(d["prompt"])
+    return heads.scores(objective, d["prompt"][rows], d[side][:n][rows], d[f"{side}_opening"][:n][rows])
 
 
 @rlaif_config.parse(TrainRewardModelSettings)
