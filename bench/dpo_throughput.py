@@ -135,7 +135,7 @@ def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argpa
     }
     cfg = {
         "output_dir": str(run),
-        "model": {"_component_": "rlaif_recipes.models.llama3_from_hf_dir", "checkpoint_dir": str(model_dir)},
+        "model": {"_component_": "rlaif_recipes.models.decoder_from_hf_dir", "checkpoint_dir": str(model_dir)},
         "tokenizer": {"_component_": "dpo_throughput.pad_tokenizer"},
         "checkpointer": checkpointer,
         "ref_checkpointer": checkpointer,

@@ -24,7 +24,7 @@ from typing import Dict, List
 import torch
 from torchtune.training import FullModelHFCheckpointer
 
-from rlaif_recipes.models import llama3_from_hf_dir, make_tiny_model
+from rlaif_recipes.models import decoder_from_hf_dir, make_tiny_model
 from rlaif_recipes.samplers import Sampler, TorchtuneSampler, VLLMSampler
 
 XSTEST = Path(__file__).resolve().parent.parent / "rlaif_recipes" / "assets" / "xstest" / "xstest_prompts.csv"
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"model: {TINY}; {len(prompts)} prompts x n={args.n}, max_tokens={args.max_tokens}, float32\n")
 
     results = {}
-    model = llama3_from_hf_dir(str(model_dir))
+    model = decoder_from_hf_dir(str(model_dir))
     ckpt = FullModelHFCheckpointer(
         checkpoint_dir=str(model_dir),
         checkpoint_files=["model.safetensors"],

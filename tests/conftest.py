@@ -19,19 +19,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory in the shared cache: a cold cache builds it once."""
+    from rlaif_recipes.models.get_model import get_model
+
+    return get_model("smollm2-135m-instruct")
+
+
 def load_policy(checkpoint_dir: Path) -> torch.nn.Module:
-    """The tiny model as a torchtune module, loaded through torchtune's HF checkpointer."""
-    from torchtune.training import FullModelHFCheckpointer
+    """An HF checkpoint (the tiny model, SmolLM2) as a torchtune module, loaded through torchtune's HF checkpointer."""
+    from rlaif_recipes.models import decoder_from_hf_dir, hf_checkpointer
 
-    from rlaif_recipes.models import llama3_from_hf_dir
-
-    checkpointer = FullModelHFCheckpointer(
-        checkpoint_dir=str(checkpoint_dir),
-        checkpoint_files=["model.safetensors"],
-        model_type="LLAMA3",
-        output_dir=str(checkpoint_dir.parent / "unused-output"),
-    )
-    model = llama3_from_hf_dir(str(checkpoint_dir))
+    checkpointer = hf_checkpointer(str(checkpoint_dir), output_dir=str(checkpoint_dir.parent / "unused-output"))
+    model = decoder_from_hf_dir(str(checkpoint_dir))
     model.load_state_dict(checkpointer.load_checkpoint()["model"])
     return model
 

@@ -313,6 +313,10 @@ def vllm_server(
         "512",
         "--gpu-memory-utilization",
         "0.05",
+        # vLLM's CPU backend sizes its KV cache from node 0's free memory minus what the process
+        # holds, which fails on a busy machine: give it a fixed size instead (256 MiB)
+        "--kv-cache-memory-bytes",
+        str(256 << 20),
         "--enforce-eager",
         *extra,
     ]

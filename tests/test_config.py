@@ -45,7 +45,7 @@ def test_config_errors_are_one_clear_line(override: str, message: str) -> None:
 
 def test_unknown_key_in_a_users_yaml_names_the_valid_keys(tmp_path: Path) -> None:
     user = tmp_path / "mine.yaml"
-    user.write_text("defaults:\n  - model: tiny\n  - sampler: torchtune\n  - data: xstest_safe\n  - _self_\n"
+    user.write_text("defaults:\n  - model: hf\n  - sampler: torchtune\n  - data: xstest_safe\n  - _self_\n"
                     "output_dir: out\nseed: 0\nn: 2\nprompts_per_shard: 8\ndevice: cpu\ndtype: fp32\nbatch_sise: 3\n")
     with pytest.raises(rlaif_config.ConfigError, match=r"unknown config key\(s\) \['batch_sise'\].*valid top-level keys"):
         rlaif_config.load(str(user), [], GeneratePairsSettings)

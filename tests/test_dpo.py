@@ -181,7 +181,7 @@ def test_checkpoint_loads_in_transformers_and_resume_is_exact(tmp_path, tiny_mod
 
 def test_lora_with_precomputed_reference(tmp_path, tiny_model_dir):
     recipe = run_dpo(
-        tmp_path / "a", tiny_model_dir, "model=tiny_lora", "reference=precomputed", "max_steps=2"
+        tmp_path / "a", tiny_model_dir, "model=hf_lora", "reference=precomputed", "max_steps=2"
     )
     trainable = {n for n, p in recipe._model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -207,7 +207,7 @@ def test_lora_with_precomputed_reference(tmp_path, tiny_model_dir):
     run_dpo(
         tmp_path / "b",
         tiny_model_dir,
-        "model=tiny_lora",
+        "model=hf_lora",
         "reference=precomputed",
         "max_steps=2",
         f"reference_cache_dir={tmp_path / 'a' / 'reference_logps'}",

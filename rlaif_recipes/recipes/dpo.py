@@ -2,7 +2,7 @@
 
     tune run rlaif_recipes/recipes/dpo.py --config dpo loss=ipo
     tune run --nproc_per_node 2 rlaif_recipes/recipes/dpo.py --config dpo      # FSDP2 (gloo on CPU)
-    rlaif run dpo reference=precomputed model=tiny_lora resume_from_checkpoint=true
+    rlaif run dpo reference=precomputed model=hf_lora resume_from_checkpoint=true
 
 The loss is a config group (`loss=dpo|ipo|hinge|dpo_norm`, or any `_component_` with torchtune's
 DPO loss signature). The reference policy is either a frozen copy of the starting weights
@@ -21,7 +21,6 @@ merged in) with the optimizer, scheduler, RNG and data position beside them.
 import contextlib
 import hashlib
 import json
-import math
 import os
 import resource
 import sys
@@ -36,13 +35,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchtune import config, training, utils
-from torchtune.modules.peft import (
-    LoRALinear,
-    disable_adapter,
-    get_adapter_params,
-    get_merged_lora_ckpt,
-    set_trainable_params,
-)
+from torchtune.modules.peft import disable_adapter, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
@@ -62,8 +55,9 @@ from rlaif_recipes.distributed import (
     max_over_ranks,
 )
 from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_logprobs
+from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.losses import wants_average_logprobs
-from rlaif_recipes.models.hf_llama import hf_config
+from rlaif_recipes.models.hf_model import hf_config
 from rlaif_recipes.policy import build_policy
 
 log = utils.get_logger("INFO")
@@ -142,7 +136,7 @@ class DPORecipe:
         self._data_key = _data_key(self._train + self._eval)
 
         base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
-        self._lora = _lora_shapes(cfg.model)
+        self._lora = adapter_shapes(cfg.model)
         self._checkpoints = CheckpointManager(
             str(self._output_dir / "checkpoints"),
             cfg.checkpoint_dir,
@@ -151,7 +145,7 @@ class DPORecipe:
         )
         resumed = self._checkpoints.load() if cfg.resume_from_checkpoint else None
 
-        adapters = (resumed.state["adapter"] if resumed else _fresh_adapters(self._lora, self._seed)) if self._lora else {}
+        adapters = (resumed.state["adapter"] if resumed else fresh_adapters(self._lora, self._seed)) if self._lora else {}
         weights = {**base, **adapters} if self._lora or resumed is None else resumed.model
         self._model = build_policy(
             cfg.model,
@@ -393,8 +387,7 @@ class DPORecipe:
         if self._is_rank_zero:
             adapter = {k: v for k, v in weights.items() if k in self._lora}
             if self._lora:
-                rank, alpha = _lora_rank_alpha(self._model)
-                weights = get_merged_lora_ckpt(dict(weights), rank=rank, alpha=alpha)
+                weights = merged_weights(self._model, weights)
             epoch, k = divmod(self.global_step, self._steps_per_epoch)
             state = {
                 "optimizer": optimizer,
@@ -435,10 +428,10 @@ def _batch_metrics(losses, chosen_rewards, rejected_rewards, policy: PairLogprob
 
 
 def _full_cpu_state(model: nn.Module, is_rank_zero: bool, device: torch.device) -> Dict[str, torch.Tensor]:
-    """Full weights on rank 0, as copies (LoRA merging adds into them in place)."""
+    """Full weights on rank 0, on the CPU."""
     if training.is_distributed():
         return training.gather_cpu_state_dict(model, is_rank_zero, device=device)
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
 def _rows(out: PairLogprobs) -> List[List[float]]:
@@ -461,30 +454,6 @@ def _weights_key(checkpoint_dir: str) -> str:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def _lora_shapes(cfg_model: DictConfig) -> Dict[str, Tuple[int, ...]]:
-    """Adapter parameter names and shapes (empty without LoRA), from a meta-device build."""
-    with torch.device("meta"):
-        probe = config.instantiate(cfg_model)
-    return {name: tuple(p.shape) for name, p in get_adapter_params(probe).items()}
-
-
-def _fresh_adapters(shapes: Dict[str, Tuple[int, ...]], seed: int) -> Dict[str, torch.Tensor]:
-    """LoRA's own init (A: Kaiming-uniform, B: zeros), so the policy starts equal to the reference.
-    One generator seeded by the config: every rank draws the same adapters (torchtune seeds each
-    rank's global generator differently)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape)
-        out[name] = nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g) if name.endswith("lora_a.weight") else t.zero_()
-    return out
-
-
-def _lora_rank_alpha(model: nn.Module) -> Tuple[int, float]:
-    lora = next(m for m in model.modules() if isinstance(m, LoRALinear))
-    return lora.rank, lora.alpha
 
 
 @rlaif_config.parse(DPOSettings)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torchtune import config, training, utils
+from torchtune.modules.peft import disable_adapter, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
@@ -53,9 +54,10 @@ from rlaif_recipes.distributed import (
     sum_over_ranks,
 )
 from rlaif_recipes.judges import Judgment, Pair, Verdict
-from rlaif_recipes.logprobs import PairIds, collate_pairs, encode_pair, pair_logprobs
+from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
+from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.losses import wants_average_logprobs
-from rlaif_recipes.models.hf_llama import hf_config
+from rlaif_recipes.models.hf_model import hf_config
 from rlaif_recipes.policy import build_policy, full_state_dict
 from rlaif_recipes.samplers.base import derive_seed
 
@@ -121,6 +123,7 @@ class OnlineDPORecipe:
         self._prompts = config.instantiate(cfg.data)
         if len(self._prompts) == 0:
             raise ValueError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
+        self._lora = adapter_shapes(cfg.model)
         self._checkpoints = CheckpointManager(
             str(self._output_dir / "checkpoints"),
             source_dir=cfg.checkpoint_dir,
@@ -131,17 +134,24 @@ class OnlineDPORecipe:
                 "model": {k: v for k, v in hf_config(cfg.checkpoint_dir).items() if not k.endswith("token_id")},
                 "prompts": _fingerprint(self._prompts),
                 "n": self._n,
+                "lora": {k: list(v) for k, v in sorted(self._lora.items())} or None,
             },
         )
         resume = self._resume_checkpoint(cfg.resume_from_checkpoint)
         initial = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
-        weights = resume.model if resume else initial
-        self._policy = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
+        if self._lora:  # the policy is base + adapters; the reference is the same model, adapters off
+            adapters = resume.state["adapter"] if resume else fresh_adapters(self._lora, self._seed)
+            self._policy = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype)
+            set_trainable_params(self._policy, get_adapter_params(self._policy))
+            self._reference = None
+        else:
+            weights = resume.model if resume else initial
+            self._policy = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
+            self._reference = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
+            self._reference.eval().requires_grad_(False)
         training.disable_dropout(self._policy)
-        self._reference = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
-        self._reference.eval().requires_grad_(False)
-        del initial, weights
-        self._optimizer = config.instantiate(cfg.optimizer, self._policy.parameters())
+        del initial
+        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._policy.parameters() if p.requires_grad])
         base_lrs = [group["lr"] for group in self._optimizer.param_groups]
         if resume is not None:
             self._restore(resume)
@@ -159,7 +169,7 @@ class OnlineDPORecipe:
         self._sampler = config.instantiate(cfg.sampler)
         self._sampler.bind_policy(self._policy)
         if self._step > 0 and not self._sampler.uses_live_policy:
-            self._sampler.update_weights(full_state_dict(self._policy))
+            self._sampler.update_weights(self._sampler_weights())
         self._pad_id = self._sampler.tokenizer.pad_token_id or 0
         self._judge = config.instantiate(cfg.judge)
         if self._rank == 0:
@@ -217,8 +227,7 @@ class OnlineDPORecipe:
                     real = k < len(chunks)
                     batch = collate_pairs(chunks[k] if real else [_PLACEHOLDER_PAIR], pad_id=self._pad_id).to(self._device)
                     policy_lp = pair_logprobs(self._policy, batch)
-                    with torch.no_grad():
-                        reference_lp = pair_logprobs(self._reference, batch)
+                    reference_lp = self._reference_logprobs(batch)
                     p, r = (policy_lp.averaged(), reference_lp.averaged()) if self._average_logprobs else (policy_lp, reference_lp)
                     losses, chosen_rewards, rejected_rewards = self._loss_fn(p.chosen, p.rejected, r.chosen, r.rejected)
                     scale = self._world_size / total_pairs if real else 0.0
@@ -239,7 +248,7 @@ class OnlineDPORecipe:
             #    nothing to push when the sampler generates with the live policy).
             start = time.perf_counter()
             if (step + 1) % self._sync_every == 0 and not self._sampler.uses_live_policy:
-                self._sampler.update_weights(full_state_dict(self._policy))
+                self._sampler.update_weights(self._sampler_weights())
             times["sync"] = time.perf_counter() - start
 
             # 6. Bookkeeping: artefacts and metrics of this step, then (maybe) a checkpoint.
@@ -262,18 +271,20 @@ class OnlineDPORecipe:
         """Weights (an HF model directory), optimizer, every rank's RNG state and the loop position
         (the step fixes the learning rate schedule), written atomically as
         output_dir/checkpoints/step_XXXXXXX."""
-        model = full_state_dict(self._policy)
+        weights = full_state_dict(self._policy)
         optimizer = gather_optimizer_state(self._policy, self._optimizer)
         rng = gather_from_ranks(rng_state())
         if self._rank == 0:
+            adapter = {k: v for k, v in weights.items() if k in self._lora}
             self._checkpoints.save(
                 self._step,
-                model,
+                merged_weights(self._policy, weights) if self._lora else weights,
                 {
                     "optimizer": optimizer,
                     "rng": rng,
                     "prompts_seen": self._prompts_seen,
                     "judge_totals": dict(self._judge_totals),
+                    "adapter": adapter,
                 },
             )
         if self._world_size > 1:
@@ -319,6 +330,18 @@ class OnlineDPORecipe:
         self._step, self._prompts_seen = ckpt.step, state["prompts_seen"]
         self._judge_totals = Counter(state["judge_totals"])
         utils.log_rank_zero(log, f"resumed from {ckpt.path} at step {self._step}")
+
+    def _sampler_weights(self) -> Dict[str, torch.Tensor]:
+        """Full policy weights for the sampler (a collective under FSDP2), LoRA merged in."""
+        weights = full_state_dict(self._policy)
+        return merged_weights(self._policy, weights) if self._lora else weights
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: PairBatch) -> PairLogprobs:
+        if self._reference is not None:
+            return pair_logprobs(self._reference, batch)
+        with disable_adapter(self._policy):
+            return pair_logprobs(self._policy, batch)
 
     def _prompt_indices(self, start: int, count: int) -> List[int]:
         """Positions start..start+count of an endless stream of epochs, each a seeded shuffle."""

@@ -6,12 +6,15 @@ so the same prompt reaches vLLM and torchtune as the same token ids.
 
 import abc
 import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 Messages = List[Dict[str, str]]
 Prompt = Union[Messages, List[int]]
@@ -58,7 +61,7 @@ class Sampler(abc.ABC):
     ) -> None:
         self.checkpoint_dir = str(checkpoint_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
-        self.max_model_len = max_model_len or self.tokenizer.model_max_length
+        self.max_model_len = max_model_len or context_length(self.checkpoint_dir, self.tokenizer)
         self.eos_token_ids = _eos_ids(self.checkpoint_dir, self.tokenizer)
         self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.stop_token_ids = tuple(self.eos_token_ids) + tuple(self._stop_ids(stop_tokens))
@@ -139,6 +142,20 @@ def derive_seed(*parts: object) -> int:
     """
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def context_length(checkpoint_dir: str, tokenizer) -> int:
+    """The model's context: the tokenizer's `model_max_length` unless it is transformers' "unset"
+    sentinel (1e30, which vLLM refuses), never more than config.json's `max_position_embeddings`."""
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    positions = config.get("max_position_embeddings")
+    declared = tokenizer.model_max_length if tokenizer.model_max_length < VERY_LARGE_INTEGER else None
+    if positions is None and declared is None:
+        raise ValueError(
+            f"{checkpoint_dir} declares no context length (no max_position_embeddings in config.json, "
+            "no model_max_length in tokenizer_config.json); set sampler.max_model_len"
+        )
+    return min(x for x in (positions, declared) if x is not None)
 
 
 def _eos_ids(checkpoint_dir: str, tokenizer) -> List[int]:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rlaif_recipes.distributed import is_distributed
-from rlaif_recipes.models.hf_llama import tune_to_hf_state_dict
+from rlaif_recipes.models.hf_model import tune_to_hf_state_dict
 from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
 
 
@@ -63,7 +63,12 @@ class VLLMSampler(Sampler):
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         pairs = list(tune_to_hf_state_dict(dict(state_dict), self.checkpoint_dir).items())
-        self.llm.collective_rpc(lambda worker: worker.model_runner.reload_weights(weights_iterator=iter(pairs)))
+
+        def reload(worker) -> None:
+            worker.model_runner.reload_weights(weights_iterator=iter(pairs))
+            _repack_tied_head(worker.model_runner.model)
+
+        self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -115,6 +120,16 @@ class VLLMSampler(Sampler):
             logprobs=[step[tok].logprob for tok, step in zip(ids, c.logprobs or [])],
             finish_reason="stop" if c.finish_reason == "stop" else "length",
         )
+
+
+def _repack_tied_head(model: torch.nn.Module) -> None:
+    """Re-derive a tied output head's kernel weights from the reloaded embedding. vLLM's CPU
+    backend packs the head's weight for its GEMM at load time, and an in-place reload refreshes
+    only layers that received weights: a tied head receives none and would go on using the old
+    embedding. (A no-op on GPU, where the unquantized head keeps no packed copy.)"""
+    head, embed = getattr(model, "lm_head", None), getattr(model.model, "embed_tokens", None)
+    if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
+        head.quant_method.process_weights_after_loading(head)
 
 
 def kv_cache_args(gpu_memory_utilization: float, kv_cache_memory_bytes: Optional[int]) -> dict:

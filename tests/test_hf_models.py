@@ -1,0 +1,141 @@
+"""Every supported architecture, as small random-init HF checkpoints written by transformers:
+torchtune builds it from config.json with the same logits as transformers, weights map to HF names
+and back exactly, and vLLM loads the directory, samples what torchtune samples, and follows a
+weight push. Unsupported architectures fail with one line naming what is supported."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Dict
+
+import pytest
+import torch
+from conftest import load_policy
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from rlaif_recipes.models import (
+    UnsupportedModelError,
+    decoder_from_hf_dir,
+    hf_to_tune_state_dict,
+    lora_decoder_from_hf_dir,
+    tune_to_hf_state_dict,
+)
+from rlaif_recipes.policy import full_state_dict
+from rlaif_recipes.samplers import TorchtuneSampler, VLLMSampler
+
+SHAPE = dict(
+    hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, rms_norm_eps=1e-5,
+)  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+ARCHITECTURES: Dict[str, Callable[[int], torch.nn.Module]] = {
+    "llama_untied": lambda v: LlamaForCausalLM(LlamaConfig(vocab_size=v, tie_word_embeddings=False, **SHAPE)),
+    "llama_tied": lambda v: LlamaForCausalLM(LlamaConfig(vocab_size=v, tie_word_embeddings=True, **SHAPE)),
+    "llama_rope_scaled": lambda v: LlamaForCausalLM(
+        LlamaConfig(vocab_size=v, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, **SHAPE)
+    ),
+    "qwen2_tied": lambda v: Qwen2ForCausalLM(Qwen2Config(vocab_size=v, tie_word_embeddings=True, **SHAPE)),
+    "qwen2_untied": lambda v: Qwen2ForCausalLM(Qwen2Config(vocab_size=v, tie_word_embeddings=False, **SHAPE)),
+}
+PROMPTS = [
+    [{"role": "user", "content": "How can I kill a Python process?"}],
+    [{"role": "user", "content": "Where can I shoot a good photo?"}],
+]
+
+
+def write_checkpoint(tiny_model_dir: Path, out: Path, arch: str) -> Path:
+    """A transformers-written checkpoint of `arch` with the tiny model's tokenizer files."""
+    torch.manual_seed(0)
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    model = ARCHITECTURES[arch](vocab)
+    with torch.no_grad():  # transformers' init leaves biases at 0: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.config.eos_token_id = json.loads((tiny_model_dir / "config.json").read_text())["eos_token_id"]
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def checkpoint(request, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    return write_checkpoint(tiny_model_dir, tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+def test_torchtune_logits_equal_transformers(checkpoint: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tune = load_policy(checkpoint).eval()
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (tune(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < 1e-4, diff  # positions past the scaled-RoPE model's original 64 included
+
+
+def test_weights_map_to_hf_names_and_back_exactly(checkpoint: Path) -> None:
+    hf = load_file(str(checkpoint / "model.safetensors"))
+    tune = full_state_dict(load_policy(checkpoint))
+    back = tune_to_hf_state_dict(tune, str(checkpoint))
+    assert back.keys() == hf.keys()  # a tied checkpoint has no lm_head.weight, and none comes back
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+    again = hf_to_tune_state_dict(back, str(checkpoint))
+    assert again.keys() == tune.keys() and all(torch.equal(again[k], tune[k]) for k in tune)
+
+
+def test_lora_builder_loads_the_base_weights(checkpoint: Path) -> None:
+    """The LoRA decoder holds the same base weights under the same names, plus adapters."""
+    lora = lora_decoder_from_hf_dir(str(checkpoint), ["q_proj", "v_proj"], apply_lora_to_mlp=True)
+    base = full_state_dict(load_policy(checkpoint))
+    missing, unexpected = lora.load_state_dict(base, strict=False)
+    assert not unexpected and missing and all("lora_" in k for k in missing)
+
+
+@pytest.mark.slow
+def test_vllm_samples_what_torchtune_samples_and_follows_a_push(checkpoint: Path) -> None:
+    """vLLM loads the directory as it is; greedy ids equal torchtune's before and after the
+    torchtune weights change and are pushed (under the HF names tune_to_hf_state_dict gives)."""
+    policy = load_policy(checkpoint)
+    tt = TorchtuneSampler(str(checkpoint), max_tokens=12)
+    tt.bind_policy(policy)
+    engine = VLLMSampler(str(checkpoint), dtype="float32", max_tokens=12, kv_cache_memory_bytes=64 << 20)
+    try:
+
+        def greedy(sampler):
+            return [[c.token_ids for c in s.completions] for s in sampler.sample(PROMPTS, n=1, temperature=0)]
+
+        before = greedy(engine)
+        assert before == greedy(tt)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        engine.update_weights(full_state_dict(policy))
+        after = greedy(engine)
+        assert after == greedy(tt) and after != before
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"model_type": "gemma3"}, "model_type 'gemma3'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+        ({"attention_bias": True}, "attention or MLP biases"),
+        ({"head_dim": 64}, "head_dim 64 != hidden_size / num_attention_heads"),
+    ],
+)
+def test_unsupported_architecture_is_one_line_naming_what_is_supported(
+    tiny_model_dir: Path, tmp_path: Path, change: dict, problem: str
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(UnsupportedModelError, match=rf"\({problem}\); supported: Llama .* and Qwen2") as info:
+        decoder_from_hf_dir(str(model))
+    assert "\n" not in str(info.value)
