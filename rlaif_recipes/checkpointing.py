@@ -55,8 +55,9 @@ MANIFEST = "checkpoint.json"
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# HF side files a loader needs beside the weights (config, tokenizer, generation defaults)
-_SIDE_FILES = re.compile(r"^(?!.*\.index\.json$).*\.json$|^tokenizer.*|.*\.tiktoken$|^merges\.txt$|^vocab\.txt$")
+# HF side files a loader needs beside the weights (config, tokenizer, generation defaults, and the
+# chat template, which transformers 5 writes as chat_template.jinja)
+_SIDE_FILES = re.compile(r"^(?!.*\.index\.json$).*\.json$|^tokenizer.*|.*\.tiktoken$|^merges\.txt$|^vocab\.txt$|.*\.jinja$")
 
 StateDict = Dict[str, torch.Tensor]
 

@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlaif_recipes.config import asset_path
+from rlaif_recipes.files import file_sha256
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
 
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
@@ -308,14 +309,6 @@ def load_heads(head_dir: Path) -> Tuple[RewardHeads, Dict[str, Any]]:
     heads = RewardHeads(config["dim"])
     heads.load_state_dict(load_file(str(weights_path)))
     return heads.eval(), config
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

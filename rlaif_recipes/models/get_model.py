@@ -8,7 +8,6 @@ vLLM and transformers all load. The directory is cached and reused by later call
 """
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlaif_recipes.files import file_sha256
 
 MARKER = "rlaif_model.json"
 WEIGHTS = "model.safetensors"
@@ -124,7 +125,7 @@ def _build(name: str, spec: ModelSpec, out: Path) -> None:
         "name": name,
         "source": {"package": spec.package, "version": spec.version, "file": spec.gguf_member},
         "license": spec.license,
-        "weights": {"file": WEIGHTS, "size": weights.stat().st_size, "sha256": _sha256(weights)},
+        "weights": {"file": WEIGHTS, "size": weights.stat().st_size, "sha256": file_sha256(weights)},
     }
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
@@ -182,11 +183,3 @@ def _fix_max_length(path: Path, max_positions: int) -> None:
     if cfg.get("model_max_length") is None or cfg["model_max_length"] >= UNSET_MAX_LENGTH:
         cfg["model_max_length"] = max_positions
         path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
