@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= outputs
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test smoke demo demo-offline bench bench-all lint clean
+.PHONY: install install-bench test test-fast smoke demo demo-offline bench bench-all lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The quick local loop: no vLLM engines, no torchrun, no SmolLM2 (a few minutes on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not real_model" $(PYTEST_ARGS)
 
 # Fast end-to-end check: tiny model -> pairs from vLLM and from the torchtune sampler.
 smoke: install

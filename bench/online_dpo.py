@@ -1,22 +1,38 @@
 """Online DPO throughput: the `online_dpo` recipe against TRL's OnlineDPOTrainer, in pairs/s.
 
 Why: online DPO spends each step sampling, judging, training and pushing weights; the project's
-target is at least 5x the preference pairs per second of TRL's OnlineDPOTrainer (trl 1.16,
-`trl.experimental.online_dpo`) on the same work, with weight sync under 10% of a step.
+targets are at least 5x the preference pairs per second of TRL's OnlineDPOTrainer (trl 1.16,
+`trl.experimental.online_dpo`) on the same work, a train phase that runs at >= 40% of this CPU's
+measured bf16 matmul peak, and weight sync under 10% of a step. LoRA should cut memory: the same
+run with `model=hf_lora` is measured beside full fine-tuning, with each run's peak RSS.
 
-Same work on both sides: the tiny HF Llama of bench/sampling.py (float32), the same prompts (the
-ones our run drew, given to TRL as chat messages), 16 prompts x 2 responses a step, 64 new tokens,
-temperature 1, sigmoid DPO with beta 0.1, AdamW at the same learning rate, and preferences from
-the same rule (`rlaif_recipes.judges.rules.shorter`: our judge=rule, TRL's reward_func). TRL samples
-with HF generate: its vLLM colocate mode crashes on CPU at weight sync.
+Same work on both sides: SmolLM2-135M-Instruct (default) or the tiny random Llama of
+bench/sampling.py, full fine-tuning, the same prompts (the ones our run drew, given to TRL as chat
+messages), 8 prompts x 2 responses a step and 48 new tokens for SmolLM2 (16 x 64 for tiny),
+temperature 1, sigmoid DPO with beta 0.1, AdamW at the same constant learning rate, and
+preferences from the same rule (`rlaif_recipes.judges.rules.shorter`: our judge=rule, TRL's
+reward_funcs). Precision is bf16 for SmolLM2 on both sides: ours trains bf16 weights (policy,
+reference and AdamW state) and samples with vLLM in bf16; TRL gets the model loaded in bf16 (so
+its policy, reference and AdamW state are bf16 too) with `bf16=True`. TRL samples with HF
+generate: its vLLM colocate mode crashes on CPU at weight sync.
 
 Throughput is pairs trained / wall time of a step (end to end, logging included), for every step
 after the first (warm-up); the table shows the median step, which shrugs off the bursts of other
-people's jobs on a shared machine, and all steps are printed below it. The peak of the machine is measured in the same run with a large fp32 matmul; model
-FLOPs per step count 2 x params per sampled token and 8 x params per trained token (policy
-forward + backward, reference forward), embedding lookups excluded.
+people's jobs on a shared machine, and all steps are printed below it. Model FLOPs count
+2 x params per token for a forward pass and 6 x params for forward + backward: the body's matmul
+params (all but embeddings and output head) for every token of a sequence, the output head's only
+for response tokens, which are all the loss needs; attention scores and embedding lookups are
+left out. A step samples n x (prompt + response) tokens; its train phase (`time/train` in
+metrics.jsonl: policy forward + backward, reference forward, optimizer step) costs
+6 + 2 = 8 x params per trained token. The peaks are the best fp32 and bf16 square matmuls measured
+in the same run; shares are against the peak of the run's dtype. TRL's train phase is timed from
+the end of its generate call to the end of its step, with its own token counts.
 
-    python bench/online_dpo.py --steps 12 --out-dir outputs/bench
+Peak RSS is each recipe process's (os.wait4's ru_maxrss: the run and everything it waited for),
+vLLM's in-process engine and its KV cache (fixed at 512 MiB here, touched in full) included.
+
+    python bench/online_dpo.py --steps 6 --out-dir outputs/bench
+    python bench/online_dpo.py --model tiny --steps 8
 """
 
 import argparse
@@ -29,51 +45,74 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pyarrow.parquet as pq
 import torch
-from sampling import TINY
+from sampling import bench_model, cpu_flags, describe_model
 
 from rlaif_recipes.judges.rules import shorter
-from rlaif_recipes.models import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS_PER_STEP, MAX_TOKENS, LR, BETA = 16, 64, 5e-6, 0.1
+LR, BETA, N = 5e-6, 0.1, 2
+KV_CACHE_BYTES = 512 * 2**20  # fixed, so peak RSS does not depend on this machine's RAM
+DEFAULTS = {"smollm2": dict(prompts=8, max_tokens=48, dtype="bf16"), "tiny": dict(prompts=16, max_tokens=64, dtype="fp32")}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def peak_flops(size: int = 2048, reps: int = 10) -> float:
-    """Best fp32 FLOP/s of a big square matmul on this process's torch threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def peak_flops(dtype: torch.dtype, sizes: Tuple[int, ...] = (2048, 4096), reps: int = 5) -> float:
+    """Best FLOP/s of a large square matmul in `dtype` on this process's torch threads."""
     best = 0.0
-    for _ in range(reps):
-        start = time.perf_counter()
+    for size in sizes:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
 
-def matmul_params(model_dir: Path) -> int:
-    """Parameters that cost FLOPs per token: everything but the embedding table."""
-    from safetensors.torch import load_file
+def matmul_params(model_dir: Path) -> Tuple[int, int]:
+    """(body, head): matmul params every token pays, and the output head's (tied or not)."""
+    from safetensors import safe_open
 
-    weights = load_file(str(model_dir / "model.safetensors"))
-    return sum(t.numel() for k, t in weights.items() if "embed_tokens" not in k)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    numel = {k: int(torch.Size(s).numel()) for k, s in shapes.items()}
+    head = numel.get("lm_head.weight") or next(n for k, n in numel.items() if "embed_tokens" in k)
+    body = sum(n for k, n in numel.items() if "embed_tokens" not in k and k != "lm_head.weight")
+    return body, head
 
 
-def run_ours(model_dir: Path, out: Path, steps: int) -> Dict[str, float]:
+def flops(params: Tuple[int, int], tokens: int, response_tokens: int, per_token: int) -> float:
+    """`per_token` x params: the body over all tokens, the output head over response tokens only."""
+    body, head = params
+    return per_token * (body * tokens + head * response_tokens)
+
+
+def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option: str) -> Dict[str, Any]:
+    """One recipe run in its own process; its step metrics, token counts and peak RSS."""
+    sampler_dtype = "bfloat16" if settings["dtype"] == "bf16" else "float32"
     cmd = [
         str(Path(sys.executable).parent / "tune"), "run", "rlaif_recipes/recipes/online_dpo.py", "--config", "online_dpo",
-        f"checkpoint_dir={model_dir}", f"output_dir={out}", f"max_steps={steps}", f"prompts_per_step={PROMPTS_PER_STEP}",
-        "n=2", f"sampler.max_tokens={MAX_TOKENS}", "sampler.temperature=1.0", "sampler.dtype=float32",
-        "judge.rule=rlaif_recipes.judges.rules.shorter", "loss=dpo", "loss.beta=0.1", f"optimizer.lr={LR}",
-        f"checkpoint_every={steps}", "lr_scheduler=null",
+        f"model={model_option}", f"checkpoint_dir={model_dir}", f"output_dir={out}", f"max_steps={settings['steps']}",
+        f"prompts_per_step={settings['prompts']}", f"n={N}", f"dtype={settings['dtype']}",
+        f"sampler.dtype={sampler_dtype}", f"sampler.max_tokens={settings['max_tokens']}", "sampler.temperature=1.0",
+        f"sampler.kv_cache_memory_bytes={KV_CACHE_BYTES}", "judge.rule=rlaif_recipes.judges.rules.shorter",
+        "loss=dpo", f"loss.beta={BETA}", f"optimizer.lr={LR}", f"checkpoint_every={settings['steps']}",
+        "lr_scheduler=null",
     ]
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"online_dpo failed:\n{result.stderr[-3000:]}")
+    out.mkdir(parents=True)
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if proc.returncode != 0:
+        raise RuntimeError(f"online_dpo ({model_option}) failed with exit code {proc.returncode}; "
+                           f"log {log}:\n{log.read_text()[-3000:]}")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = logged[1:]  # the first step warms up (allocations, first weight push)
     step_time = sum(m["time/step"] for m in timed)
@@ -82,27 +121,33 @@ def run_ours(model_dir: Path, out: Path, steps: int) -> Dict[str, float]:
         **{k: sum(m[f"time/{k}"] for m in timed) / len(timed) for k in ("sample", "judge", "train", "sync")},
         sync_share=sum(m["time/sync"] for m in timed) / step_time,
         response_tokens=sum(m["response/tokens_mean"] for m in timed) / len(timed),
-        threads=torch.get_num_threads(),
+        tokens=step_tokens(out, range(2, settings["steps"] + 1)),
+        peak_rss=usage.ru_maxrss * 1024,  # Linux reports KiB
     )
 
 
 def step_tokens(out: Path, steps: range) -> Dict[str, float]:
-    """Sampled and trained tokens per step, from the run's step files (for the FLOP count)."""
-    sampled = trained = 0
+    """Per-step token counts from the run's step files: sampled (every response with its prompt),
+    trained (chosen and rejected sequences) and, of those, response tokens."""
+    counts = dict(sampled=0, sampled_response=0, trained=0, trained_response=0)
     for step in steps:
         for row in pq.read_table(out / "steps" / f"step-{step:05d}.parquet").to_pylist():
-            lengths = [len(ids) for ids in row["response_token_ids"]]
-            sampled += len(row["prompt_token_ids"]) + sum(lengths)
+            prompt, lengths = len(row["prompt_token_ids"]), [len(ids) for ids in row["response_token_ids"]]
+            counts["sampled"] += len(lengths) * prompt + sum(lengths)
+            counts["sampled_response"] += sum(lengths)
             if row["chosen"] is not None:
-                trained += 2 * len(row["prompt_token_ids"]) + lengths[row["chosen"]] + lengths[row["rejected"]]
-    return dict(sampled=sampled / len(steps), trained=trained / len(steps))
+                response = lengths[row["chosen"]] + lengths[row["rejected"]]
+                counts["trained"] += 2 * prompt + response
+                counts["trained_response"] += response
+    return {k: v / len(steps) for k, v in counts.items()}
 
 
 def prompts_used(out: Path) -> List[str]:
     return [r["prompt"] for f in sorted((out / "steps").glob("step-*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
-def run_trl(model_dir: Path, out: Path, prompts: List[str], steps: int) -> Dict[str, float]:
+def run_trl(model_dir: Path, out: Path, prompts: List[str], settings: Dict[str, Any]) -> Dict[str, Any]:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -110,74 +155,120 @@ def run_trl(model_dir: Path, out: Path, prompts: List[str], steps: int) -> Dict[
     def shorter_reward(prompts, completions, **_) -> List[float]:
         return [shorter(None, c[-1]["content"] if isinstance(c, list) else c) for c in completions]
 
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: List[float] = []
+    generated: List[Tuple[float, int, int]] = []  # (end time, prompt tokens, completion tokens) per step
+    step_ends: List[float] = []
 
+    class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            step_ends.append(time.perf_counter())
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[settings["dtype"]])
     args = OnlineDPOConfig(
-        output_dir=str(out), per_device_train_batch_size=PROMPTS_PER_STEP, max_new_tokens=MAX_TOKENS, temperature=1.0,
-        max_steps=steps, learning_rate=LR, beta=[BETA], loss_type="sigmoid", lr_scheduler_type="constant",
-        use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, seed=0,
-        dataloader_num_workers=0, use_vllm=False,
+        output_dir=str(out), per_device_train_batch_size=settings["prompts"], max_new_tokens=settings["max_tokens"],
+        temperature=1.0, max_steps=settings["steps"], learning_rate=LR, beta=[BETA], loss_type="sigmoid",
+        lr_scheduler_type="constant", use_cpu=True, bf16=settings["dtype"] == "bf16", report_to="none",
+        save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0, use_vllm=False,
     )
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
-    timer = StepTimes()
     trainer = OnlineDPOTrainer(model=model, reward_funcs=shorter_reward, args=args, train_dataset=dataset,
-                               processing_class=tokenizer, callbacks=[timer])
+                               processing_class=tokenizer, callbacks=[StepEnds()])
+    generate = trainer._generate
+
+    def timed_generate(*a, **kw):
+        result = generate(*a, **kw)  # prompt_ids, prompt_mask, completion_ids, completion_mask, ...
+        generated.append((time.perf_counter(), int(result[1].sum()), int(result[3].sum())))
+        return result
+
+    trainer._generate = timed_generate
     trainer.train()
-    return dict(rates=[PROMPTS_PER_STEP / (b - a) for a, b in zip(timer.ends, timer.ends[1:])], threads=torch.get_num_threads())
+    timed = list(zip(generated, step_ends))[1:]
+    return dict(
+        rates=[settings["prompts"] / (b - a) for a, b in zip(step_ends, step_ends[1:])],
+        train=statistics.fmean(end - gen_end for (gen_end, _, _), end in timed),
+        tokens=dict(
+            sampled=statistics.fmean(p + c for (_, p, c), _ in timed),
+            sampled_response=statistics.fmean(c for (_, _, c), _ in timed),
+            trained=statistics.fmean(p + c for (_, p, c), _ in timed),
+            trained_response=statistics.fmean(c for (_, _, c), _ in timed),
+        ),
+    )
+
+
+def print_throughput(ours: Dict[str, Any], trl: Dict[str, Any], params: Tuple[int, int], peak: float, settings: Dict[str, Any]) -> None:
+    pairs = settings["prompts"]
+    print(f"\n| system | pairs/s | s per {pairs} pairs | sample s | judge s | train s | sync s | sync share | "
+          f"step GFLOP/s | step share of {settings['dtype']} peak | train GFLOP/s | train share of {settings['dtype']} peak | speedup |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    trl_rate = statistics.median(trl["rates"])
+    for name, r in (("online_dpo (vLLM sampler, torchtune step)", ours), ("TRL OnlineDPOTrainer (HF generate)", trl)):
+        rate = statistics.median(r["rates"])
+        per_step = pairs / rate
+        t = r["tokens"]
+        step_flops = flops(params, t["sampled"], t["sampled_response"], 2) + flops(params, t["trained"], t["trained_response"], 8)
+        train_gflops = flops(params, t["trained"], t["trained_response"], 8) / r["train"] / 1e9
+        parts = (f"{r['sample']:.2f} | {r['judge']:.3f} | {r['train']:.2f} | {r['sync']:.3f} | {100 * r['sync_share']:.1f}%"
+                 if "sample" in r else f"- | - | {r['train']:.2f} | - | -")
+        print(f"| {name} | {rate:.2f} | {per_step:.2f} | {parts} | {step_flops / per_step / 1e9:.1f} | "
+              f"{100 * step_flops / per_step / peak:.1f}% | {train_gflops:.1f} | {100 * train_gflops * 1e9 / peak:.1f}% | "
+              f"{rate / trl_rate:.2f}x |")
+    print("\npairs/s of every timed step: " + "; ".join(
+        f"{name}: {', '.join(f'{x:.2f}' for x in r['rates'])}" for name, r in (("ours", ours), ("TRL", trl))))
+    for name, r in (("ours", ours), ("TRL", trl)):
+        t = r["tokens"]
+        print(f"{name} per step: {t['sampled']:.0f} sampled tokens ({t['sampled_response']:.0f} response), "
+              f"{t['trained']:.0f} trained ({t['trained_response']:.0f} response)")
+    print(f"ours: mean response {ours['response_tokens']:.1f} tokens; TRL's train s = end of its generate call to end of step")
+
+
+def print_memory(runs: Dict[str, Dict[str, Any]]) -> None:
+    print("\n| online_dpo | pairs/s | train s | sync s | peak RSS GiB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        print(f"| {name} | {statistics.median(r['rates']):.2f} | {r['train']:.2f} | {r['sync']:.3f} | {r['peak_rss'] / 2**30:.2f} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--model", choices=sorted(DEFAULTS), default="smollm2")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--prompts", type=int, help="prompts per step (pairs); default 8 for smollm2, 16 for tiny")
+    p.add_argument("--max-tokens", type=int, help="new tokens per response; default 48 for smollm2, 64 for tiny")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="both sides; default bf16 for smollm2, fp32 for tiny")
+    p.add_argument("--skip-lora", action="store_true", help="leave out the model=hf_lora run (peak RSS comparison)")
     p.add_argument("--out-dir", default="outputs/bench")
     args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be at least 2: the first step is a warm-up and is not timed")
+    settings = dict(steps=args.steps, **{k: getattr(args, k) or v for k, v in DEFAULTS[args.model].items()})
     out_dir = (REPO / args.out_dir).resolve() if not Path(args.out_dir).is_absolute() else Path(args.out_dir)
-    model_dir = out_dir / "bench_online_tiny"
-    if not (model_dir / "model.safetensors").exists():
-        make_tiny_model(str(model_dir), **TINY)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    model_dir = bench_model(args.model, out_dir)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout keeps only the results
 
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"platform: {platform.platform()} | {platform.processor() or platform.machine()} | python "
-          f"{platform.python_version()} | torch {torch.__version__} | os.cpu_count() {os.cpu_count()}")
+          f"{platform.python_version()} | torch {torch.__version__} | os.cpu_count() {os.cpu_count()} | cpu flags: {cpu_flags()}")
     loads = [os.getloadavg()]
-    peak = peak_flops()
+    peaks = {name: peak_flops(dtype) for name, dtype in TORCH_DTYPES.items()}
     params = matmul_params(model_dir)
-    print(f"model: {TINY} ({params / 1e6:.2f}M matmul params); {args.steps} steps of {PROMPTS_PER_STEP} prompts x 2, "
-          f"{MAX_TOKENS} new tokens, temperature 1, rule judge `shorter`; peak fp32 matmul {peak / 1e9:.1f} GFLOP/s "
-          f"({torch.get_num_threads()} threads)")
+    print(f"model: {describe_model(args.model)} ({params[0] / 1e6:.1f}M body + {params[1] / 1e6:.1f}M head matmul params); "
+          f"{args.steps} steps of {settings['prompts']} prompts x {N}, {settings['max_tokens']} new tokens, temperature 1, "
+          f"rule judge `shorter`, {settings['dtype']} on both sides, lr {LR}, beta {BETA}; peak matmul "
+          f"{', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items())} ({torch.get_num_threads()} threads)")
 
-    ours = run_ours(model_dir, out_dir / "bench_online_ours", args.steps)
+    ours = run_ours(model_dir, out_dir / "bench_online_ours", settings, "hf")
     loads.append(os.getloadavg())
-    tokens = step_tokens(out_dir / "bench_online_ours", range(2, args.steps + 1))
-    flops_per_step = 2 * params * tokens["sampled"] + 8 * params * tokens["trained"]
-    trl = run_trl(model_dir, out_dir / "bench_online_trl", prompts_used(out_dir / "bench_online_ours"), args.steps)
+    trl = run_trl(model_dir, out_dir / "bench_online_trl", prompts_used(out_dir / "bench_online_ours"), settings)
     loads.append(os.getloadavg())
+    memory = {"full fine-tuning (model=hf)": ours}
+    if not args.skip_lora:
+        memory["LoRA (model=hf_lora)"] = run_ours(model_dir, out_dir / "bench_online_ours_lora", settings, "hf_lora")
+        loads.append(os.getloadavg())
 
-    print("\n| system | pairs/s | s per 16 pairs | sample s | judge s | train s | sync s | sync share | model GFLOP/s | share of peak | speedup |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    trl_rate = statistics.median(trl["rates"])
-    for name, r in (("online_dpo (vLLM sampler, torchtune step)", ours), ("TRL OnlineDPOTrainer (HF generate)", trl)):
-        rate = statistics.median(r["rates"])
-        per_step = PROMPTS_PER_STEP / rate
-        gflops = flops_per_step / per_step / 1e9  # same work per step on both sides
-        parts = (f"{r['sample']:.2f} | {r['judge']:.3f} | {r['train']:.2f} | {r['sync']:.3f} | {100 * r['sync_share']:.1f}%"
-                 if "sample" in r else "- | - | - | - | -")
-        print(f"| {name} | {rate:.1f} | {per_step:.2f} | {parts} | {gflops:.1f} | {100 * gflops * 1e9 / peak:.1f}% | "
-              f"{rate / trl_rate:.2f}x |")
-    print("\npairs/s of every timed step: " + "; ".join(
-        f"{name}: {', '.join(f'{x:.1f}' for x in r['rates'])}" for name, r in (("ours", ours), ("TRL", trl))))
-    print(f"per step: {tokens['sampled']:.0f} sampled + {tokens['trained']:.0f} trained tokens, "
-          f"{flops_per_step / 1e9:.2f} model GFLOP; mean response {ours['response_tokens']:.1f} tokens")
-    print("load average (1/5/15 min) at start, after ours, after TRL: " + "; ".join(
-        "/".join(f"{x:.2f}" for x in la) for la in loads) + " (other processes on these cores skew timings)")
+    print_throughput(ours, trl, params, peaks[settings["dtype"]], settings)
+    print_memory(memory)
+    print("load average (1/5/15 min) at start, after ours, after TRL" + (", after LoRA" if not args.skip_lora else "")
+          + ": " + "; ".join("/".join(f"{x:.2f}" for x in la) for la in loads) + " (other processes on these cores skew timings)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from conftest import load_policy
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from rlaif_recipes.checkpointing import CheckpointManager
 from rlaif_recipes.models import (
     UnsupportedModelError,
     decoder_from_hf_dir,
@@ -77,7 +78,11 @@ def test_torchtune_logits_equal_transformers(checkpoint: Path) -> None:
     assert diff < 1e-4, diff  # positions past the scaled-RoPE model's original 64 included
 
 
-def test_weights_map_to_hf_names_and_back_exactly(checkpoint: Path) -> None:
+def test_weights_map_to_hf_names_and_back_exactly(checkpoint: Path, tmp_path: Path) -> None:
+    """torchtune -> HF names (what vLLM and checkpoints get) -> torchtune, and through a training
+    checkpoint, which transformers then loads as it is."""
+    from transformers import AutoModelForCausalLM
+
     hf = load_file(str(checkpoint / "model.safetensors"))
     tune = full_state_dict(load_policy(checkpoint))
     back = tune_to_hf_state_dict(tune, str(checkpoint))
@@ -85,6 +90,11 @@ def test_weights_map_to_hf_names_and_back_exactly(checkpoint: Path) -> None:
     assert all(torch.equal(back[k], hf[k]) for k in hf)
     again = hf_to_tune_state_dict(back, str(checkpoint))
     assert again.keys() == tune.keys() and all(torch.equal(again[k], tune[k]) for k in tune)
+    saved = CheckpointManager(str(tmp_path), source_dir=str(checkpoint)).save(1, tune)
+    loaded = CheckpointManager(str(tmp_path), source_dir=str(checkpoint)).load().model
+    assert loaded.keys() == tune.keys() and all(torch.equal(loaded[k], tune[k]) for k in tune)
+    reread = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+    assert all(torch.equal(reread[k], hf[k]) for k in hf)
 
 
 def test_lora_builder_loads_the_base_weights(checkpoint: Path) -> None:
