@@ -6,15 +6,15 @@ so the same prompt reaches vLLM and torchtune as the same token ids.
 
 import abc
 import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+from rlaif_recipes.models.hf_model import hf_config
 
 Messages = List[Dict[str, str]]
 Prompt = Union[Messages, List[int]]
@@ -147,8 +147,7 @@ def derive_seed(*parts: object) -> int:
 def context_length(checkpoint_dir: str, tokenizer) -> int:
     """The model's context: the tokenizer's `model_max_length` unless it is transformers' "unset"
     sentinel (1e30, which vLLM refuses), never more than config.json's `max_position_embeddings`."""
-    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    positions = config.get("max_position_embeddings")
+    positions = hf_config(checkpoint_dir).get("max_position_embeddings")
     declared = tokenizer.model_max_length if tokenizer.model_max_length < VERY_LARGE_INTEGER else None
     if positions is None and declared is None:
         raise ValueError(
