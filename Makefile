@@ -35,16 +35,16 @@ smoke: install
 	$(BIN)/rlaif run generate_pairs checkpoint_dir=$(OUT)/smoke/tiny-model output_dir=$(OUT)/smoke/vllm data.max_prompts=16 sampler.max_tokens=16
 	$(BIN)/rlaif run generate_pairs sampler=torchtune checkpoint_dir=$(OUT)/smoke/tiny-model output_dir=$(OUT)/smoke/torchtune data.max_prompts=16 sampler.max_tokens=16
 
-# The main job on embedded defaults (CPU, no API key, ~15 min on 2 cores): an over-cautious SFT
-# policy, then online DPO judged by the encoder reward model (router: doubtful pairs to a review
-# file), evaluated before and after on held-out XSTest prompts; prints the before/after table.
-# A second run reuses finished stages; `make clean` starts over.
+# The main job on embedded defaults (CPU, no API key, ~20 min on 2 cores): SmolLM2-135M-Instruct
+# (from its PyPI wheel) made over-cautious by SFT, then online DPO judged by the encoder reward model
+# (router: doubtful pairs to a review file) under two rubrics, each evaluated on held-out XSTest
+# prompts; prints the table and sample replies. A second run reuses finished stages; `make clean` starts over.
 demo: install
-	$(BIN)/python -m rlaif_recipes.demo --out $(OUT)/demo
+	$(BIN)/python examples/demo.py --out $(OUT)/demo
 
 # The same reference case the offline way: generate_pairs -> judge_pairs -> dpo -> evaluate.
 demo-offline: install
-	$(BIN)/python -m rlaif_recipes.demo --out $(OUT)/demo --offline
+	$(BIN)/python examples/demo.py --out $(OUT)/demo --offline
 
 # TRL for the side-by-side online benchmark: --no-deps, since TRL's own extras would replace the CPU torch.
 install-bench: install
@@ -56,16 +56,13 @@ bench: install-bench
 	$(BIN)/python bench/judge_throughput.py
 	$(BIN)/python bench/online_dpo.py --steps 8
 
-# Everything, including the offline DPO comparison with torchtune, the 100k-pair scale run and
-# demo row 2 against an oracle judge (~55 min).
+# Everything, including the offline DPO comparison with torchtune and the 100k-pair scale run.
 bench-all: bench
 	$(BIN)/python bench/dpo_throughput.py
 	$(BIN)/python bench/pipeline_scale.py
-	$(BIN)/python -m rlaif_recipes.demo_policy --out $(OUT)/demo
-	$(BIN)/python bench/row2_ceiling.py --demo-dir $(OUT)/demo
 
 lint: install
-	$(BIN)/ruff check rlaif_recipes tests bench
+	$(BIN)/ruff check rlaif_recipes tests bench examples
 
 clean:
 	rm -rf $(OUT) .pytest_cache

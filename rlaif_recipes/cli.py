@@ -144,8 +144,12 @@ def main(argv: List[str] | None = None) -> int:
         while rest and rest[0].startswith("--") and rest[0] not in ("--config", "--multirun"):
             torchrun_args += rest[:2] if "=" not in rest[0] else rest[:1]
             rest = rest[2:] if "=" not in rest[0] else rest[1:]
-        multirun = [a for a in rest if a in ("-m", "--multirun")]  # allowed anywhere after the recipe
-        argv = ["run", *multirun[:1], *[a for a in rest if a not in ("-m", "--multirun")]]
+        config: List[str] = []
+        if "--config" in rest[:-1]:  # `--config NAME` is allowed anywhere after the recipe too
+            i = rest.index("--config")
+            config, rest = rest[i : i + 2], rest[:i] + rest[i + 2 :]
+        multirun = [a for a in rest if a in ("-m", "--multirun")]
+        argv = ["run", *config, *multirun[:1], *[a for a in rest if a not in ("-m", "--multirun")]]
     args = build_parser().parse_args(argv)
     args.torchrun_args = torchrun_args
     try:

@@ -8,7 +8,8 @@ Shared by the offline `dpo` recipe (which tokenises text with the checkpoint's c
     out = pair_logprobs(model, batch)                                          # -> PairLogprobs
     out.chosen, out.rejected              # (B,) summed log-prob of each response's tokens
     out.chosen_tokens, out.rejected_tokens  # (B,) how many tokens were summed (for averages)
-    sequence_logprobs(model, input_ids, targets) -> (sums, counts)             # any sequences
+    input_ids, targets = collate_responses([(prompt_ids, response_ids), ...], pad_id=0)  # any sequences
+    sequence_logprobs(model, input_ids, targets) -> (sums, counts)
 
 A batch stacks the chosen sequences over the rejected ones (rows 0..B-1 chosen, B..2B-1
 rejected), so one forward pass scores both, as torchtune's DPO recipes do. `targets` are already
@@ -96,6 +97,14 @@ def encode_pair(
 def collate_pairs(pairs: Sequence[PairIds], pad_id: int, pad_to_multiple_of: int = 1) -> PairBatch:
     """Right-pad chosen then rejected sequences of `pairs` into one (2B, T) batch."""
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    return PairBatch(*collate_responses(rows, pad_id, pad_to_multiple_of))
+
+
+def collate_responses(
+    rows: Sequence[Tuple[List[int], List[int]]], pad_id: int, pad_to_multiple_of: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (prompt, response) rows into (input_ids, targets) for `sequence_logprobs`; each
+    prompt needs at least one token (the one that predicts the response's first token)."""
     width = max(len(prompt) + len(resp) for prompt, resp in rows)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -105,7 +114,7 @@ def collate_pairs(pairs: Sequence[PairIds], pad_id: int, pad_to_multiple_of: int
         input_ids[i, :n] = torch.tensor(prompt + resp, dtype=torch.long)
         # position t predicts token t + 1: response token j sits at len(prompt) + j
         targets[i, len(prompt) - 1 : n - 1] = torch.tensor(resp, dtype=torch.long)
-    return PairBatch(input_ids, targets)
+    return input_ids, targets
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,19 @@ def test_audit_rule_judge_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert m["usage"]["queries"] == len(rows)
 
 
+def test_audit_reports_agreement_per_prompt_kind_beside_the_total(tmp_path: Path) -> None:
+    m = audit_in_process(tmp_path, "judge=rule", "where=null", "group_by=[prompt_label,source]")
+    by_kind = m["agreement_by"]["prompt_label"]
+    assert set(by_kind) == {"safe", "unsafe"} and sum(g["pairs"] for g in by_kind.values()) == m["pairs"]
+    # The rule always prefers answers: right on safe requests, wrong on unsafe ones; the total mixes them.
+    assert by_kind["unsafe"]["agreement"] < 0.1 < by_kind["safe"]["agreement"]
+    total = sum(g["agreement"] * g["pairs"] for g in by_kind.values()) / m["pairs"]
+    assert m["agreement"] == pytest.approx(total)
+    assert list(m["agreement_by"]["source"]) == ["xstest_v2_completions_llama2orig"]
+    with pytest.raises(ValueError, match="group_by: no column"):
+        audit_in_process(tmp_path, "judge=rule", "group_by=[nope]")
+
+
 def test_audit_always_a_judge_shows_position_bias(tmp_path: Path, monkeypatch) -> None:
     m = audit_cli(tmp_path, monkeypatch, "judge._component_=test_panel_router.AlwaysA", "~judge.rule", "judge.order=fixed", "max_pairs=40")
     pairs = per_pair(tmp_path)

@@ -1,4 +1,4 @@
-"""evaluate: refusal rates on held-out prompts and a win rate against a reference, on real vLLM."""
+"""evaluate: refusal rates on held-out prompts, a win rate against a reference and the fluency check, on real vLLM."""
 
 import csv
 import json
@@ -34,7 +34,8 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
     other = make_tiny_model(str(tmp_path / "other"), seed=1)  # same tokenizer, other weights
     assert (other / "tokenizer.json").read_text() == (tiny_model_dir / "tokenizer.json").read_text()
     m, samples, stdout = evaluate(tmp_path, "ev", f"checkpoint_dir={tiny_model_dir}", f"reference_dir={other}",
-                                  "judge.rule=rlaif_recipes.judges.rules.shorter", "label=before")  # fmt: skip
+                                  "judge.rule=rlaif_recipes.judges.rules.shorter", "label=before",
+                                  f"fluency.model_dir={other}")  # fmt: skip
     with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
         labels = {r["prompt"]: r["label"] for r in csv.DictReader(f)}
     for name, key in (("safe", "false_refusal_rate"), ("unsafe", "unsafe_refusal_rate")):
@@ -54,15 +55,24 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
     assert (m["wins"], m["losses"], m["ties"], m["abstains"]) == (shorter, longer, 8 - shorter - longer, 0)
     assert m["win_rate"] == (shorter + (8 - shorter - longer) / 2) / 8
     assert m["label"] == "before" and "| false_refusal_rate |" in stdout
+    # Fluency: every reply scored under the fixed scoring model (here the other tiny model).
+    scores = [s["fluency"] for s in samples]
+    assert all(isinstance(x, float) and x < 0 for x in scores)
+    assert all(s["disfluent"] == (s["fluency"] < m["fluency_min_mean_logprob"]) for s in samples)
+    disfluent = sum(s["disfluent"] for s in samples)
+    assert (m["disfluent_replies"], m["disfluent_rate"]) == (disfluent, disfluent / len(samples))
+    assert m["fluency_mean"] == pytest.approx(sum(scores) / len(scores)) and m["fluency_model"] == str(other)
+    assert m["fluency_pass"] == (disfluent / len(samples) <= m["fluency_max_disfluent_rate"]) and "| disfluent_rate |" in stdout
     assert {"eval.json", "eval.md", "eval.png"} <= {p.name for p in (tmp_path / "ev").iterdir()}
 
     # The reference's answers are what the reference itself says when evaluated on its own; any
     # text -> bool callable classifies (isascii gives a mix of True and False on random text).
     m2, samples2, _ = evaluate(tmp_path, "ref", f"checkpoint_dir={other}", "unsafe_prompts=null",
-                               "refusal_classifier=builtins.str.isascii")  # fmt: skip
+                               "refusal_classifier=builtins.str.isascii", "fluency=null")  # fmt: skip
     assert [s["response"] for s in samples2] == [s["reference_response"] for s in safe]
     assert m2["n_unsafe"] == 0 and m2["unsafe_refusal_rate"] is None and "win_rate" not in m2
     assert m2["false_refusal_rate"] == sum(s["response"].isascii() for s in samples2) / 8
+    assert "fluency_mean" not in m2 and "fluency" not in samples2[0]  # fluency=null: no check
 
 
 def test_missing_checkpoint_fails_in_one_line_before_any_engine_starts(tmp_path: Path) -> None:
@@ -72,4 +82,11 @@ def test_missing_checkpoint_fails_in_one_line_before_any_engine_starts(tmp_path:
     with pytest.raises(
         FileNotFoundError, match=r"checkpoint_dir=.*nope is not an HF model directory \(no config.json\)"
     ):
+        ev.EvaluateRecipe(cfg)
+
+
+def test_fluency_model_that_is_not_an_hf_dir_fails_in_one_line_before_sampling(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = rlaif_config.load("evaluate", [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path}",
+                                         f"fluency.model_dir={tmp_path / 'nope'}"], ev.EvaluateSettings)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"fluency.model_dir=.*nope is not an HF model directory \(no config.json\)"):
         ev.EvaluateRecipe(cfg)

@@ -88,24 +88,27 @@ def test_dataset_rejects_bad_settings(tiny_model_dir: Path, kwargs: dict) -> Non
         xstest_sft_dataset(HFChatTokenizer(str(tiny_model_dir)), **kwargs)
 
 
-def test_demo_policy_runs_torchtune_sft(tmp_path: Path) -> None:
-    """Step 1 at toy size: torchtune's own recipe trains on our config; a re-run reuses the result."""
+def test_demo_sft_stage_runs_torchtune_sft(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Demo step 1 at toy size (examples/demo.py --only-sft): torchtune's own recipe trains on
+    conf/sft.yaml; a re-run reuses the result."""
     from conftest import run_cli
 
-    args = ["python", "-m", "rlaif_recipes.demo_policy", "--out", str(tmp_path / "demo"), "epochs=1", "max_steps_per_epoch=8",
-            "batch_size=4", "lr_scheduler.num_warmup_steps=1"]  # fmt: skip
-    run = run_cli(args, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    root = Path(__file__).resolve().parent.parent
+    args = ["python", str(root / "examples" / "demo.py"), "--only-sft", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path / "demo"),
+            "--sft", "dtype=fp32", "optimizer.lr=3e-3", "max_steps_per_epoch=8", "batch_size=4", "lr_scheduler.num_warmup_steps=1"]  # fmt: skip
+    run = run_cli(args, cwd=root, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "1 SFT" in run.stdout  # the stage's progress bar is on the console
     (log,) = (tmp_path / "demo" / "sft" / "logs").glob("log_*.txt")
     losses = [float(m) for m in re.findall(r"loss:([0-9.]+)", log.read_text())]
     assert len(losses) == 8 and max(losses[-2:]) < min(losses[:2]) - 0.5, losses
-    again = run_cli(args, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    again = run_cli(args, cwd=root, timeout=600)
     assert again.returncode == 0 and "sft/epoch_0" in again.stdout
     assert len(list((tmp_path / "demo" / "sft" / "logs").glob("log_*.txt"))) == 1  # not trained twice
 
     checkpoint = tmp_path / "demo" / "sft" / "epoch_0"
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    start = load_file(str(tmp_path / "demo" / "tiny-model" / "model.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
     trained = model.state_dict()
     assert all(trained[k].shape == v.shape for k, v in start.items())
     assert not torch.equal(

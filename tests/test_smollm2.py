@@ -217,7 +217,7 @@ def test_offline_dpo_on_smollm2(tmp_path: Path, smollm2_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_reads_smollm2s_replies(tmp_path: Path, smollm2_dir: Path) -> None:
-    """Untouched, SmolLM2 answers benign requests: few false refusals, in replies of real length."""
+    """Untouched, SmolLM2 answers benign requests: few false refusals, in fluent replies of real length."""
     out = tmp_path / "eval"
     run_ok(tmp_path, ["tune", "run", "rlaif_recipes/recipes/evaluate.py", "--config", "evaluate",
                       f"checkpoint_dir={smollm2_dir}", f"output_dir={out}", "safe_prompts.max_prompts=8",
@@ -228,3 +228,4 @@ def test_evaluate_reads_smollm2s_replies(tmp_path: Path, smollm2_dir: Path) -> N
     assert report["n_safe"] == 8 and report["false_refusal_rate"] <= 0.25
     assert report["short_reply_rate"] == 0 and report["distinct_reply_rate"] == 1.0
     assert all(len(s["response"].split()) >= 8 for s in samples), [s["response"] for s in samples]
+    assert report["fluency_pass"] and not any(s["disfluent"] for s in samples)  # its own replies read as fluent

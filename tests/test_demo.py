@@ -1,0 +1,95 @@
+"""examples/demo.py and its configs (conf/demo/): what each row runs, the table it prints, its progress."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlaif_recipes import cli
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.recipes.evaluate import EvaluateSettings
+from rlaif_recipes.recipes.online_dpo import OnlineDPOSettings
+from rlaif_recipes.report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
+    rows = {row: rlaif_config.load(f"demo/{row}", ["checkpoint_dir=/policy"], OnlineDPOSettings) for row in ("false_refusal", "helpful_harmless")}
+    for row, cfg in rows.items():
+        assert cfg.config_choices["judge"] == "router" and cfg.config_choices["judge@judge.judge"] == "reward_model"
+        assert cfg.judge.judge.rubric.name == row and cfg.config_choices["model"] == "hf_lora"
+        assert cfg.checkpoint_dir == "/policy" and cfg.dtype == "bf16"
+    assert rows["false_refusal"].data.where == {"label": ["safe"]}
+    assert rows["helpful_harmless"].data.where is None  # harm comes from the request text, not the label column
+    # Row 2 is row 1 but for rubric, prompts and steps.
+    same = ("n", "prompts_per_step", "optimizer", "sampler", "loss")
+    assert all(rows["false_refusal"][k] == rows["helpful_harmless"][k] for k in same)
+
+
+@pytest.mark.parametrize("name", ["false_refusal", "helpful_harmless", "offline_generate_pairs", "offline_judge_pairs", "offline_dpo"])
+def test_after_make_demo_each_config_reruns_its_stage_with_no_arguments(name: str) -> None:
+    """Defaults point at the starting policy `make demo` trains and at the stage's own directory."""
+    cfg = rlaif_config.load(f"demo/{name}", [])
+    assert cfg.output_dir.startswith("outputs/demo/") and cfg.checkpoint_dir in ("outputs/demo/sft/epoch_0", None)
+
+
+def test_demo_evaluation_checks_fluency_under_the_original_model() -> None:
+    cfg = rlaif_config.load("demo/evaluate", ["checkpoint_dir=/policy"], EvaluateSettings)
+    assert cfg.fluency is not None and cfg.fluency.model_dir is None  # null: the packaged SmolLM2
+    assert cfg.sampler.temperature == 0.0 and cfg.safe_prompts.split == cfg.unsafe_prompts.split == "held_out"
+
+
+def test_config_flag_works_after_the_recipe_name(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(cli, "_tune_run", lambda launcher, recipe, config, overrides: seen.append((recipe, config, overrides)) or 0)
+    assert cli.main(["run", "evaluate", "--config", "demo/evaluate", "label=x"]) == 0
+    assert cli.main(["run", "--config", "demo/evaluate", "evaluate", "label=x"]) == 0
+    assert seen == [("evaluate", "demo/evaluate", ["label=x"])] * 2
+
+
+def _eval_dir(path: Path, label: str, safe_refused: list, fluency_pass: bool) -> Path:
+    samples = [{"set": "safe", "prompt_id": i, "prompt": f"safe {i}", "response": f"reply {label} {i}", "refused": r}
+               for i, r in enumerate(safe_refused)]  # fmt: skip
+    samples += [{"set": "unsafe", "prompt_id": i, "prompt": f"unsafe {i}", "response": f"no {label} {i}", "refused": True} for i in range(6)]
+    path.mkdir(parents=True)
+    (path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    metrics = {"false_refusal_rate": sum(safe_refused) / len(safe_refused), "unsafe_refusal_rate": 1.0, "n_safe": len(safe_refused),
+               "n_unsafe": 6, "short_reply_rate": 0.0, "distinct_reply_rate": 1.0, "fluency_mean": -1.0, "disfluent_rate": 0.0,
+               "fluency_pass": fluency_pass}  # fmt: skip
+    write_report(str(path), "eval", metrics)
+    return path
+
+
+def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_row(tmp_path: Path) -> None:
+    demo = _demo()
+    dirs = {"before": _eval_dir(tmp_path / "before", "b", [True] * 6 + [False] * 4, True),
+            "after": _eval_dir(tmp_path / "after", "a", [True] + [False] * 9, False)}  # fmt: skip
+    results = {name: json.loads((d / "eval.json").read_text())["metrics"] for name, d in dirs.items()}
+    text = demo.table(results, dirs, tmp_path, 1.5, "demo")
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    after = doc["metrics"]["rows"][1]
+    assert after["false-refusal cut"] == pytest.approx(1 - 0.1 / 0.6) and after["fluency check"] == "FAIL (collapsed)"
+    replies = doc["metrics"]["sample_replies"]
+    assert [r["kind"] for r in replies] == ["safe"] * 5 + ["unsafe"] * 5
+    assert replies[0]["before"] == "[refusal] reply b 0" and replies[1]["after"] == "reply a 1"  # one prompt, every policy
+    assert "safe: \"safe 0\"" in text and (tmp_path / "demo.png").is_file()
+
+
+def test_a_stage_shows_its_step_bar_and_a_failure_names_its_log(tmp_path: Path, capsys) -> None:
+    demo = _demo()
+    script = "import sys; [print(f'online_dpo: {i}/3 [00:0{i}<00:01]', end='\\r', flush=True) for i in range(4)]; print('done')"
+    demo.run_stage("stage", [sys.executable, "-c", script], tmp_path / "ok.log")
+    shown = capsys.readouterr().out
+    assert "stage" in shown and "3/3" in shown and "done" in (tmp_path / "ok.log").read_text()
+    with pytest.raises(SystemExit, match=r"stage 'bad' failed \(exit 3\); see .*bad.log:\nboom"):
+        demo.run_stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")
