@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 from tqdm import tqdm
 
+from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR, asset_path
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.models.get_model import get_model
@@ -51,6 +52,25 @@ SAMPLE_REPLIES = 5  # held-out replies shown per prompt kind and row
 BIN = Path(sys.executable).parent
 # tqdm's counter ("13/39 [00:59<02:04"), as torchtune's SFT recipe and ours print it.
 PROGRESS = re.compile(r"(\d+)/(\d+) \[")
+
+
+SCHEMAS = {  # each recipe's settings class, for checking its config before anything runs
+    "evaluate": "rlaif_recipes.recipes.evaluate.EvaluateSettings",
+    "online_dpo": "rlaif_recipes.recipes.online_dpo.OnlineDPOSettings",
+    "generate_pairs": "rlaif_recipes.recipes.generate_pairs.GeneratePairsSettings",
+    "judge_pairs": "rlaif_recipes.recipes.judge_pairs.JudgePairsSettings",
+    "dpo": "rlaif_recipes.recipes.dpo.DPOSettings",
+}
+
+
+def check_configs(stages: Sequence[tuple], overrides: Dict[str, Sequence[str]]) -> None:
+    """Compose every (recipe, config) the demo will run, with its recipe's schema, before the first
+    stage: a bad config or override fails here in one line, not after minutes of training."""
+    for recipe, config in stages:
+        try:
+            rlaif_config.load(config, list(overrides.get(recipe, ())), rlaif_config.build(SCHEMAS[recipe]))
+        except rlaif_config.ConfigError as e:
+            raise SystemExit(f"demo config {config} ({recipe}): {e}") from None
 
 
 def run_stage(name: str, cmd: Sequence[str], log: Path) -> None:
@@ -131,7 +151,7 @@ def offline(policy: Path, out: Path, seed: int, overrides: Sequence[str]) -> Pat
     Each stage's output directory is started afresh unless that stage finished (its DONE marker)."""
     stages = [
         ("generate_pairs", "pairs", [f"checkpoint_dir={policy}"]),
-        ("judge_pairs", "prefs", [f"input_dir={out / 'pairs'}"]),
+        ("judge_pairs", "prefs", [f"checkpoint_dir={policy}", f"input_dir={out / 'pairs'}"]),
         ("dpo", "dpo", [f"checkpoint_dir={policy}", f"dataset.source={out / 'prefs'}", *overrides]),
     ]
     for recipe, name, args in stages:
@@ -227,7 +247,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out, start = Path(args.out), time.perf_counter()
+    trained = ["dpo"] if args.offline else ["online_dpo"]
+    stages = [("evaluate", "demo/evaluate")] + (
+        [(r, f"demo/offline_{r}") for r in ("generate_pairs", "judge_pairs", "dpo")] if args.offline
+        else [("online_dpo", f"demo/{row}") for row in args.rows])  # fmt: skip
+    check_configs([] if args.only_sft else stages, {"evaluate": args.eval, **{r: args.train for r in trained}})
     model_dir = Path(args.model_dir) if args.model_dir else get_model("smollm2-135m-instruct")
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"--model-dir {model_dir} is not an HF model directory (no config.json); point it at one, or drop it for SmolLM2")
 
     policy = sft(model_dir, out / "sft", args.sft)
     print(f"starting policy: {policy}", flush=True)

@@ -40,7 +40,7 @@ def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
 def test_after_make_demo_each_config_reruns_its_stage_with_no_arguments(name: str) -> None:
     """Defaults point at the starting policy `make demo` trains and at the stage's own directory."""
     cfg = rlaif_config.load(f"demo/{name}", [])
-    assert cfg.output_dir.startswith("outputs/demo/") and cfg.checkpoint_dir in ("outputs/demo/sft/epoch_0", None)
+    assert cfg.output_dir.startswith("outputs/demo/") and cfg.checkpoint_dir == "outputs/demo/sft/epoch_0"
 
 
 def test_demo_evaluation_checks_fluency_under_the_original_model() -> None:
@@ -93,3 +93,15 @@ def test_a_stage_shows_its_step_bar_and_a_failure_names_its_log(tmp_path: Path, 
     assert "stage" in shown and "3/3" in shown and "done" in (tmp_path / "ok.log").read_text()
     with pytest.raises(SystemExit, match=r"stage 'bad' failed \(exit 3\); see .*bad.log:\nboom"):
         demo.run_stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")
+
+
+def test_a_bad_override_fails_in_one_line_before_any_stage_runs(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    args = ["python", str(ROOT / "examples" / "demo.py"), "--model-dir", str(tmp_path / "none"), "--out", str(tmp_path / "demo"),
+            "--train", "max_steps=many"]  # fmt: skip
+    run = run_cli(args, cwd=ROOT, timeout=300)
+    assert run.returncode != 0 and "demo config demo/false_refusal (online_dpo):" in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("demo config") and not (tmp_path / "demo").exists()  # nothing ran
+    run = run_cli(args[:-2], cwd=ROOT, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(f"--model-dir {tmp_path / 'none'} is not an HF model directory")
