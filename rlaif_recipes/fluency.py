@@ -20,12 +20,14 @@ from statistics import fmean
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+from omegaconf import OmegaConf
 from torchtune import training, utils
 
 from rlaif_recipes.logprobs import collate_responses, sequence_logprobs
 from rlaif_recipes.models.get_model import get_model
-from rlaif_recipes.models.hf_model import decoder_from_hf_dir, hf_checkpointer
+from rlaif_recipes.models.hf_model import hf_checkpointer
 from rlaif_recipes.models.tokenizer import HFChatTokenizer
+from rlaif_recipes.policy import build_policy
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # rlaif_recipes.models.get_model builds it without a hub
 Prompt = Union[str, List[Dict[str, str]]]  # a user message, or chat messages as the policy saw them
@@ -70,9 +72,8 @@ class FluencyScorer:
         self._tokenizer = HFChatTokenizer(self.model_dir)
         with tempfile.TemporaryDirectory(prefix="rlaif-fluency-") as unused:  # the checkpointer wants an output dir
             state = hf_checkpointer(self.model_dir, output_dir=unused).load_checkpoint()[training.MODEL_KEY]
-        with training.set_default_dtype(training.get_dtype(dtype, device=self._device)), self._device:
-            self._model = decoder_from_hf_dir(self.model_dir)
-        self._model.load_state_dict(state)
+        model_cfg = OmegaConf.create({"_component_": "rlaif_recipes.models.decoder_from_hf_dir", "checkpoint_dir": self.model_dir})
+        self._model = build_policy(model_cfg, state, device=self._device, dtype=training.get_dtype(dtype, device=self._device))
         self._model.eval().requires_grad_(False)
 
     def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> List[Optional[float]]:

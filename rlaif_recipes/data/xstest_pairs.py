@@ -53,18 +53,19 @@ def xstest_pairs(
 
 def _pairs(rows: List[dict], label_of: Dict[str, str], split: str, held_out_fraction: float, source: str) -> List[dict]:
     """One pair per completion, its counterpart borrowed from `rows` (see the module docstring)."""
+    held_out_of = {r["prompt"].strip(): is_held_out(r["prompt"].strip(), held_out_fraction) for r in rows}
     by_kind: Dict[tuple, List[dict]] = defaultdict(list)
     for r in rows:
         by_kind[(_family(r), _kind(r))].append(r)
     out = []
     for r in rows:
         prompt, kind = r["prompt"].strip(), _kind(r)
-        held_out = is_held_out(prompt, held_out_fraction)
+        held_out = held_out_of[prompt]
         if split != "all" and held_out != (split == "held_out"):
             continue
         other_kind = "refusal" if kind == "answer" else "answer"
         # Borrow only from prompts on the same side of the split, so nothing leaks across it.
-        donors = [d for d in by_kind[(_family(r), other_kind)] if is_held_out(d["prompt"].strip(), held_out_fraction) == held_out]
+        donors = [d for d in by_kind[(_family(r), other_kind)] if held_out_of[d["prompt"].strip()] == held_out]
         if not donors:
             continue
         donor = donors[int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(donors)]
