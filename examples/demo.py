@@ -140,6 +140,8 @@ def online(policy: Path, out: Path, row: str, seed: int, overrides: Sequence[str
     """Online DPO from `policy` with conf/demo/ROW.yaml; resumed if interrupted, skipped when finished."""
     if not (out / "DONE").is_file():
         resume = ["resume_from_checkpoint=true"] if any((out / "checkpoints").glob("step_*/checkpoint.json")) else []
+        if not resume:  # killed before its first checkpoint: nothing to resume, and a fresh run needs an empty dir
+            shutil.rmtree(out, ignore_errors=True)
         rlaif(f"online DPO: {row}", "online_dpo", f"demo/{row}",
               [f"checkpoint_dir={policy}", f"output_dir={out}", f"seed={seed}", *overrides, *resume], out.with_suffix(".log"))  # fmt: skip
         (out / "DONE").write_text(str(latest_checkpoint(out / "checkpoints")))

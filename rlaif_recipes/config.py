@@ -25,6 +25,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torchtune.config._utils import _get_component_from_path
 
+from rlaif_recipes.errors import ConfigError, RecipeError, debug, one_line
+
 
 def _find_conf_dir() -> Path:
     installed = Path(__file__).resolve().parent / "conf"  # a wheel ships conf/ inside the package
@@ -45,10 +47,6 @@ def asset_path(name: str) -> str:
 
 
 OmegaConf.register_new_resolver("asset", asset_path, replace=True)
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message is one line naming the problem and the fix."""
 
 
 def config_names() -> List[str]:
@@ -111,6 +109,7 @@ def validate(cfg: DictConfig, schema: Optional[type] = None) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve an interpolation: {_first_line(e)}") from None
+    _check_env_names(cfg, "")
     if schema is not None:
         cfg = _apply_schema(cfg, schema)
     _check_components(cfg, "")
@@ -120,7 +119,8 @@ def validate(cfg: DictConfig, schema: Optional[type] = None) -> DictConfig:
 def parse(schema: Optional[type] = None) -> Callable:
     """Decorator for a recipe's main: like torchtune's `config.parse`, but Hydra-composed.
 
-    Config errors exit with one line on stderr before the recipe starts.
+    Config errors exit with one line on stderr before the recipe starts; so does any
+    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`).
     """
 
     def decorator(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
@@ -128,26 +128,35 @@ def parse(schema: Optional[type] = None) -> Callable:
         def wrapper() -> Any:
             try:
                 config, overrides = split_argv(sys.argv[1:])
-                cfg = load(config, overrides, schema)
-            except ConfigError as e:
-                sys.exit(f"config error: {e}")
-            return recipe_main(cfg)
+                return recipe_main(load(config, overrides, schema))
+            except RecipeError as e:
+                if debug():
+                    raise
+                sys.exit(one_line(e))
 
         return wrapper
 
     return decorator
 
 
-def build(spec: Any) -> Any:
+def build(spec: Any, key: str = "") -> Any:
     """A nested component inside an instantiated object's arguments (torchtune's `instantiate`
     passes nested nodes as plain dicts): a `{_component_: ...}` mapping is built, a dotted path
-    string is imported, anything else is returned as it is."""
+    string is imported, anything else is returned as it is. `key` (e.g. "judge.rule") names the
+    setting in the one-line error when a path does not import."""
     if isinstance(spec, (dict, DictConfig)) and "_component_" in spec:
-        kwargs = {k: build(v) if isinstance(v, (dict, DictConfig)) and "_component_" in v else v for k, v in spec.items() if k != "_component_"}
-        return _get_component_from_path(spec["_component_"])(**kwargs)
+        kwargs = {k: build(v, f"{key}.{k}") if isinstance(v, (dict, DictConfig)) and "_component_" in v else v for k, v in spec.items() if k != "_component_"}
+        return _import(spec["_component_"], f"{key}._component_")(**kwargs)
     if isinstance(spec, str) and "." in spec:
-        return _get_component_from_path(spec)
+        return _import(spec, key)
     return spec
+
+
+def _import(path: str, key: str) -> Any:
+    try:
+        return _get_component_from_path(path)
+    except Exception:
+        raise ConfigError(f"{key or 'a component'}={path}: cannot import it; give a dotted path module.name that exists") from None
 
 
 def split_argv(argv: List[str]) -> Tuple[str, List[str]]:
@@ -165,6 +174,7 @@ def split_argv(argv: List[str]) -> Tuple[str, List[str]]:
 
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|access_token|auth_token|hf_token)$", re.I)
 _SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REDACTED = "***REDACTED***"
 
 
@@ -177,7 +187,8 @@ def redacted(cfg: DictConfig) -> Dict[str, Any]:
             return {k: walk(v, str(k)) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v, key) for v in node]
-        if isinstance(node, str) and (_SECRET_KEY.search(key) or any(s in node for s in secrets)):
+        pasted = key.endswith("_env") and isinstance(node, str) and not _ENV_NAME.match(node)
+        if isinstance(node, str) and (pasted or _SECRET_KEY.search(key) or any(s in node for s in secrets)):
             return REDACTED
         return node
 
@@ -211,6 +222,23 @@ def _missing_keys(node: Any, path: str) -> List[str]:
         elif not OmegaConf.is_interpolation(node, key):
             found += _missing_keys(node._get_node(key), child)
     return found
+
+
+def _check_env_names(node: Any, path: str) -> None:
+    """`*_env` keys name an environment variable; a pasted key is refused without echoing it."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _check_env_names(item, f"{path}[{i}]")
+    elif isinstance(node, DictConfig):
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            if str(key).endswith("_env") and isinstance(value, str) and not _ENV_NAME.match(value):
+                raise ConfigError(
+                    f"'{child}' must be the NAME of an environment variable (like OPENAI_API_KEY), and this value is "
+                    "not a variable name (a pasted key?); it is not shown or saved: export the key and set "
+                    f"{child}=VARIABLE_NAME"
+                )
+            _check_env_names(value, child)
 
 
 def _apply_schema(cfg: DictConfig, schema: type) -> DictConfig:

@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torchtune import training, utils
 
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.logprobs import collate_responses, sequence_logprobs
 from rlaif_recipes.models.get_model import get_model
 from rlaif_recipes.models.hf_model import hf_checkpointer
@@ -63,7 +64,7 @@ class FluencyScorer:
         if model_dir is None:
             model_dir = str(get_model(DEFAULT_MODEL))
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: score at least one reply per forward pass")
+            raise ConfigError(f"batch_size={batch_size}: score at least one reply per forward pass")
         self.model_dir = str(model_dir)
         self.min_mean_logprob = min_mean_logprob
         self.max_disfluent_rate = max_disfluent_rate

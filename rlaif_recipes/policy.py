@@ -1,12 +1,43 @@
-"""Build the trainable policy from config, on one process or sharded with FSDP2 across ranks."""
+"""Build the trainable policy from config, on one process or sharded with FSDP2 across ranks, and
+check the settings it is built with before anything heavy starts."""
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torchtune import config, modules, training
+from torchtune import config, modules, training, utils
+
+from rlaif_recipes.errors import ConfigError
+
+
+def device_and_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
+    """torchtune's device and dtype, refusing a device this machine lacks (torchtune would not)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}, but this machine has no usable CUDA GPU (torch {torch.__version__}); use device=cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConfigError(f"device={device!r}: use device=cpu or device=cuda")
+    torch_device = utils.get_device(device)
+    try:
+        return torch_device, training.get_dtype(dtype, device=torch_device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"dtype={dtype} on device={device}: {str(e).splitlines()[0]}; use dtype=fp32 or bf16") from None
+
+
+def check_optimizer(optimizer: DictConfig, lr_scheduler: Optional[DictConfig] = None) -> None:
+    """Build the optimizer (and schedule) on a stand-in parameter, so a bad `optimizer.lr` fails
+    in one line before the model is built rather than in torch's words after it."""
+    try:
+        built = config.instantiate(optimizer, [nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {str(e).splitlines()[0]}; fix optimizer.* in the config") from None
+    if lr_scheduler is None:
+        return
+    try:
+        config.instantiate(lr_scheduler, built, num_training_steps=1)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"lr_scheduler: {str(e).splitlines()[0]}; fix lr_scheduler.* in the config") from None
 
 
 def build_policy(

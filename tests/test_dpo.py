@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.checkpointing import CheckpointError, CheckpointManager
 from rlaif_recipes.data import preference_dataset, tokenize_preferences, xstest_pairs
+from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Pair, RuleJudge, Verdict
 from rlaif_recipes.judges.rules import answers_instead_of_refusing
 from rlaif_recipes.recipes import dpo
@@ -113,12 +114,12 @@ def test_preference_formats_load_the_same_pairs(tmp_path, tiny_model_dir):
 
 def test_bad_preference_data_fails_with_one_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "q", "answer": "a"}) + "\n")
-    with pytest.raises(ValueError, match="needs 'chosen' and 'rejected'"):
+    with pytest.raises(DataError, match="needs 'chosen' and 'rejected'"):
         preference_dataset(str(tmp_path / "bad.jsonl"))
     (tmp_path / "noprompt.jsonl").write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
-    with pytest.raises(ValueError, match="a 'prompt' column is needed"):
+    with pytest.raises(DataError, match="a 'prompt' column is needed"):
         preference_dataset(str(tmp_path / "noprompt.jsonl"))
-    with pytest.raises(FileNotFoundError, match="dataset.source"):
+    with pytest.raises(DataError, match="dataset.source"):
         preference_dataset(str(tmp_path / "missing.jsonl"))
     assert len(preference_dataset("xstest", split="held_out")) == len(xstest_pairs(split="held_out"))
 
@@ -176,7 +177,7 @@ def test_checkpoint_loads_in_transformers_and_resume_is_exact(tmp_path, tiny_mod
     with pytest.raises(SystemExit) as exit_info:
         dpo.recipe_main()
     message = str(exit_info.value.code)
-    assert message.startswith("checkpoint error:") and "global_batch_size" in message and "\n" not in message
+    assert message.startswith("output error:") and "batch_size=4, this run has batch_size=2" in message and "\n" not in message
 
 
 def test_lora_with_precomputed_reference(tmp_path, tiny_model_dir):

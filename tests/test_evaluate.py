@@ -10,6 +10,7 @@ from conftest import run_cli
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import asset_path
 from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.errors import CheckpointError
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.recipes import evaluate as ev
 from rlaif_recipes.report import read_report
@@ -79,14 +80,12 @@ def test_missing_checkpoint_fails_in_one_line_before_any_engine_starts(tmp_path:
     cfg = rlaif_config.load(
         "evaluate", [f"checkpoint_dir={tmp_path / 'nope'}", f"output_dir={tmp_path}"], ev.EvaluateSettings
     )
-    with pytest.raises(
-        FileNotFoundError, match=r"checkpoint_dir=.*nope is not an HF model directory \(no config.json\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"no config.json in .*nope \(the directory does not exist\); point checkpoint_dir"):
         ev.EvaluateRecipe(cfg)
 
 
 def test_fluency_model_that_is_not_an_hf_dir_fails_in_one_line_before_sampling(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = rlaif_config.load("evaluate", [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path}",
                                          f"fluency.model_dir={tmp_path / 'nope'}"], ev.EvaluateSettings)  # fmt: skip
-    with pytest.raises(FileNotFoundError, match=r"fluency.model_dir=.*nope is not an HF model directory \(no config.json\)"):
+    with pytest.raises(CheckpointError, match=r"no config.json in .*nope \(the directory does not exist\)"):
         ev.EvaluateRecipe(cfg)

@@ -14,6 +14,7 @@ from conftest import run_cli
 from servers import FaultServer
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Pair
 from rlaif_recipes.judges.router import pair_id
 from rlaif_recipes.recipes import judge_pairs as jp
@@ -250,7 +251,5 @@ def test_bad_input_dir_fails_before_the_judge_is_built(tmp_path: Path) -> None:
     cfg = rlaif_config.load(
         "judge_pairs", [f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}"], jp.JudgePairsSettings
     )
-    with pytest.raises(
-        FileNotFoundError, match="no generated shards in .*; set input_dir to a generate_pairs output_dir"
-    ):
+    with pytest.raises(DataError, match="no generated shards in .*; set input_dir to a generate_pairs output_dir"):
         jp.JudgePairsRecipe(cfg)

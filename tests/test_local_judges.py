@@ -17,6 +17,7 @@ import yaml
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR
+from rlaif_recipes.errors import CheckpointError
 from rlaif_recipes.judges import JudgmentCache, LLMJudge, Pair, Verdict
 from rlaif_recipes.judges.llm import prob_a_from_logprobs
 from rlaif_recipes.policy import full_state_dict
@@ -179,7 +180,7 @@ def test_judge_and_sampler_share_a_process(engines, policy: torch.nn.Module) -> 
 def test_bad_settings_fail_before_the_engine_starts(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a rubric"):
         LLMJudge(str(tiny_model_dir))
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         LLMJudge(str(tmp_path), rubric=FALSE_REFUSAL)
 
 

@@ -16,7 +16,7 @@ from conftest import load_policy, run_cli
 from safetensors.torch import load_file
 
 from rlaif_recipes import config as rlaif_config
-from rlaif_recipes.checkpointing import CheckpointError
+from rlaif_recipes.errors import CheckpointError, ConfigError, OutputError
 from rlaif_recipes.judges import Judgment, Pair, RuleJudge, Verdict
 from rlaif_recipes.judges.rules import ContainsWords
 from rlaif_recipes.recipes.online_dpo import OnlineDPORecipe, OnlineDPOSettings, pick_pair
@@ -180,14 +180,12 @@ def copy_run(src: Path, dest: Path) -> Path:
 @pytest.mark.slow
 def test_checkpoint_errors_are_clear(tmp_path: Path, tiny_model_dir: Path, finished_run: Path) -> None:
     run = copy_run(finished_run, tmp_path / "run")
-    recipe, cfg = recipe_for(tiny_model_dir, run)
-    with pytest.raises(ValueError, match="already holds checkpoints.*resume_from_checkpoint=true"):
-        recipe.setup(cfg)
-    recipe, cfg = recipe_for(tiny_model_dir, run, "resume_from_checkpoint=true", "n=3")
-    with pytest.raises(CheckpointError, match="incompatible: it was written with n=2, this run has n=3"):
-        recipe.setup(cfg)
+    with pytest.raises(OutputError, match="already holds this online_dpo run's output.*resume_from_checkpoint=true"):
+        recipe_for(tiny_model_dir, run)
+    with pytest.raises(OutputError, match="holds an earlier online_dpo run with n=2, this run has n=3"):
+        recipe_for(tiny_model_dir, run, "resume_from_checkpoint=true", "n=3")
     recipe, cfg = recipe_for(tiny_model_dir, run, "resume_from_checkpoint=true")
-    with pytest.raises(ValueError, match="at step 4 and max_steps=4: nothing left to do"):
+    with pytest.raises(ConfigError, match="at step 4 and max_steps=4: nothing left to do"):
         recipe.setup(cfg)
     weights_file = run / "checkpoints" / "step_0000004" / "model.safetensors"
     weights_file.write_bytes(b"\0" * weights_file.stat().st_size)  # same size: only loading can tell
@@ -201,10 +199,10 @@ def test_checkpoint_errors_are_clear(tmp_path: Path, tiny_model_dir: Path, finis
 
 def test_bad_settings_fail_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(
-        ValueError, match="checkpoint_every=3: checkpoint_every must be a positive multiple of sync_every=2"
+        ConfigError, match="checkpoint_every=3: checkpoint_every must be a positive multiple of sync_every=2"
     ):
         recipe_for(tiny_model_dir, tmp_path, "sync_every=2", "checkpoint_every=3")
-    with pytest.raises(ValueError, match="n=1: a preference pair needs at least 2"):
+    with pytest.raises(ConfigError, match="n=1: a preference pair needs at least 2"):
         recipe_for(tiny_model_dir, tmp_path, "n=1")
 
 

@@ -17,6 +17,7 @@ import yaml
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR
 from rlaif_recipes.data import xstest_pairs
+from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.judges import Pair, RewardModelJudge, Verdict
 from rlaif_recipes.judges.reward_model import HEAD_CONFIG, HEAD_WEIGHTS, SentenceEncoder
 
@@ -235,7 +236,7 @@ def test_objective_comes_from_the_rubric_and_bad_combinations_fail_first() -> No
         RewardModelJudge(rubric=HELPFUL_HARMLESS, objective="false_refusal")
     with pytest.raises(ValueError, match="objective 'helpful' is unknown"):
         RewardModelJudge(rubric=helpfulness, objective="helpful")
-    with pytest.raises(FileNotFoundError, match="train-reward-model"):
+    with pytest.raises(ConfigError, match="train-reward-model"):
         RewardModelJudge("/nonexistent/head", rubric=FALSE_REFUSAL)
 
 
@@ -245,7 +246,7 @@ def test_a_tampered_head_is_refused(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes((shipped / name).read_bytes())
     config = json.loads((tmp_path / HEAD_CONFIG).read_text())
     (tmp_path / HEAD_CONFIG).write_text(json.dumps({**config, "head_sha256": "0" * 64}))
-    with pytest.raises(ValueError, match="does not match the sha256"):
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
         RewardModelJudge(str(tmp_path), rubric=FALSE_REFUSAL)
 
 

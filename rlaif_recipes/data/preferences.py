@@ -14,13 +14,21 @@ held-out split is the prompt-hash split every stage shares (`is_held_out`).
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
-from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.prompts import (
+    check_cap,
+    check_fraction,
+    check_split,
+    is_held_out,
+    kind_of,
+    read_table,
+)
 from rlaif_recipes.data.xstest_pairs import xstest_pairs
+from rlaif_recipes.errors import CheckpointError, DataError
 from rlaif_recipes.logprobs import encode_pair
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -34,24 +42,27 @@ def preference_dataset(
     max_pairs: Optional[int] = None,
 ) -> Dataset:
     """Rows: `prompt_messages` (chat messages), `prompt` (the last user turn, text), `chosen` and
-    `rejected` (response texts)."""
-    if split not in ("train", "held_out", "all"):
-        raise ValueError(f"dataset.split={split!r}; use train, held_out or all")
+    `rejected` (response texts). Every row is checked here, so bad data fails before tokenising."""
+    check_split("dataset.split", split)
+    check_fraction("dataset.held_out_fraction", held_out_fraction)
+    check_cap("dataset.max_pairs", max_pairs)
     if source == "xstest":
-        ds = xstest_pairs(split=split, held_out_fraction=held_out_fraction)
-        split = "all"  # already split, by the same hash
+        ds = xstest_pairs(split=split, held_out_fraction=held_out_fraction)  # already split, by the same hash
     else:
         ds = _load(source)
-    first = ds[0] if len(ds) else {}
-    normalise = _layout(source, ds.column_names, first)
-    ds = ds.map(normalise, remove_columns=ds.column_names)
-    if split != "all":
-        want = split == "held_out"
-        ds = ds.filter(lambda row: is_held_out(row["prompt"], held_out_fraction) == want)
+    if len(ds):
+        ds = ds.map(_layout(source, ds.column_names, ds[0]), with_indices=True, remove_columns=ds.column_names)
+        _check_pairs(source, ds)
+        if split != "all" and source != "xstest":
+            want = split == "held_out"
+            ds = ds.filter(lambda row: is_held_out(row["prompt"], held_out_fraction) == want)
+    if len(ds) == 0:
+        raise DataError(
+            f"no preference pairs in {source} for dataset.split={split} with dataset.held_out_fraction={held_out_fraction}; "
+            "use another split or fraction"
+        )
     if max_pairs is not None:
         ds = ds.select(range(min(max_pairs, len(ds))))
-    if len(ds) == 0:
-        raise ValueError(f"no preference pairs in {source} (split={split}); check dataset.source and dataset.split")
     return ds
 
 
@@ -63,7 +74,7 @@ def tokenize_preferences(ds: Dataset, checkpoint_dir: str, max_seq_len: Optional
     """
     tok = AutoTokenizer.from_pretrained(checkpoint_dir)
     if not tok.chat_template:
-        raise ValueError(f"{checkpoint_dir} has no chat_template in tokenizer_config.json; add one to tokenise chats")
+        raise CheckpointError(f"{checkpoint_dir} has no chat_template in tokenizer_config.json; add one to tokenise chats")
 
     def render(messages: Messages, generation_prompt: bool) -> List[int]:
         out = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
@@ -75,7 +86,7 @@ def tokenize_preferences(ds: Dataset, checkpoint_dir: str, max_seq_len: Optional
         for text in (row["chosen"], row["rejected"]):
             full = render(row["prompt_messages"] + [{"role": "assistant", "content": text}], False)
             if full[: len(prompt)] != prompt:
-                raise ValueError(
+                raise CheckpointError(
                     f"the chat template of {checkpoint_dir} renders the prompt differently once a response "
                     "follows, so response tokens cannot be separated; use a template that extends the prompt"
                 )
@@ -91,42 +102,66 @@ def _load(source: str) -> Dataset:
     if path.is_dir():
         shards = sorted(path.glob("data/shard-*.parquet"))  # a judge_pairs output_dir
         if shards:
-            return load_dataset("parquet", data_files=[str(p) for p in shards], split="train")
-        return load_from_disk(str(path))
+            return read_table(source, shards, "parquet", "dataset.source")
+        if not (path / "state.json").is_file():
+            raise DataError(
+                f"{source} is a directory with neither data/shard-*.parquet (a judge_pairs output_dir) nor state.json "
+                "(a Dataset.save_to_disk directory); set dataset.source to one of those, a file, or xstest"
+            )
+        ds = load_from_disk(str(path))
+        if len(ds) == 0:
+            raise DataError(f"{source} has no rows; add some, or set dataset.source to other data")
+        return ds
     if not path.is_file():
-        raise FileNotFoundError(f"preference data {source} does not exist; set dataset.source=PATH (or xstest)")
+        raise DataError(f"preference data {source} does not exist; set dataset.source=PATH (or xstest)")
     if path.suffix not in _FORMATS:
-        raise ValueError(f"preference file {source} must end in one of {sorted(_FORMATS)} (or be a save_to_disk directory)")
-    return load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+        raise DataError(
+            f"preference file {source} must end in one of {sorted(_FORMATS)} (or be a save_to_disk directory); "
+            "set dataset.source to such a file"
+        )
+    return read_table(source, [path], _FORMATS[path.suffix], "dataset.source")
 
 
-def _layout(source: str, columns: List[str], first: Dict[str, Any]):
-    """The row normaliser for this file's layout, or a one-line error naming what is missing."""
+def _layout(source: str, columns: List[str], first: Dict[str, Any]) -> Callable[[Dict[str, Any], int], Dict[str, Any]]:
+    """The row normaliser for this file's layout (row 0's); it fails on a row that does not fit, naming it."""
     if not {"chosen", "rejected"} <= set(columns):
-        raise ValueError(
+        raise DataError(
             f"{source} has columns {columns}; a preference dataset needs 'chosen' and 'rejected' "
             "(lists of chat messages, or texts with a 'prompt' column)"
         )
-    conversational = isinstance(first.get("chosen"), list)
+    conversational = _is_chat(f"{source}: row 0 (0-based)", "chosen", first["chosen"])
     if not conversational and "prompt" not in columns:
-        raise ValueError(f"{source}: 'chosen'/'rejected' are texts, so a 'prompt' column is needed (columns: {columns})")
+        raise DataError(f"{source}: 'chosen'/'rejected' are texts, so a 'prompt' column is needed (columns: {columns})")
+    layout = "a list of chat messages" if conversational else "text"
 
-    def as_messages(prompt: Any) -> Messages:
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [_message(m) for m in prompt]
+    def as_messages(where: str, prompt: Any) -> Messages:
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}] if prompt.strip() else []
+        if isinstance(prompt, list):
+            return [_message(where, m) for m in prompt]
+        raise DataError(f"{where}: 'prompt' must be text or a list of chat messages, got {kind_of(prompt)}")
 
-    def normalise(row: Dict[str, Any]) -> Dict[str, Any]:
+    def normalise(row: Dict[str, Any], idx: int) -> Dict[str, Any]:
+        where = f"{source}: row {idx} (0-based)"
+        for name in ("chosen", "rejected"):
+            if _is_chat(where, name, row[name]) != conversational:
+                other = "text" if conversational else "a list of chat messages"
+                raise DataError(f"{where}: '{name}' is {other} but row 0's 'chosen' is {layout}; use one layout in every row")
         if conversational:
-            chosen, rejected = [_message(m) for m in row["chosen"]], [_message(m) for m in row["rejected"]]
+            chosen, rejected = [_message(where, m) for m in row["chosen"]], [_message(where, m) for m in row["rejected"]]
             if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise ValueError(f"{source}: each 'chosen'/'rejected' conversation must end with an assistant message")
-            prompt = as_messages(row["prompt"]) if "prompt" in row and row["prompt"] else chosen[:-1]
+                raise DataError(f"{where}: each 'chosen'/'rejected' conversation must end with an assistant message")
+            prompt = as_messages(where, row["prompt"]) if "prompt" in row and row["prompt"] else chosen[:-1]
             if "prompt" not in row and chosen[:-1] != rejected[:-1]:
-                raise ValueError(f"{source}: 'chosen' and 'rejected' must share the turns before the last one (the prompt)")
+                raise DataError(f"{where}: 'chosen' and 'rejected' must share the turns before the last one (the prompt)")
             chosen_text, rejected_text = chosen[-1]["content"], rejected[-1]["content"]
         else:
-            prompt, chosen_text, rejected_text = as_messages(row["prompt"]), row["chosen"], row["rejected"]
+            prompt, chosen_text, rejected_text = as_messages(where, row["prompt"]), row["chosen"], row["rejected"]
         if not prompt:
-            raise ValueError(f"{source}: a pair has an empty prompt")
+            raise DataError(f"{where}: the prompt is empty; fill it or remove that row")
+        for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+            if not text.strip():
+                raise DataError(f"{where}: the '{name}' response is empty; fill it or remove that row")
         users = [m["content"] for m in prompt if m["role"] == "user"]
         return {
             "prompt_messages": prompt,
@@ -138,7 +173,26 @@ def _layout(source: str, columns: List[str], first: Dict[str, Any]):
     return normalise
 
 
-def _message(m: Any) -> Dict[str, str]:
+def _is_chat(where: str, name: str, value: Any) -> bool:
+    """Whether a `chosen`/`rejected` value is a conversation (else text); anything else would fail
+    far later, inside the chat template."""
+    if not isinstance(value, (str, list)):
+        raise DataError(f"{where}: '{name}' must be text or a list of chat messages, got {kind_of(value)}")
+    return isinstance(value, list)
+
+
+def _message(where: str, m: Any) -> Dict[str, str]:
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
-        raise ValueError(f"chat messages must be {{'role': ..., 'content': ...}} mappings, got {m!r:.80}")
+        raise DataError(f"{where}: chat messages must be {{'role': ..., 'content': ...}} mappings, got {m!r:.80}")
+    if not isinstance(m["content"], str):
+        raise DataError(f"{where}: a chat message's 'content' must be text, got {kind_of(m['content'])}")
     return {"role": m["role"], "content": m["content"]}
+
+
+def _check_pairs(source: str, ds: Dataset) -> None:
+    same = [idx for idx, (chosen, rejected) in enumerate(zip(ds["chosen"], ds["rejected"])) if chosen == rejected]
+    if same:
+        raise DataError(
+            f"{source}: {len(same)} of {len(ds)} pairs have 'chosen' identical to 'rejected' (first: row {same[0]} (0-based)); "
+            "such a pair teaches nothing (DPO loss stays log 2): remove them"
+        )

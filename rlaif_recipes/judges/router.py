@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.judges.panel import absorb_metrics, build_judge
 
@@ -49,11 +50,11 @@ class PromptMatches:
 
     def __init__(self, patterns: Sequence[str]) -> None:
         if not patterns:
-            raise ValueError("PromptMatches needs at least one pattern (patterns=[...])")
+            raise ConfigError("PromptMatches needs at least one pattern (patterns=[...])")
         try:
             self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
         except re.error as e:
-            raise ValueError(f"PromptMatches: bad regular expression in {list(patterns)}: {e}") from None
+            raise ConfigError(f"PromptMatches: bad regular expression in {list(patterns)}: {e}") from None
 
     def __call__(self, pair: Pair) -> bool:
         return self.pattern.search(pair.prompt) is not None
@@ -61,6 +62,7 @@ class PromptMatches:
 
 class RouterJudge(PairwiseJudge):
     symmetric = True  # the inner judge handles the order; the router sees each pair once
+    RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + ("review_path",)
 
     def __init__(
         self,
@@ -73,15 +75,15 @@ class RouterJudge(PairwiseJudge):
         name: Optional[str] = None,
     ) -> None:
         if pending not in PENDING:
-            raise ValueError(f"judge.pending={pending!r}: choose one of {', '.join(PENDING)}")
+            raise ConfigError(f"judge.pending={pending!r}: choose one of {', '.join(PENDING)}")
         if not 0 <= min_confidence <= 0.5:
-            raise ValueError(f"judge.min_confidence={min_confidence}: must be in [0, 0.5] (a margin around P(A)=0.5)")
+            raise ConfigError(f"judge.min_confidence={min_confidence}: must be in [0, 0.5] (a margin around P(A)=0.5)")
         self.inner = build_judge(judge, "judge.judge")
         super().__init__(rubric=self.inner.rubric, order="fixed", name=name)
-        self.rules = [rlaif_config.build(r) for r in high_stakes]
+        self.rules = [rlaif_config.build(r, f"judge.high_stakes[{i}]") for i, r in enumerate(high_stakes)]
         for spec, rule in zip(high_stakes, self.rules):
             if not callable(rule):
-                raise ValueError(f"judge.high_stakes: {spec!r} is not callable; give a dotted path or {{_component_: ...}} of a rule(pair) -> bool")
+                raise ConfigError(f"judge.high_stakes: {spec!r} is not callable; give a dotted path or {{_component_: ...}} of a rule(pair) -> bool")
         self.min_confidence = min_confidence
         self.pending = pending
         self.queue = ReviewQueue(review_path)
@@ -156,7 +158,12 @@ class ReviewQueue:
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # now, not when the first doubtful pair arrives mid-run
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"judge.review_path={path}: cannot write there ({e.strerror}); choose a writable path") from None
 
     def entries(self) -> List[Dict[str, Any]]:
         return list(_read_jsonl(self.path, strict=False))
@@ -197,7 +204,7 @@ def read_human_labels(path: Optional[str]) -> Dict[str, Dict[str, Any]]:
         return labels
     for n, row in enumerate(_read_jsonl(Path(path), strict=True), 1):
         if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
-            raise ValueError(
+            raise DataError(
                 f"{path}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}), got {row!r}; fix or remove that line"
             )
         labels[row["pair_id"]] = row
@@ -247,7 +254,7 @@ def _read_jsonl(path: Path, strict: bool) -> Iterator[Any]:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
                 if strict:
-                    raise ValueError(f"{path}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
+                    raise DataError(f"{path}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
 
 
 def _last_byte(path: Path) -> bytes:

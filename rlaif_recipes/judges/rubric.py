@@ -9,6 +9,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
+from rlaif_recipes.errors import ConfigError
+
 SYSTEM_TEMPLATE = """You are an impartial judge. You compare two responses to the same user request under this rubric.
 
 Rubric "{name}" (version {version}):
@@ -43,7 +45,7 @@ class Rubric:
     def from_config(cls, cfg: Mapping[str, Any]) -> "Rubric":
         missing = {"name", "version", "criteria"} - set(cfg)
         if missing:
-            raise ValueError(f"rubric is missing {sorted(missing)}; a rubric yaml needs name, version and criteria")
+            raise ConfigError(f"rubric is missing {sorted(missing)}; a rubric yaml needs name, version and criteria")
         return cls(name=str(cfg["name"]), version=int(cfg["version"]), criteria=str(cfg["criteria"]).strip())
 
     @property

@@ -3,6 +3,7 @@
 from typing import Any, Callable, Dict, List, Union
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 
 
@@ -11,9 +12,9 @@ class RuleJudge(PairwiseJudge):
 
     def __init__(self, rule: Union[str, Dict[str, Any], Callable[[str, str], float]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.rule = rlaif_config.build(rule)
+        self.rule = rlaif_config.build(rule, "judge.rule")
         if not callable(self.rule):
-            raise ValueError(f"judge.rule={rule!r} is not callable; give a dotted path to a function or a {{_component_: ...}}")
+            raise ConfigError(f"judge.rule={rule!r} is not callable; give a dotted path to a function or a {{_component_: ...}}")
         self._rule_name = rule if isinstance(rule, str) else repr(rule)
 
     @property

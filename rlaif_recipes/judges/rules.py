@@ -7,6 +7,8 @@ Higher is better. They are for verifiable criteria, for tests, and for the refus
 import re
 from typing import Sequence
 
+from rlaif_recipes.errors import ConfigError
+
 # XSTest's string-match classifier (Röttger et al. 2024) looks at how a response starts; the extra
 # openings are the ones Llama-2-chat (whose completions ship with XSTest) uses to refuse.
 REFUSAL_OPENINGS = (
@@ -46,7 +48,7 @@ class ContainsWords:
 
     def __init__(self, words: Sequence[str]) -> None:
         if not words:
-            raise ValueError("rule ContainsWords needs at least one word (words=[...])")
+            raise ConfigError("rule ContainsWords needs at least one word (words=[...])")
         self.pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
 
     def __call__(self, prompt: str, response: str) -> float:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torchtune.rlhf.loss import DPOLoss
 
+from rlaif_recipes.errors import ConfigError
+
 LossOutput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -22,7 +24,7 @@ class IPOLoss(nn.Module):
     def __init__(self, tau: float = 0.1, average_logprobs: bool = True) -> None:
         super().__init__()
         if tau <= 0:
-            raise ValueError(f"loss.tau={tau}: IPO needs tau > 0 (its target margin is 1 / (2 tau))")
+            raise ConfigError(f"loss.tau={tau}: IPO needs tau > 0 (its target margin is 1 / (2 tau))")
         self.tau = tau
         self.average_logprobs = average_logprobs
 

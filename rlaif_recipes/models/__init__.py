@@ -1,7 +1,9 @@
-"""Model builders that read an HF checkpoint directory, the hub-free model fetcher, and the tiny test model."""
+"""Model builders that read an HF checkpoint directory, a cheap check of one, the hub-free model fetcher, and the
+tiny test model."""
 
 from rlaif_recipes.models.hf_model import (
     UnsupportedModelError,
+    check_checkpoint_dir,
     decoder_from_hf_dir,
     hf_checkpointer,
     hf_config,
@@ -13,6 +15,7 @@ from rlaif_recipes.models.tiny import make_tiny_model
 
 __all__ = [
     "UnsupportedModelError",
+    "check_checkpoint_dir",
     "decoder_from_hf_dir",
     "hf_checkpointer",
     "hf_config",

@@ -13,6 +13,8 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from transformers import AutoTokenizer
 
+from rlaif_recipes.errors import CheckpointError
+
 
 class HFChatTokenizer(ModelTokenizer, Transform):
     """Tokenize chat messages with the chat template in `path` (an HF checkpoint directory).
@@ -25,7 +27,7 @@ class HFChatTokenizer(ModelTokenizer, Transform):
     def __init__(self, path: str, max_seq_len: Optional[int] = None) -> None:
         self.hf = AutoTokenizer.from_pretrained(path)
         if not self.hf.chat_template:
-            raise ValueError(f"{path} has no chat_template in tokenizer_config.json; add one or use a torchtune tokenizer")
+            raise CheckpointError(f"{path} has no chat_template in tokenizer_config.json; add one or use a torchtune tokenizer")
         self.max_seq_len = max_seq_len
         self.special_tokens: Dict[str, int] = {t: self.hf.convert_tokens_to_ids(t) for t in self.hf.all_special_tokens}
         self.bos_id = self.hf.bos_token_id
@@ -69,7 +71,7 @@ class HFChatTokenizer(ModelTokenizer, Transform):
     def _extend(tokens: List[int], mask: List[bool], rendered: List[int], masked: bool) -> Tuple[List[int], List[bool]]:
         """Take the tokens `rendered` adds after `tokens`, all with the same mask value."""
         if rendered[: len(tokens)] != tokens:
-            raise ValueError(
+            raise CheckpointError(
                 "the chat template does not render a conversation prefix by prefix (a later message "
                 "changes earlier tokens), so HFChatTokenizer cannot mask it turn by turn"
             )

@@ -35,8 +35,10 @@ from omegaconf import DictConfig
 from torchtune import config, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.report import Bars, markdown_table, write_report
+from rlaif_recipes.run_dir import claim, run_identity
 
 log = utils.get_logger("INFO")
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -61,9 +63,9 @@ class AuditJudgeSettings:
 class AuditJudgeRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         if cfg.injection_at not in ("end", "start"):
-            raise ValueError(f"injection_at={cfg.injection_at!r}: choose end or start (where the instruction goes in the losing response)")
+            raise ConfigError(f"injection_at={cfg.injection_at!r}: choose end or start (where the instruction goes in the losing response)")
         if "{letter}" not in cfg.injection:
-            raise ValueError("injection must contain {letter}: it becomes the losing response's slot (A or B)")
+            raise ConfigError("injection must contain {letter}: it becomes the losing response's slot (A or B)")
         self._output_dir = Path(cfg.output_dir)
         self._seed = cfg.seed
         self._injection = cfg.injection
@@ -74,20 +76,21 @@ class AuditJudgeRecipe:
         data = config.instantiate(cfg.pairs)
         missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
         if missing:
-            raise ValueError(f"the pairs dataset lacks column(s) {missing} (has {data.column_names}); it needs prompt, chosen, rejected")
+            raise DataError(f"the pairs dataset lacks column(s) {missing} (has {data.column_names}); it needs prompt, chosen, rejected")
         for column, allowed in (cfg.where or {}).items():
             if column not in data.column_names:
-                raise ValueError(f"where.{column}: no such column in the pairs dataset (columns: {', '.join(data.column_names)})")
+                raise ConfigError(f"where.{column}: no such column in the pairs dataset (columns: {', '.join(data.column_names)})")
             data = data.filter(lambda value, allowed=set(allowed): value in allowed, input_columns=column)
         if cfg.max_pairs is not None:
             data = data.select(range(min(cfg.max_pairs, len(data))))
         if len(data) == 0:
-            raise ValueError(f"no pairs left to audit after where={dict(cfg.where or {})} and max_pairs={cfg.max_pairs}")
+            raise DataError(f"no pairs left to audit after where={dict(cfg.where or {})} and max_pairs={cfg.max_pairs}")
         unknown = [c for c in cfg.group_by or [] if c not in data.column_names]
         if unknown:
-            raise ValueError(f"group_by: no column(s) {unknown} in the pairs dataset (columns: {', '.join(data.column_names)})")
+            raise ConfigError(f"group_by: no column(s) {unknown} in the pairs dataset (columns: {', '.join(data.column_names)})")
         self._group_by = list(cfg.group_by or [])
         self._rows = data.select_columns([*REQUIRED_COLUMNS, *[c for c in self._group_by if c not in REQUIRED_COLUMNS]]).to_list()
+        claim(cfg.output_dir, "audit_judge", run_identity(cfg, ()), outputs=("audit.json", "audit_pairs.jsonl"))
         self._judge = config.instantiate(cfg.judge)
         rlaif_config.save(cfg, str(self._output_dir))
 

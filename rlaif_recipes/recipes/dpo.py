@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.checkpointing import (
-    CheckpointError,
     CheckpointManager,
     gather_optimizer_state,
     load_optimizer_state,
@@ -54,16 +53,26 @@ from rlaif_recipes.distributed import (
     init_process_group,
     max_over_ranks,
 )
+from rlaif_recipes.errors import ConfigError, DataError
+from rlaif_recipes.files import weights_stamp
 from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_logprobs
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.losses import wants_average_logprobs
+from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
-from rlaif_recipes.policy import build_policy
+from rlaif_recipes.policy import build_policy, check_optimizer, device_and_dtype
+from rlaif_recipes.run_dir import claim, run_identity
 
 log = utils.get_logger("INFO")
 
 REFERENCE_CACHE_VERSION = 1
 PAD_ID = 0  # padded positions are never scored, so any valid id works
+# settings that do not change what the run trains: a resumed run may change them
+RUNTIME_KEYS = (
+    "device", "checkpointer", "reference_cache_dir", "max_steps", "eval_every_n_steps", "save_every_n_steps",
+    "keep_last_checkpoints", "resume_from_checkpoint", "metric_logger", "log_every_n_steps",
+    "enable_activation_checkpointing",
+)
 
 
 @dataclass
@@ -99,13 +108,19 @@ class DPOSettings:
 
 class DPORecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        """Every check that needs no model: settings, checkpoint, optimizer, output directory."""
         if cfg.reference not in ("model", "precomputed"):
-            raise ValueError(f"reference={cfg.reference!r}; use reference=model or reference=precomputed")
-        if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
-            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
-        self._device = utils.get_device(cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+            raise ConfigError(f"reference={cfg.reference!r}; use reference=model or reference=precomputed")
+        for key in ("batch_size", "gradient_accumulation_steps", "epochs", "max_steps"):
+            if cfg[key] is not None and cfg[key] < 1:
+                raise ConfigError(f"{key}={cfg[key]}: must be >= 1 (a run that trains no step is not a run)")
+        self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
+        check_optimizer(cfg.optimizer, cfg.lr_scheduler)
         self._world_size, self._rank = utils.get_world_size_and_rank()
+        if self._rank == 0:
+            claim(cfg.output_dir, "dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
+                  outputs=("checkpoints",), fresh=not cfg.resume_from_checkpoint)
         self._is_rank_zero = self._rank == 0
         self._output_dir = Path(cfg.output_dir)
         self._batch_size = cfg.batch_size
@@ -125,7 +140,7 @@ class DPORecipe:
         self._train = self._load_pairs(cfg.dataset, cfg)
         self._eval = self._load_pairs(cfg.eval_dataset, cfg) if cfg.eval_dataset is not None else []
         if len(self._train) < self._global_batch:
-            raise ValueError(
+            raise DataError(
                 f"{len(self._train)} training pairs cannot fill one global batch of {self._global_batch} "
                 "(batch_size x gradient_accumulation_steps x world size); lower batch_size or add data"
             )
@@ -238,7 +253,7 @@ class DPORecipe:
                 save_file({"logps": logps}, str(tmp), metadata={"key": key, "pairs": str(len(logps))})
                 os.replace(tmp, path)
         if len(logps) != len(self._train) + len(self._eval):
-            raise ValueError(f"reference cache {path} holds {len(logps)} pairs, expected {len(self._train) + len(self._eval)}; delete it")
+            raise DataError(f"reference cache {path} holds {len(logps)} pairs, expected {len(self._train) + len(self._eval)}; delete it")
         return logps[: len(self._train)], logps[len(self._train) :]
 
     @torch.no_grad()
@@ -465,8 +480,6 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         recipe.setup(cfg)
         recipe.train()
-    except CheckpointError as e:
-        sys.exit(f"checkpoint error: {e}")
     finally:
         recipe.cleanup()
         if distributed:

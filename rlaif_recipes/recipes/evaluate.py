@@ -36,13 +36,20 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import ConfigError, DataError
+from rlaif_recipes.files import weights_stamp
 from rlaif_recipes.fluency import FluencyScorer
 from rlaif_recipes.judges.base import Pair, Verdict
-from rlaif_recipes.policy import build_policy
+from rlaif_recipes.models import check_checkpoint_dir
+from rlaif_recipes.policy import build_policy, device_and_dtype
 from rlaif_recipes.report import Bars, format_value, markdown_table, write_report
+from rlaif_recipes.run_dir import claim, run_identity
 from rlaif_recipes.samplers.base import Sampler, derive_seed
 
 log = utils.get_logger("INFO")
+
+# settings that do not change the results: a run may change them and rewrite the same directory
+RUNTIME_KEYS = ("device", "checkpointer")
 
 
 @dataclass
@@ -68,31 +75,33 @@ class EvaluateSettings:
 
 class EvaluateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        """Every check that needs no engine: settings, checkpoints, output directory."""
         if utils.get_world_size_and_rank()[0] > 1:
-            raise RuntimeError("evaluate runs as one process (not under torchrun); for a big policy use "
-                               "sampler=vllm_gpu with sampler.tensor_parallel_size=N")
-        for key in ("checkpoint_dir", "reference_dir", "fluency.model_dir"):
+            raise ConfigError("evaluate runs as one process (not under torchrun); for a big policy use "
+                              "sampler=vllm_gpu with sampler.tensor_parallel_size=N")
+        self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        for key, model in (("checkpoint_dir", cfg.model), ("reference_dir", cfg.model), ("fluency.model_dir", None)):
             path = OmegaConf.select(cfg, key)
-            if path is not None and not (Path(path) / "config.json").is_file():
-                raise FileNotFoundError(f"{key}={path} is not an HF model directory (no config.json); point it at a checkpoint")
+            if path is not None:
+                check_checkpoint_dir(path, model)
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir)
-        self._device = utils.get_device(cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        claim(cfg.output_dir, "evaluate", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
+              outputs=("eval.json", "samples.jsonl"))
         self._sampler: Optional[Sampler] = None
         self._judge = None
         self._fluency: Optional[FluencyScorer] = None
 
     def setup(self, cfg: DictConfig) -> None:
-        self._is_refusal: Callable[[str], bool] = rlaif_config.build(cfg.refusal_classifier)
+        self._is_refusal: Callable[[str], bool] = rlaif_config.build(cfg.refusal_classifier, "refusal_classifier")
         if not callable(self._is_refusal):
-            raise ValueError(f"refusal_classifier={cfg.refusal_classifier!r} is not callable; give a dotted path to a function")
+            raise ConfigError(f"refusal_classifier={cfg.refusal_classifier!r} is not callable; give a dotted path to a function")
         self._prompts = {"safe": config.instantiate(cfg.safe_prompts)}
         if cfg.unsafe_prompts is not None:
             self._prompts["unsafe"] = config.instantiate(cfg.unsafe_prompts)
         empty = [name for name, ds in self._prompts.items() if len(ds) == 0]
         if empty:
-            raise ValueError(f"no {' or '.join(empty)} prompts after filtering; check {empty[0]}_prompts.*")
+            raise DataError(f"no {' or '.join(empty)} prompts after filtering; check {empty[0]}_prompts.*")
         if cfg.reference_dir is not None:
             self._judge = config.instantiate(cfg.judge)
         if cfg.fluency is not None:  # small (135M by default): loaded before sampling, so a bad model fails early

@@ -25,11 +25,19 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.data.prompts import prompts_fingerprint
 from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
-from rlaif_recipes.policy import build_policy
-from rlaif_recipes.samplers.base import derive_seed
+from rlaif_recipes.errors import ConfigError, DataError
+from rlaif_recipes.files import weights_stamp
+from rlaif_recipes.models import check_checkpoint_dir
+from rlaif_recipes.policy import build_policy, device_and_dtype
+from rlaif_recipes.run_dir import claim, run_identity
+from rlaif_recipes.samplers.base import check_pair_sampling, derive_seed
 
 log = utils.get_logger("INFO")
+
+# settings that do not change what the shards hold: a run may change them and continue the directory
+RUNTIME_KEYS = ("device", "checkpointer")
 
 
 @dataclass
@@ -49,27 +57,32 @@ class GeneratePairsSettings:
 
 class GeneratePairsRecipe:
     def __init__(self, cfg: DictConfig) -> None:
-        if cfg.n < 2:
-            raise ValueError(f"n={cfg.n}: a preference pair needs at least 2 responses per prompt (n >= 2)")
-        self._device = utils.get_device(cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        """Every check that needs no engine: settings, weights, output directory."""
+        check_pair_sampling(cfg.sampler, cfg.n)
+        if cfg.prompts_per_shard < 1:
+            raise ConfigError(f"prompts_per_shard={cfg.prompts_per_shard}: a shard needs at least 1 prompt")
+        self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         self._world_size, self._rank = utils.get_world_size_and_rank()
         self._output_dir = Path(cfg.output_dir)
         self._n = cfg.n
         self._prompts_per_shard = cfg.prompts_per_shard
+        self._policy_id = weights_stamp(cfg.checkpoint_dir)
         self._sampler = None
         training.set_seed(seed=cfg.seed)
 
     def setup(self, cfg: DictConfig) -> None:
         self._prompts = config.instantiate(cfg.data)
         if len(self._prompts) == 0:
-            raise ValueError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
+            raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
+        if self._rank == 0:  # before the engine starts: a directory of another run is refused at once
+            claim(cfg.output_dir, "generate_pairs", run_identity(cfg, RUNTIME_KEYS, weights=self._policy_id, prompts=prompts_fingerprint(self._prompts)),
+                  outputs=("data",))
         self._sampler = config.instantiate(cfg.sampler)
         if self._sampler.uses_live_policy:
             checkpoint = config.instantiate(cfg.checkpointer).load_checkpoint()
             policy = build_policy(cfg.model, checkpoint[training.MODEL_KEY], device=self._device, dtype=self._dtype)
             self._sampler.bind_policy(policy)
-        self._policy_id = _checkpoint_id(cfg.checkpoint_dir)
         self._sampling = {**self._sampler.defaults, "n": self._n, "backend": type(self._sampler).__name__}
         if self._rank == 0:
             rlaif_config.save(cfg, str(self._output_dir))
@@ -124,13 +137,6 @@ class GeneratePairsRecipe:
 
 def _shard_path(shard_dir: Path, shard: int) -> Path:
     return shard_dir / f"shard-{shard:05d}.parquet"
-
-
-def _checkpoint_id(checkpoint_dir: str) -> str:
-    """Which weights sampled: directory plus size and mtime of its weight files (cheap to compute)."""
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-    stamp = ",".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-    return f"{Path(checkpoint_dir).resolve()}[{stamp}]"
 
 
 def load_generated(output_dir: str):

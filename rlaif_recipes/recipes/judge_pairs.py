@@ -17,11 +17,14 @@ shared prompt off themselves), plus texts, token ids, P(chosen preferred), wheth
 agreed, and provenance (ai/human, judge, judge model, rubric version, sampling policy).
 
 Input is streamed one shard at a time; each output shard mirrors its input shard and is written
-atomically, so a re-run judges only shards that are missing, and the judgment cache makes any
-judgment already paid for free. When a judge budget runs out (`judge.stopped`), the shard in
-progress is not written (some of its pairs abstained for lack of budget, not on merit); finished
-shards are kept and the run exits with status 3 (BUDGET_EXIT) naming the budget. Raise the budget
-and re-run to finish.
+atomically. A shard is done when it is written and none of its prompts abstained, so a re-run
+judges the shards that are missing or hold abstains (an unreachable endpoint, an unparseable reply,
+a pair waiting for a human label), and the judgment cache makes every verdict already paid for
+free. A run in which the judge abstained on every comparison exits with an error. When a judge
+budget runs out (`judge.stopped`), the shard in progress is not written; finished shards are kept
+and the run exits with status 3 (BUDGET_EXIT) naming the budget. Raise the budget and re-run to
+finish. The output directory belongs to one input and one judge (`rlaif_recipes.run_dir`): a run
+with another judge, rubric or input_dir is refused before any judge is built.
 """
 
 import json
@@ -41,12 +44,17 @@ from torchtune import config, utils
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.errors import ConfigError, DataError, JudgeError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.recipes.online_dpo import pick_pair
+from rlaif_recipes.run_dir import claim, read_run, run_identity
 
 log = utils.get_logger("INFO")
 
 BUDGET_EXIT = 3  # exit status when the judge's budget ran out before every shard was judged
+# settings that do not change the verdicts: a run may change them and continue the directory
+# (the judge's own, such as budgets and concurrency, are its RUNTIME_SETTINGS)
+RUNTIME_KEYS = ("batch_size", "input_dir")
 INPUT_COLUMNS = ["prompt_id", "prompt", "messages", "prompt_token_ids", "responses", "response_token_ids", "finish_reasons", "policy"]
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 TOKENS = pa.list_(pa.int64())
@@ -102,27 +110,32 @@ class JudgePairsSettings:
 
 class JudgePairsRecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        """Every check that needs no judge: settings, input, output directory."""
         if utils.get_world_size_and_rank()[0] > 1:
-            raise RuntimeError("judge_pairs runs as one process (not under torchrun): an API judge sends its requests "
-                               "concurrently, and a big judge model belongs behind `vllm serve` (judge=openai)")
+            raise ConfigError("judge_pairs runs as one process (not under torchrun): an API judge sends its requests "
+                              "concurrently, and a big judge model belongs behind `vllm serve` (judge=openai)")
         if cfg.batch_size < 1:
-            raise ValueError(f"batch_size={cfg.batch_size}: the judge needs at least 1 pair per call")
+            raise ConfigError(f"batch_size={cfg.batch_size}: the judge needs at least 1 pair per call")
         self._input_shards = _input_shards(Path(cfg.input_dir))
         self._output_dir = Path(cfg.output_dir)
         self._batch_size = cfg.batch_size
         self._judge: Optional[PairwiseJudge] = None
         self._seconds = 0.0
+        self._asked = self._abstained = 0  # this run's comparisons put to the judge, and its abstains
+        self._abstain_reasons: Counter = Counter()
+        input_run = {"dir": str(Path(cfg.input_dir).resolve()), "run": read_run(Path(cfg.input_dir)).get("identity")}
+        claim(cfg.output_dir, "judge_pairs", run_identity(cfg, RUNTIME_KEYS, input=input_run), outputs=("data", "dropped"))
 
     def setup(self, cfg: DictConfig) -> None:
         self._judge = config.instantiate(cfg.judge)
         rlaif_config.save(cfg, str(self._output_dir))
 
     def judge_pairs(self) -> Optional[str]:
-        """Judge every missing shard; returns the judge's stop message if its budget ran out."""
+        """Judge every shard not done; returns the judge's stop message if its budget ran out."""
         data_dir, dropped_dir = self._output_dir / "data", self._output_dir / "dropped"
         data_dir.mkdir(parents=True, exist_ok=True)
         dropped_dir.mkdir(parents=True, exist_ok=True)
-        todo = [s for s in self._input_shards if not (data_dir / s.name).exists()]
+        todo = [s for s in self._input_shards if not self._done(s.name)]
         log.info(f"{len(self._input_shards) - len(todo)} of {len(self._input_shards)} shards already judged")
         bar = tqdm(total=sum(pq.ParquetFile(s).metadata.num_rows for s in todo), desc="judge", unit="prompt")
         start = time.perf_counter()
@@ -146,6 +159,10 @@ class JudgePairsRecipe:
             asked = [Pair(batch[b]["prompt"], batch[b]["responses"][i], batch[b]["responses"][j]) for b, i, j in comparisons]
             distinct = [k for k, pair in enumerate(asked) if pair.response_a != pair.response_b]
             judged = dict(zip(distinct, self._judge.judge([asked[k] for k in distinct]) if distinct else []))
+            abstains = [j for j in judged.values() if j.verdict is Verdict.ABSTAIN]
+            self._asked += len(judged)
+            self._abstained += len(abstains)
+            self._abstain_reasons.update(j.reason or "no reason given" for j in abstains)
             per_prompt: List[Dict[Tuple[int, int], Judgment]] = [{} for _ in batch]
             for k, (b, i, j) in enumerate(comparisons):
                 per_prompt[b][(i, j)] = judged[k] if k in judged else self._identical()
@@ -187,14 +204,31 @@ class JudgePairsRecipe:
         }
         return row, {}
 
+    def _done(self, shard_name: str) -> bool:
+        """Written, and no prompt in it abstained (an abstain is asked again on the next run)."""
+        data, dropped = self._output_dir / "data" / shard_name, self._output_dir / "dropped" / shard_name
+        if not (data.exists() and dropped.exists()):
+            return False
+        return Verdict.ABSTAIN.value not in pq.read_table(dropped, columns=["verdict"]).column("verdict").to_pylist()
+
+    def check_judged_anything(self) -> None:
+        """A judge that abstained on every comparison it was asked failed: say why, exit non-zero."""
+        if self._asked and self._abstained == self._asked:
+            reason, count = self._abstain_reasons.most_common(1)[0]
+            raise JudgeError(
+                f"the judge abstained on all {self._asked} comparisons of this run (most often: {reason!r}, {count}x); "
+                "fix the judge and re-run the same command: shards with abstains are judged again"
+            )
+
     def summary(self) -> Dict[str, Any]:
-        """Counts over every finished shard (not only this run's), plus this run's judge metrics."""
+        """Counts over every written shard (not only this run's), plus this run's judge metrics."""
         data = sorted((self._output_dir / "data").glob("shard-*.parquet"))
         verdicts: Counter = Counter()
         for path in sorted((self._output_dir / "dropped").glob("shard-*.parquet")):
             verdicts.update(pq.read_table(path, columns=["verdict"]).column("verdict").to_pylist())
         return {
-            "shards_done": len(data),
+            "shards_done": sum(self._done(p.name) for p in data),
+            "shards_with_abstains": sum(not self._done(p.name) for p in data),
             "shards_total": len(self._input_shards),
             "preferences": sum(pq.ParquetFile(p).metadata.num_rows for p in data),
             "ties": verdicts[Verdict.TIE.value],
@@ -238,13 +272,13 @@ def _input_shards(input_dir: Path) -> List[Path]:
     """The generate_pairs shards to judge, checked before any judge is built."""
     shards = sorted((input_dir / "data").glob("shard-*.parquet"))
     if not shards:
-        raise FileNotFoundError(
+        raise DataError(
             f"no generated shards in {input_dir / 'data'}; set input_dir to a generate_pairs output_dir "
             "(run `rlaif run generate_pairs` first)"
         )
     missing = [c for c in INPUT_COLUMNS if c not in pq.read_schema(shards[0]).names]
     if missing:
-        raise ValueError(f"{shards[0]} lacks column(s) {missing}; input_dir must hold generate_pairs output")
+        raise DataError(f"{shards[0]} lacks column(s) {missing}; input_dir must hold generate_pairs output")
     return shards
 
 
@@ -279,14 +313,19 @@ def recipe_main(cfg: DictConfig) -> int:
         os.replace(tmp, Path(cfg.output_dir) / "summary.json")
     finally:
         recipe.cleanup()
+    written = summary["shards_done"] + summary["shards_with_abstains"]
     log.info(
         f"{summary['preferences']} preference pairs, {summary['ties']} ties and {summary['abstains']} abstains "
-        f"dropped, in {summary['shards_done']} of {summary['shards_total']} shards under {cfg.output_dir}"
+        f"dropped, in {written} of {summary['shards_total']} shards under {cfg.output_dir}"
     )
+    if summary["shards_with_abstains"]:
+        log.warning(f"{summary['shards_with_abstains']} shard(s) hold abstains (see dropped/): re-run the same command "
+                    "to ask the judge again; verdicts already given come from the cache")
     if stopped:
-        log.error(f"judge budget reached: {stopped}. Kept {summary['shards_done']} finished shards; raise the "
-                  "budget and re-run the same command to judge the rest (judgments already paid for are cached).")
+        log.error(f"judge budget reached: {stopped}. Kept {written} written shards; raise the budget and re-run "
+                  "the same command to judge the rest (judgments already paid for are cached).")
         return BUDGET_EXIT
+    recipe.check_judged_anything()
     return 0
 
 

@@ -13,12 +13,15 @@ copy of the initial policy), and every `sync_every` steps the new weights go int
 Under torchrun every rank takes every world_size-th prompt of the step, samples with its own
 sampler, judges its own share (all ranks share the SQLite judgment cache), and the update is
 data-parallel with FSDP2: the loss is scaled so that the averaged gradient is the mean over all
-ranks' pairs. Everything a run produces lands under output_dir: config.yaml, metrics.jsonl,
-steps/step-XXXXX.parquet (prompts, responses, every judgment, the pair chosen), the judge cache,
-logs/ and checkpoints/.
+ranks' pairs. Everything a run produces lands under output_dir: run.json (what produced it),
+config.yaml, metrics.jsonl, steps/step-XXXXX.parquet (prompts, responses, every judgment, the pair
+chosen), the judge cache, logs/, checkpoints/ and summary.json. A fresh run needs a new output_dir;
+a resumed one must have the same settings (`rlaif_recipes.run_dir`).
+
+A step in which every prompt tied or abstained trains nothing and says so; `max_steps_without_pairs`
+such steps in a row stop the run with an error, and so does a run that trained no pair at all.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -46,6 +49,7 @@ from rlaif_recipes.checkpointing import (
     rng_state,
     set_rng_state,
 )
+from rlaif_recipes.data.prompts import prompts_fingerprint
 from rlaif_recipes.distributed import (
     destroy_process_group,
     gather_from_ranks,
@@ -53,15 +57,26 @@ from rlaif_recipes.distributed import (
     max_over_ranks,
     sum_over_ranks,
 )
+from rlaif_recipes.errors import ConfigError, DataError, TrainingError
+from rlaif_recipes.files import weights_stamp
 from rlaif_recipes.judges import Judgment, Pair, Verdict
 from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.losses import wants_average_logprobs
+from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
-from rlaif_recipes.policy import build_policy, full_state_dict
-from rlaif_recipes.samplers.base import derive_seed
+from rlaif_recipes.policy import build_policy, check_optimizer, device_and_dtype, full_state_dict
+from rlaif_recipes.run_dir import claim, run_identity
+from rlaif_recipes.samplers.base import check_pair_sampling, derive_seed
 
 log = utils.get_logger("INFO")
+
+# settings that do not change what the run trains: a resumed run may change them
+RUNTIME_KEYS = (
+    "device", "checkpointer", "max_steps", "micro_batch_size", "checkpoint_every", "keep_last_checkpoints",
+    "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger",
+)
+OUTPUTS = ("checkpoints", "steps", "metrics.jsonl")  # what a run writes, and a fresh run must not find
 
 
 @dataclass
@@ -81,6 +96,7 @@ class OnlineDPOSettings:
     resume_from_checkpoint: bool
     clip_grad_norm: Optional[float]
     save_steps: bool
+    max_steps_without_pairs: Optional[int]
     checkpoint_dir: str
     model: Any
     checkpointer: Any
@@ -96,10 +112,16 @@ class OnlineDPOSettings:
 
 class OnlineDPORecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        """Every check that needs no model or engine: settings, checkpoint, optimizer, output directory."""
         self._world_size, self._rank = utils.get_world_size_and_rank()
         _check_settings(cfg, self._world_size)
-        self._device = utils.get_device(cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        check_pair_sampling(cfg.sampler, cfg.n)
+        self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
+        check_optimizer(cfg.optimizer, cfg.lr_scheduler)
+        if self._rank == 0:
+            claim(cfg.output_dir, "online_dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
+                  outputs=OUTPUTS, fresh=not cfg.resume_from_checkpoint)
         self._output_dir = Path(cfg.output_dir)
         self._seed = cfg.seed
         self._max_steps = cfg.max_steps
@@ -111,7 +133,10 @@ class OnlineDPORecipe:
         self._checkpoint_every = cfg.checkpoint_every
         self._clip_grad_norm = cfg.clip_grad_norm
         self._save_steps = cfg.save_steps
+        self._max_steps_without_pairs = cfg.max_steps_without_pairs
         self._step = 0  # finished steps
+        self._run = Counter()  # this run's steps, pairs, ties and abstains (rank 0): the summary
+        self._steps_without_pairs = 0  # in a row, up to now
         self._prompts_seen = 0  # position in the endless stream of shuffled epochs
         self._judge_totals: Counter = Counter()  # judge requests / cache hits of all ranks over the run (rank 0)
         self._sampler = self._judge = self._metric_logger = None
@@ -122,7 +147,8 @@ class OnlineDPORecipe:
         then the sampler and the judge, which get the policy's current weights."""
         self._prompts = config.instantiate(cfg.data)
         if len(self._prompts) == 0:
-            raise ValueError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
+            raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
+        self._judge = config.instantiate(cfg.judge)  # before the models: a bad judge fails in seconds
         self._lora = adapter_shapes(cfg.model)
         self._checkpoints = CheckpointManager(
             str(self._output_dir / "checkpoints"),
@@ -132,7 +158,7 @@ class OnlineDPORecipe:
             fingerprint={
                 "recipe": "online_dpo",
                 "model": {k: v for k, v in hf_config(cfg.checkpoint_dir).items() if not k.endswith("token_id")},
-                "prompts": _fingerprint(self._prompts),
+                "prompts": prompts_fingerprint(self._prompts),
                 "n": self._n,
                 "lora": {k: list(v) for k, v in sorted(self._lora.items())} or None,
             },
@@ -171,11 +197,10 @@ class OnlineDPORecipe:
         if self._step > 0 and not self._sampler.uses_live_policy:
             self._sampler.update_weights(self._sampler_weights())
         self._pad_id = self._sampler.tokenizer.pad_token_id or 0
-        self._judge = config.instantiate(cfg.judge)
         if self._rank == 0:
             rlaif_config.save(cfg, str(self._output_dir))
             self._metric_logger = config.instantiate(cfg.metric_logger)
-            _truncate_jsonl(self._output_dir / "metrics.jsonl", self._step)
+            _drop_after(self._output_dir, self._step)
 
     def train(self) -> None:
         bar = tqdm(initial=self._step, total=self._max_steps, desc="online_dpo", unit="step", disable=self._rank != 0)
@@ -263,9 +288,13 @@ class OnlineDPORecipe:
                 bar.set_postfix(win=f"{metrics['judge/win_rate_chosen']:.2f}", pairs=metrics["pairs/trained"],
                                 loss=f"{metrics['loss']:.3f}")
             bar.update()
+
+            # 7. Progress: a step without a single pair trained nothing; a run that keeps doing so stops.
+            self._count_progress(step, sum(stats, Counter()), judgments)
             if self._step % self._checkpoint_every == 0 or self._step == self._max_steps:
                 self.save_checkpoint()
         bar.close()
+        self._write_summary()
 
     def save_checkpoint(self) -> None:
         """Weights (an HF model directory), optimizer, every rank's RNG state and the loop position
@@ -290,6 +319,45 @@ class OnlineDPORecipe:
         if self._world_size > 1:
             dist.barrier()
 
+    def _count_progress(self, step: int, total: Counter, judgments: Sequence[Judgment]) -> None:
+        """Count what this step trained; raise when steps keep training no pair, or the run trained none."""
+        self._run.update(steps=1, pairs=total["pairs"], ties=total["dropped_tie"], abstains=total["dropped_abstain"])
+        if total["pairs"]:
+            self._steps_without_pairs = 0
+        else:
+            self._steps_without_pairs += 1
+            self._run["steps_without_pairs"] += 1
+            reasons = Counter(j.reason for j in judgments if not j.labelled and j.reason)
+            why = f" (most often: {reasons.most_common(1)[0][0]!r})" if reasons else ""
+            outcome = f"{total['dropped_tie']} prompts tied and {total['dropped_abstain']} abstained{why}"
+            if self._rank == 0:
+                log.warning(f"step {step + 1} trained no pair: {outcome}")
+            limit = self._max_steps_without_pairs
+            if limit is not None and self._steps_without_pairs >= limit:
+                self._write_summary()
+                raise TrainingError(
+                    f"{self._steps_without_pairs} steps in a row (up to step {step + 1}) trained no pair: {outcome}; the "
+                    f"judge cannot tell the responses apart or is failing (read {self._output_dir / 'steps'}): fix the "
+                    "judge or raise sampler.temperature, or set max_steps_without_pairs=null to go on regardless"
+                )
+        if self._step == self._max_steps and self._run["pairs"] == 0:
+            self._write_summary()
+            raise TrainingError(
+                f"this run trained no pair in its {self._run['steps']} steps ({self._run['ties']} prompts tied, "
+                f"{self._run['abstains']} abstained); no checkpoint written: fix the judge or the sampling"
+            )
+
+    def _write_summary(self) -> None:
+        """output_dir/summary.json and one log line: what this run (this invocation) trained on."""
+        if self._rank != 0:
+            return
+        summary = {"last_step": self._step, **{k: self._run[k] for k in ("steps", "pairs", "steps_without_pairs", "ties", "abstains")}}
+        tmp = self._output_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        os.replace(tmp, self._output_dir / "summary.json")
+        log.info(f"this run: {summary['pairs']} pairs trained in {summary['steps']} steps ({summary['steps_without_pairs']} "
+                 f"steps without pairs; {summary['ties']} prompts tied, {summary['abstains']} abstained)")
+
     def cleanup(self) -> None:
         if self._sampler is not None:  # first: the vLLM engine uses the trainer's process group
             self._sampler.close()
@@ -301,22 +369,16 @@ class OnlineDPORecipe:
     # ---- helpers of setup / train ------------------------------------------------------------
 
     def _resume_checkpoint(self, resume: bool) -> Optional[Checkpoint]:
-        """The latest checkpoint when resuming; refuse to start over a run that has checkpoints."""
-        if resume:
-            ckpt = self._checkpoints.load()  # a clear CheckpointError if none, corrupt or incompatible
-            if ckpt.step >= self._max_steps:
-                raise ValueError(
-                    f"checkpoint {ckpt.path} is at step {ckpt.step} and max_steps={self._max_steps}: nothing "
-                    "left to do; raise max_steps to train further"
-                )
-            return ckpt
-        latest = self._checkpoints.latest()
-        if latest is not None:
-            raise ValueError(
-                f"{latest.parent} already holds checkpoints ({latest.name}); continue that run with "
-                "resume_from_checkpoint=true or choose a new output_dir"
+        """The latest checkpoint when resuming (a fresh run's empty output_dir was checked by `claim`)."""
+        if not resume:
+            return None
+        ckpt = self._checkpoints.load()  # a clear CheckpointError if none, corrupt or incompatible
+        if ckpt.step >= self._max_steps:
+            raise ConfigError(
+                f"checkpoint {ckpt.path} is at step {ckpt.step} and max_steps={self._max_steps}: nothing "
+                "left to do; raise max_steps to train further"
             )
-        return None
+        return ckpt
 
     def _restore(self, ckpt: Checkpoint) -> None:
         """Put the loop back exactly where the checkpoint left it."""
@@ -476,24 +538,30 @@ _PLACEHOLDER_PAIR = PairIds(prompt=[0], chosen=[0], rejected=[0])  # keeps a ran
 
 def _check_settings(cfg: DictConfig, world_size: int) -> None:
     """Bad settings fail here, before any model loads."""
-    problems = {
-        "n": (cfg.n >= 2, "a preference pair needs at least 2 responses per prompt (n >= 2)"),
-        "max_steps": (cfg.max_steps >= 1, "train at least one step (max_steps >= 1)"),
-        "micro_batch_size": (cfg.micro_batch_size >= 1, "use micro_batch_size >= 1"),
-        "sync_every": (cfg.sync_every >= 1, "push weights every sync_every >= 1 steps"),
-        "checkpoint_every": (
-            cfg.checkpoint_every >= 1 and cfg.checkpoint_every % cfg.sync_every == 0,
+    checks = [
+        ("max_steps", lambda: cfg.max_steps >= 1, "train at least one step (max_steps >= 1)"),
+        ("micro_batch_size", lambda: cfg.micro_batch_size >= 1, "use micro_batch_size >= 1"),
+        ("sync_every", lambda: cfg.sync_every >= 1, "push weights every sync_every >= 1 steps"),
+        (
+            "checkpoint_every",
+            lambda: cfg.checkpoint_every >= 1 and cfg.checkpoint_every % cfg.sync_every == 0,
             f"checkpoint_every must be a positive multiple of sync_every={cfg.sync_every}, so a resumed "
             "sampler holds exactly the checkpoint's weights",
         ),
-        "prompts_per_step": (
-            cfg.prompts_per_step >= world_size and cfg.prompts_per_step % world_size == 0,
+        (
+            "prompts_per_step",
+            lambda: cfg.prompts_per_step >= world_size and cfg.prompts_per_step % world_size == 0,
             f"prompts_per_step must be a positive multiple of the {world_size} rank(s), each takes an equal share",
         ),
-    }
-    for key, (ok, fix) in problems.items():
-        if not ok:
-            raise ValueError(f"{key}={cfg[key]}: {fix}")
+        (
+            "max_steps_without_pairs",
+            lambda: cfg.max_steps_without_pairs is None or cfg.max_steps_without_pairs >= 1,
+            "stop after at least 1 step without pairs, or null to only warn",
+        ),
+    ]
+    for key, ok, fix in checks:  # in order: a later check divides by an earlier key
+        if not ok():
+            raise ConfigError(f"{key}={cfg[key]}: {fix}")
 
 
 def _pair_stats(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp) -> Dict[str, float]:
@@ -534,16 +602,13 @@ def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _fingerprint(prompts) -> str:
-    """Identifies the prompt set: a resumed run's data position only means something on the same one."""
-    digest = hashlib.sha256()
-    for pid, text in zip(prompts["prompt_id"], prompts["prompt"]):
-        digest.update(f"{pid}\x00{text}\x00".encode())
-    return f"{len(prompts)}:{digest.hexdigest()[:16]}"
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop metric lines past the step a resumed run restarts from (the killed run's tail)."""
+def _drop_after(output_dir: Path, last_step: int) -> None:
+    """Drop metric lines and step files past the step a resumed run restarts from (the killed run's
+    tail): the resumed run writes those steps again, exactly."""
+    for path in sorted((output_dir / "steps").glob("step-*.parquet")):
+        if int(path.stem.split("-")[1]) > last_step:
+            path.unlink()
+    path = output_dir / "metrics.jsonl"
     if not path.exists():
         return
     kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]

@@ -40,7 +40,10 @@ from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.sft import opening
+from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_heads
+from rlaif_recipes.policy import check_optimizer
+from rlaif_recipes.run_dir import claim, run_identity
 
 log = utils.get_logger("INFO")
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "chosen_kind", "rejected_kind", "prompt_label")
@@ -84,8 +87,10 @@ class TrainRewardModelSettings:
 class TrainRewardModelRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         if cfg.steps < 1:
-            raise ValueError(f"steps={cfg.steps}: train for at least one step")
+            raise ConfigError(f"steps={cfg.steps}: train for at least one step")
+        check_optimizer(cfg.optimizer)
         self._output_dir = Path(cfg.output_dir)
+        claim(cfg.output_dir, "train_reward_model", run_identity(cfg, ()), outputs=("head.json",))
         self._steps = cfg.steps
         training.set_seed(seed=cfg.seed)
 
@@ -94,7 +99,7 @@ class TrainRewardModelRecipe:
         for name, data in (("train_data", train), ("eval_data", held_out)):
             missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
             if missing or len(data) == 0:
-                raise ValueError(
+                raise DataError(
                     f"{name} needs rows with columns {', '.join(REQUIRED_COLUMNS)} (human-labelled pairs, "
                     f"as rlaif_recipes.data.xstest_pairs gives); got {len(data)} rows, missing {missing}"
                 )

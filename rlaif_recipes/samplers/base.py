@@ -7,13 +7,14 @@ so the same prompt reaches vLLM and torchtune as the same token ids.
 import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
+from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.models.hf_model import hf_config
 
 Messages = List[Dict[str, str]]
@@ -47,6 +48,8 @@ class Sampler(abc.ABC):
     """Common set-up and input checks; backends implement `_generate` and `update_weights`."""
 
     uses_live_policy = False  # True: sampling runs on the training model itself (no weight copy)
+    # constructor arguments that never change the samples' distribution (rlaif_recipes.run_dir)
+    RUNTIME_SETTINGS: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -94,14 +97,14 @@ class Sampler(abc.ABC):
         overrides = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         s = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         if s["temperature"] < 0 or not 0 < s["top_p"] <= 1 or s["max_tokens"] < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"bad sampling settings {s}: need temperature >= 0, 0 < top_p <= 1, max_tokens >= 1"
             )
         settings = SamplingSettings(stop_token_ids=self.stop_token_ids, **s)
         ids = [self.encode(p) for p in prompts]
         for i, p in enumerate(ids):
             if len(p) + settings.max_tokens > self.max_model_len:
-                raise ValueError(
+                raise DataError(
                     f"prompt {i} has {len(p)} tokens; with max_tokens={settings.max_tokens} it exceeds the "
                     f"context of {self.max_model_len}: shorten the prompt or lower max_tokens"
                 )
@@ -127,11 +130,23 @@ class Sampler(abc.ABC):
         unknown = [t for t in stop_tokens if t not in vocab]
         if unknown:
             specials = ", ".join(self.tokenizer.all_special_tokens) or "none"
-            raise ValueError(
+            raise ConfigError(
                 f"stop token(s) {unknown} are not in the tokenizer of {self.checkpoint_dir}; "
                 f"use single tokens from its vocabulary (special tokens: {specials})"
             )
         return [vocab[t] for t in stop_tokens]
+
+
+def check_pair_sampling(sampler: Mapping, n: int) -> None:
+    """Settings under which n responses per prompt can differ; greedy decoding gives n identical
+    ones, so every pair would be a tie and nothing would train (checked before an engine starts)."""
+    if n < 2:
+        raise ConfigError(f"n={n}: a preference pair needs at least 2 responses per prompt (n >= 2)")
+    if sampler.get("temperature") == 0:
+        raise ConfigError(
+            f"sampler.temperature=0 is greedy decoding: all n={n} responses to a prompt would be identical and every "
+            "pair a tie; set sampler.temperature > 0 (e.g. 0.7)"
+        )
 
 
 def derive_seed(*parts: object) -> int:
@@ -150,7 +165,7 @@ def context_length(checkpoint_dir: str, tokenizer) -> int:
     positions = hf_config(checkpoint_dir).get("max_position_embeddings")
     declared = tokenizer.model_max_length if tokenizer.model_max_length < VERY_LARGE_INTEGER else None
     if positions is None and declared is None:
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint_dir} declares no context length (no max_position_embeddings in config.json, "
             "no model_max_length in tokenizer_config.json); set sampler.max_model_len"
         )

@@ -17,6 +17,7 @@ from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings
 
 class TorchtuneSampler(Sampler):
     uses_live_policy = True
+    RUNTIME_SETTINGS = ("batch_size",)
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int = 64, **sampling) -> None:
         super().__init__(checkpoint_dir, **sampling)

@@ -12,11 +12,14 @@ import torch
 import torch.distributed as dist
 
 from rlaif_recipes.distributed import is_distributed
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.models.hf_model import tune_to_hf_state_dict
 from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
 
 
 class VLLMSampler(Sampler):
+    RUNTIME_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "tensor_parallel_size")
+
     def __init__(
         self,
         checkpoint_dir: str,
@@ -31,7 +34,7 @@ class VLLMSampler(Sampler):
     ) -> None:
         super().__init__(checkpoint_dir, max_model_len=max_model_len, **sampling)
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler.gpu_memory_utilization={gpu_memory_utilization}: it is the share of (GPU, or on "
                 "CPU host) memory vLLM reserves and must be in (0, 1]; 0.05 suits small CPU runs"
             )
@@ -55,7 +58,7 @@ class VLLMSampler(Sampler):
         try:
             self.llm = LLM(**engine_args)
         except Exception as e:  # name the cause in one line, keep the chain for the details
-            raise RuntimeError(
+            raise ConfigError(
                 f"vLLM engine failed to start for {self.checkpoint_dir} ({type(e).__name__}: "
                 f"{_first_line(e)}); check sampler.gpu_memory_utilization={gpu_memory_utilization}, "
                 f"sampler.dtype={dtype} and sampler.max_model_len={self.max_model_len}"

@@ -1,0 +1,62 @@
+"""Expected failures: problems a user can fix, reported as one line `<kind>: <message>`.
+
+Every recipe's main runs under `rlaif_recipes.config.parse`, which turns a `RecipeError` into that
+one line on stderr and a non-zero exit, with no traceback (set RLAIF_DEBUG=1, or pass
+`rlaif run --debug`, to see it). Anything else is a bug and keeps its traceback. A message names
+the file, key or setting at fault and says how to fix it; it never echoes a secret.
+"""
+
+import os
+
+
+class RecipeError(Exception):
+    """Base of the expected failures; `kind` prefixes the one-line report."""
+
+    kind = "error"
+
+
+class ConfigError(RecipeError, ValueError):
+    """A setting that cannot work (wrong value, type, key, or a combination that cannot run)."""
+
+    kind = "config error"
+
+
+class DataError(RecipeError, ValueError):
+    """Input data that is missing, empty, malformed or not what the recipe reads."""
+
+    kind = "data error"
+
+
+class CheckpointError(RecipeError, RuntimeError):
+    """A model or training checkpoint that cannot be used (missing, corrupt, incompatible)."""
+
+    kind = "checkpoint error"
+
+
+class JudgeError(RecipeError, RuntimeError):
+    """A judge that cannot be reached or that produced no verdict at all."""
+
+    kind = "judge error"
+
+
+class OutputError(RecipeError, RuntimeError):
+    """An output directory that cannot be written, or that holds another run's output."""
+
+    kind = "output error"
+
+
+class TrainingError(RecipeError, RuntimeError):
+    """A run that would train on nothing, or stopped because it did."""
+
+    kind = "training error"
+
+
+def debug() -> bool:
+    """RLAIF_DEBUG=1: let expected failures raise with their traceback."""
+    return os.environ.get("RLAIF_DEBUG", "") not in ("", "0", "false")
+
+
+def one_line(error: RecipeError) -> str:
+    """The report for `error`: its kind and the first line of its message."""
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return f"{error.kind}: {lines[0] if lines else type(error).__name__}"

@@ -1,0 +1,139 @@
+"""One output directory, one run: the directory records what produced it, and a later run into it
+either continues exactly that work or is refused with one line, before anything expensive starts.
+
+    claim(cfg.output_dir, "judge_pairs", run_identity(cfg, RUNTIME_KEYS, input=...), outputs=("data",))
+
+`run.json` (written when the directory is claimed) holds the recipe and its identity: the inputs
+and the settings that decide what the directory holds. Settings that only change how fast or how
+safely a run goes (budgets, concurrency, memory, logging cadence) are left out, so raising a judge
+budget and re-running continues the same run. A component declares those of its own arguments in
+a `RUNTIME_SETTINGS` class attribute (judges: the API limits; samplers: engine memory); a recipe
+names its top-level ones in its `RUNTIME_KEYS`.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune.config._utils import _get_component_from_path
+
+from rlaif_recipes.config import redacted
+from rlaif_recipes.errors import OutputError
+
+RUN_FILE = "run.json"
+FORMAT = 1
+
+
+def run_identity(cfg: DictConfig, runtime_keys: Iterable[str], **facts: Any) -> Dict[str, Any]:
+    """The config minus `runtime_keys` (top level) and each component's RUNTIME_SETTINGS, plus
+    derived `facts` (which weights, which input run) that the settings alone do not pin down."""
+    skip = set(runtime_keys) | {"output_dir", "config_choices"}
+    plain = redacted(OmegaConf.create({k: v for k, v in cfg.items() if k not in skip}))
+    return {**_without_runtime(plain), **facts}
+
+
+def claim(output_dir: str, recipe: str, identity: Mapping[str, Any], outputs: Iterable[str], *, fresh: bool = False) -> Path:
+    """Check that `output_dir` can take this run, then record the run there.
+
+    outputs: the entries that hold a run's results. Until one of them holds something, the
+    directory is still free (a run that failed its checks may be corrected and run again).
+    fresh: the run starts from nothing (training without resume), so it must find no outputs:
+    it would mix them with its own, or overwrite them.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output_dir={out} is a file, not a directory; choose another output_dir")
+    _check_writable(out)
+    identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
+    record = out / RUN_FILE
+    if record.is_file():
+        saved = read_run(out)
+        if saved.get("recipe") != recipe:
+            raise OutputError(f"{out} holds output of the {saved.get('recipe')} recipe; give this {recipe} run its own output_dir")
+        found = [name for name in outputs if _holds_something(out / name)]
+        difference = _first_difference(saved.get("identity", {}), identity) if found else None
+        if difference is not None:
+            key, before, now = difference
+            raise OutputError(
+                f"{out} holds an earlier {recipe} run with {key}={_show(before)}, this run has {key}={_show(now)}; "
+                f"use a new output_dir (or {key}={_show(before)} to continue that run)"
+            )
+        if found and fresh:
+            raise OutputError(
+                f"{out} already holds this {recipe} run's output ({', '.join(found)}); continue it with "
+                "resume_from_checkpoint=true, or delete it / choose a new output_dir to start over"
+            )
+        if found:
+            return record
+    elif out.is_dir() and any(out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())
+        raise OutputError(
+            f"output_dir={out} is not empty ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) and holds "
+            f"no {RUN_FILE}, so it is not a run this {recipe} run can continue; choose a new or empty output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"format": FORMAT, "recipe": recipe, "identity": identity, "created": time.time()}, indent=2, sort_keys=True))
+    os.replace(tmp, record)
+    return record
+
+
+def read_run(run_dir: Path) -> Dict[str, Any]:
+    """A run directory's record ({} when it has none)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise OutputError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); restore it or use a new output_dir") from None
+
+
+def _holds_something(path: Path) -> bool:
+    """A file, or a directory with anything in it (a checkpointer creates its directory empty)."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, not after an engine started, when output_dir cannot be created or written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"output_dir={out}: {existing} is a file, so the directory cannot be created; choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output_dir={out}: {existing} is not writable (permission denied); choose another output_dir")
+
+
+def _without_runtime(node: Any) -> Any:
+    """A plain config copy without each component's RUNTIME_SETTINGS (recursively)."""
+    if isinstance(node, (list, ListConfig)):
+        return [_without_runtime(v) for v in node]
+    if not isinstance(node, (dict, DictConfig)):
+        return node
+    skip: Tuple[str, ...] = ()
+    if isinstance(node.get("_component_"), str):
+        try:
+            skip = tuple(getattr(_get_component_from_path(node["_component_"]), "RUNTIME_SETTINGS", ()))
+        except Exception:  # an unimportable component was already reported by config validation
+            skip = ()
+    return {k: _without_runtime(v) for k, v in node.items() if k not in skip}
+
+
+def _first_difference(before: Any, now: Any, path: str = "") -> Optional[Tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of the first setting that differs, in sorted key order."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in sorted(set(before) | set(now)):
+            found = _first_difference(before.get(key), now.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if before == now else (path, before, now)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

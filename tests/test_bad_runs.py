@@ -1,0 +1,298 @@
+"""A run is what it says it is: an output directory holds one run's output, a run that trains on
+nothing fails, and every expected error is one line (issue 13). Each recipe runs in this process
+exactly as `tune run` calls it; where a directory is refused, its bytes are checked unchanged."""
+
+import functools
+import importlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Union
+
+import pytest
+import torch
+from conftest import run_cli
+from test_judge_pairs import write_generated
+
+from rlaif_recipes.samplers import VLLMSampler
+
+ONLINE = ["sampler=torchtune", "prompts_per_step=4", "n=2", "sampler.max_tokens=8"]
+SHORTER = "judge.rule=rlaif_recipes.judges.rules.shorter"
+PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"question {i}?", "responses": [f"a{i}", f"a longer answer {i}"]} for i in range(4)]
+
+
+def run(monkeypatch, recipe: str, *overrides: str) -> Union[int, str]:
+    """The recipe's main in this process: its exit status, or the one line it exits with."""
+    monkeypatch.setattr(sys, "argv", [recipe, "--config", recipe, *overrides])
+    monkeypatch.delenv("RLAIF_DEBUG", raising=False)
+    try:
+        return importlib.import_module(f"rlaif_recipes.recipes.{recipe}").recipe_main() or 0
+    except SystemExit as e:
+        return e.code
+
+
+def snapshot(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def rule_needing_env(prompt: str, response: str) -> float:
+    """A judge that fails on every pair until RLAIF_TEST_JUDGE_FIXED is set: a judge fixed between runs."""
+    if not os.environ.get("RLAIF_TEST_JUDGE_FIXED"):
+        raise ConnectionError("judge endpoint unreachable")
+    return -len(response)
+
+
+@pytest.fixture()
+def no_engine(monkeypatch):
+    """Any vLLM engine start fails the test: the checks under test must come before it."""
+
+    @functools.wraps(VLLMSampler.__init__)  # the same signature, for the config checks
+    def refuse(*args, **kwargs):
+        raise AssertionError("a vLLM engine was started before the bad input was reported")
+
+    monkeypatch.setattr(VLLMSampler, "__init__", refuse)
+
+
+@pytest.fixture()
+def pairs_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"question {i}?", "chosen": f"answer number {i}", "rejected": "no"} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpo_args(model: Path, out: Path, data: Path, *extra: str) -> list:
+    return [f"checkpoint_dir={model}", f"output_dir={out}", f"dataset.source={data}", "dataset.split=all",
+            "eval_dataset=null", "batch_size=4", "max_steps=1", "lr_scheduler=null", *extra]  # fmt: skip
+
+
+# ---- 1-3: judge_pairs output directories -------------------------------------------------------
+
+
+def test_judge_pairs_into_its_own_input_dir_is_refused(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    generated = tmp_path / "gen"
+    assert run(monkeypatch, "generate_pairs", f"checkpoint_dir={tiny_model_dir}", f"output_dir={generated}",
+               "sampler=torchtune", "data.max_prompts=4", "sampler.max_tokens=6") == 0  # fmt: skip
+    before = snapshot(generated)
+    message = run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={generated}")
+    assert message == f"output error: {generated} holds output of the generate_pairs recipe; give this judge_pairs run its own output_dir"
+    assert snapshot(generated) == before
+
+
+def test_a_failed_judge_leaves_no_done_shard_and_a_rerun_judges_again(monkeypatch, tmp_path):
+    generated = write_generated(tmp_path / "gen", [PROMPTS[:2], PROMPTS[2:]])
+    args = [f"input_dir={generated}", f"output_dir={tmp_path / 'prefs'}", f"judge.rule={__name__}.rule_needing_env"]
+    message = run(monkeypatch, "judge_pairs", *args)
+    assert message.startswith("judge error: the judge abstained on all 4 comparisons of this run")
+    assert "rule raised ConnectionError: judge endpoint unreachable" in message and "re-run the same command" in message
+    summary = json.loads((tmp_path / "prefs" / "summary.json").read_text())
+    assert (summary["shards_done"], summary["shards_with_abstains"], summary["preferences"]) == (0, 2, 0)
+
+    monkeypatch.setenv("RLAIF_TEST_JUDGE_FIXED", "1")  # the judge works now: the same command finishes the job
+    assert run(monkeypatch, "judge_pairs", *args) == 0
+    summary = json.loads((tmp_path / "prefs" / "summary.json").read_text())
+    assert (summary["shards_done"], summary["shards_with_abstains"], summary["preferences"], summary["abstains"]) == (2, 0, 4, 0)
+    assert summary["judge_metrics"]["queries"] == 4  # every comparison was asked again
+
+
+def test_judge_pairs_with_another_judge_or_input_is_refused(monkeypatch, tmp_path):
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    other = write_generated(tmp_path / "other", [PROMPTS[:1]])
+    out = tmp_path / "prefs"
+    assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={out}", SHORTER) == 0
+    before = snapshot(out)
+    message = run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={out}")
+    assert message.startswith(f"output error: {out} holds an earlier judge_pairs run with judge.rule=rlaif_recipes.judges.rules.shorter, "
+                              "this run has judge.rule=rlaif_recipes.judges.rules.answers_instead_of_refusing; use a new output_dir")  # fmt: skip
+    message = run(monkeypatch, "judge_pairs", f"input_dir={other}", f"output_dir={out}", SHORTER)
+    assert message.startswith(f"output error: {out} holds an earlier judge_pairs run with input.dir={generated}")
+    assert snapshot(out) == before
+    # settings that do not change a verdict (batching, budgets) may change: the run continues
+    assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={out}", SHORTER, "batch_size=1") == 0
+
+
+# ---- 4-6: generate_pairs, dpo, online_dpo ------------------------------------------------------
+
+
+def test_generate_pairs_with_another_n_is_refused(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    out = tmp_path / "gen"
+    args = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={out}", "sampler=torchtune", "data.max_prompts=4", "sampler.max_tokens=6"]
+    assert run(monkeypatch, "generate_pairs", *args, "n=2") == 0
+    before = snapshot(out)
+    assert run(monkeypatch, "generate_pairs", *args, "n=3") == (
+        f"output error: {out} holds an earlier generate_pairs run with n=2, this run has n=3; use a new output_dir (or n=2 to continue that run)"
+    )
+    assert snapshot(out) == before
+
+
+def test_dpo_twice_into_one_dir_is_refused(monkeypatch, tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "dpo"
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file)) == 0
+    before = snapshot(out)
+    message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file))
+    assert message.startswith(f"output error: {out} already holds this dpo run's output (checkpoints); continue it with resume_from_checkpoint=true")
+    assert snapshot(out) == before
+
+
+def test_online_dpo_into_a_stopped_runs_dir_is_refused(monkeypatch, tmp_path, tiny_model_dir):
+    out = tmp_path / "online"
+    args = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={out}", *ONLINE, "max_steps=6"]
+    assert run(monkeypatch, "online_dpo", *args).startswith("training error: 3 steps in a row")  # step files, no checkpoint
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["step-00001.parquet", "step-00002.parquet", "step-00003.parquet"]
+    assert not any((out / "checkpoints").iterdir())
+    before = snapshot(out)
+    message = run(monkeypatch, "online_dpo", *args, SHORTER)
+    assert message.startswith(f"output error: {out} holds an earlier online_dpo run with judge.rule=")
+    message = run(monkeypatch, "online_dpo", *args)
+    assert message == (f"output error: {out} already holds this online_dpo run's output (steps, metrics.jsonl); continue it with "
+                       "resume_from_checkpoint=true, or delete it / choose a new output_dir to start over")  # fmt: skip
+    assert snapshot(out) == before
+
+
+def test_online_dpo_that_trains_on_nothing_fails(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    base = [f"checkpoint_dir={tiny_model_dir}", *ONLINE]
+    # greedy sampling: both replies identical, found before any engine or model
+    assert run(monkeypatch, "online_dpo", *base, f"output_dir={tmp_path / 'greedy'}", "sampler=vllm", "sampler.temperature=0") == (
+        "config error: sampler.temperature=0 is greedy decoding: all n=2 responses to a prompt would be identical and "
+        "every pair a tie; set sampler.temperature > 0 (e.g. 0.7)"
+    )
+    # the untrained tiny model under the default rule judge: every pair ties
+    message = run(monkeypatch, "online_dpo", *base, f"output_dir={tmp_path / 'ties'}", "max_steps=10", "max_steps_without_pairs=2")
+    assert message.startswith("training error: 2 steps in a row (up to step 2) trained no pair: 4 prompts tied and 0 abstained")
+    summary = json.loads((tmp_path / "ties" / "summary.json").read_text())
+    assert (summary["steps"], summary["pairs"], summary["steps_without_pairs"], summary["ties"]) == (2, 0, 2, 8)
+    # a judge that abstains on everything, told to go on: the run still fails at its end, with no checkpoint
+    out = tmp_path / "abstains"
+    message = run(monkeypatch, "online_dpo", *base, f"output_dir={out}", "max_steps=2", "max_steps_without_pairs=null",
+                  f"judge.rule={__name__}.rule_needing_env")  # fmt: skip
+    assert message == ("training error: this run trained no pair in its 2 steps (0 prompts tied, 8 abstained); "
+                       "no checkpoint written: fix the judge or the sampling")  # fmt: skip
+    assert not any((out / "checkpoints").iterdir())
+    assert json.loads((out / "summary.json").read_text())["abstains"] == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused(monkeypatch, tmp_path, tiny_model_dir, pairs_file, no_engine):
+    expected = f"config error: device=cuda, but this machine has no usable CUDA GPU (torch {torch.__version__}); use device=cpu"
+    for recipe, args in [
+        ("online_dpo", [f"checkpoint_dir={tiny_model_dir}", *ONLINE]),
+        ("dpo", dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file)),
+        ("generate_pairs", [f"checkpoint_dir={tiny_model_dir}"]),
+        ("evaluate", [f"checkpoint_dir={tiny_model_dir}"]),
+    ]:
+        assert run(monkeypatch, recipe, *args, f"output_dir={tmp_path / recipe}", "device=cuda", "dtype=bf16") == expected
+        assert not (tmp_path / recipe).exists()
+
+
+# ---- 8: training settings and data --------------------------------------------------------------
+
+
+def test_dpo_settings_and_data_that_train_nothing_are_refused(monkeypatch, tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "dpo"
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "epochs=0")) == (
+        "config error: epochs=0: must be >= 1 (a run that trains no step is not a run)"
+    )
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "max_steps=0")).startswith("config error: max_steps=0")
+    message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "dataset.held_out_fraction=1.5"))
+    assert message.startswith("config error: dataset.held_out_fraction=1.5")
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "yes"}) + "\n" for i in range(8)))
+    message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo2", same))
+    assert message.startswith(f"data error: {same}: 8 of 8 pairs have 'chosen' identical to 'rejected'")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "", "rejected": "no"}) + "\n" for i in range(8)))
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo3", empty)).startswith(f"data error: {empty}: row 0")
+    assert not (out / "checkpoints").exists()  # refused before the checkpointer made it
+
+
+def test_settings_checked_before_anything_heavy(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE]
+    assert run(monkeypatch, "online_dpo", *online, "sync_every=0") == "config error: sync_every=0: push weights every sync_every >= 1 steps"
+    assert run(monkeypatch, "online_dpo", *online, "optimizer.lr=-1") == (
+        "config error: optimizer: Invalid learning rate: -1; fix optimizer.* in the config"
+    )
+    assert run(monkeypatch, "online_dpo", *online, "judge.rule=no.such.function") == (
+        "config error: judge.rule=no.such.function: cannot import it; give a dotted path module.name that exists"
+    )
+    message = run(monkeypatch, "online_dpo", *online, "model=qwen2_5_0_5b_instruct")
+    assert message.startswith(f"config error: model=qwen2_5_0_5b does not fit {tiny_model_dir}: ")
+    generate = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'g'}"]
+    assert run(monkeypatch, "generate_pairs", *generate, "prompts_per_shard=0") == (
+        "config error: prompts_per_shard=0: a shard needs at least 1 prompt"
+    )
+    assert not (tmp_path / "g").exists()
+
+
+def test_unwritable_outputs_fail_before_the_engine(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    generate = [f"checkpoint_dir={tiny_model_dir}", "data.max_prompts=2"]
+    assert run(monkeypatch, "generate_pairs", *generate, f"output_dir={a_file}") == (
+        f"output error: output_dir={a_file} is a file, not a directory; choose another output_dir"
+    )
+    assert run(monkeypatch, "generate_pairs", *generate, f"output_dir={a_file / 'run'}") == (
+        f"output error: output_dir={a_file / 'run'}: {a_file} is a file, so the directory cannot be created; choose another output_dir"
+    )
+    review = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "judge=router",
+              f"judge.review_path={a_file / 'queue.jsonl'}"]  # fmt: skip
+    assert run(monkeypatch, "online_dpo", *review).startswith(f"config error: judge.review_path={a_file / 'queue.jsonl'}: cannot write there (")
+    assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permissions")
+def test_a_read_only_output_dir_fails_before_the_engine(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert run(monkeypatch, "generate_pairs", f"checkpoint_dir={tiny_model_dir}", f"output_dir={locked / 'run'}") == (
+            f"output error: output_dir={locked / 'run'}: {locked} is not writable (permission denied); choose another output_dir"
+        )
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_empty_prompt_file_is_one_data_error(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    message = run(monkeypatch, "generate_pairs", f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'g'}", f"data.source={empty}")
+    assert message.startswith(f"data error: {empty} is empty")
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_truncated_checkpoint_is_named_before_the_engine(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    message = run(monkeypatch, "generate_pairs", f"checkpoint_dir={broken}", f"output_dir={tmp_path / 'gen'}")
+    assert message.startswith(f"checkpoint error: {weights} is truncated (")
+    assert message.endswith("copy the checkpoint again")
+
+
+# ---- secrets and the command line ---------------------------------------------------------------
+
+
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(monkeypatch, tmp_path):
+    key = "sk-proj-THISISAPASTEDKEY1234567890"
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    message = run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'prefs'}", "judge=openai",
+                  f"judge.api_key_env={key}")  # fmt: skip
+    assert message.startswith("config error: 'judge.api_key_env' must be the NAME of an environment variable")
+    assert key not in message
+    assert not (tmp_path / "prefs").exists()
+
+
+def test_errors_reach_the_console_as_one_line_and_the_readme_form_works(tmp_path, tiny_model_dir):
+    """Through the real command line: `rlaif run RECIPE --config FILE ...` (the README's form)."""
+    copy = tmp_path / "my_run.yaml"
+    assert run_cli(["rlaif", "cp", "online_dpo", str(copy)], cwd=tmp_path).returncode == 0
+    result = run_cli(["rlaif", "run", "online_dpo", "--config", str(copy), f"checkpoint_dir={tiny_model_dir}", "sync_every=0"], cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
+    assert errors == ["config error: sync_every=0: push weights every sync_every >= 1 steps"]
+    assert "Traceback" not in result.stderr
+    debug = run_cli(["rlaif", "run", "--debug", "online_dpo", "--config", str(copy), f"checkpoint_dir={tiny_model_dir}", "sync_every=0"], cwd=tmp_path)
+    assert "Traceback" in debug.stderr and "ConfigError: sync_every=0" in debug.stderr
