@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import List
 
 from rlaif_recipes import config as rlaif_config
-from rlaif_recipes.models.get_model import GetModelError
+from rlaif_recipes.errors import RecipeError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -159,7 +159,7 @@ def main(argv: List[str] | None = None) -> int:
     args.torchrun_args = torchrun_args
     try:
         return args.func(args)
-    except (rlaif_config.ConfigError, FileExistsError, ValueError, GetModelError) as e:
+    except (RecipeError, ValueError) as e:
         print(f"rlaif: error: {e}", file=sys.stderr)
         return 2
 

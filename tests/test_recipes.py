@@ -49,8 +49,8 @@ def test_generate_pairs_writes_dataset_and_resumes(tmp_path: Path, tiny_model_di
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_generate_pairs_matches_single_process(tmp_path: Path, tiny_model_dir: Path) -> None:
-    single = generate(tmp_path, "single", tiny_model_dir, "sampler=torchtune", "sampler.temperature=0")
-    sharded = generate(tmp_path, "fsdp", tiny_model_dir, "sampler=torchtune", "sampler.temperature=0",
+    single = generate(tmp_path, "single", tiny_model_dir, "sampler=torchtune", "sampler.temperature=1.0")
+    sharded = generate(tmp_path, "fsdp", tiny_model_dir, "sampler=torchtune", "sampler.temperature=1.0",
                        launcher=["--nproc_per_node", "2"])
     assert [r["response_token_ids"] for r in rows(sharded)] == [r["response_token_ids"] for r in rows(single)]
 

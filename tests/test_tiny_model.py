@@ -5,6 +5,7 @@ import torch
 from conftest import load_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlaif_recipes.errors import OutputError
 from rlaif_recipes.models import make_tiny_model
 from rlaif_recipes.models.tiny import render_chat
 
@@ -40,7 +41,7 @@ def test_tokenizer_round_trips_unseen_text(tiny_model_dir) -> None:
 
 def test_refuses_to_overwrite_a_model(tiny_model_dir) -> None:
     before = (tiny_model_dir / "model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         make_tiny_model(str(tiny_model_dir))
     assert (tiny_model_dir / "model.safetensors").read_bytes() == before
 

@@ -19,14 +19,8 @@ from typing import Any, Callable, Dict, List, Optional
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
-from rlaif_recipes.data.prompts import (
-    check_cap,
-    check_fraction,
-    check_split,
-    is_held_out,
-    kind_of,
-    read_table,
-)
+from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.tables import check_cap, check_fraction, check_split, kind_of, read_table
 from rlaif_recipes.data.xstest_pairs import xstest_pairs
 from rlaif_recipes.errors import CheckpointError, DataError
 from rlaif_recipes.logprobs import encode_pair

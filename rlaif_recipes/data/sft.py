@@ -18,7 +18,8 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from rlaif_recipes.config import asset_path
-from rlaif_recipes.data.prompts import check_fraction, is_held_out
+from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.tables import check_fraction
 from rlaif_recipes.data.xstest_pairs import check_csv
 from rlaif_recipes.errors import ConfigError
 

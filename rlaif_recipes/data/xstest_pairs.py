@@ -20,7 +20,8 @@ from typing import Dict, List, Sequence, Union
 from datasets import Dataset
 
 from rlaif_recipes.config import asset_path
-from rlaif_recipes.data.prompts import check_fraction, check_split, is_held_out
+from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.tables import check_fraction, check_split
 from rlaif_recipes.errors import DataError
 
 COMPLETION_COLUMNS = ("prompt", "completion", "type", "final_label")

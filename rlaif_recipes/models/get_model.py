@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlaif_recipes.errors import CheckpointError
 from rlaif_recipes.files import file_sha256
 
 MARKER = "rlaif_model.json"
@@ -28,7 +29,7 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "to
 UNSET_MAX_LENGTH = int(1e29)
 
 
-class GetModelError(RuntimeError):
+class GetModelError(CheckpointError):
     """A model could not be fetched or built; the message says what to do (one line)."""
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from rlaif_recipes.errors import ConfigError, OutputError
+
 BOS, EOS, PAD, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|eot|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [BOS, EOS, PAD, EOT, *ROLE_TOKENS]
@@ -86,9 +88,9 @@ def make_tiny_model(
     """
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
-        raise FileExistsError(f"{out_path} exists and is not empty; pass an empty or new directory")
+        raise OutputError(f"{out_path} exists and is not empty; pass an empty or new directory")
     if dim % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
+        raise ConfigError(
             f"dim ({dim}) must be divisible by num_heads ({num_heads}) and num_heads by "
             f"num_kv_heads ({num_kv_heads})"
         )
