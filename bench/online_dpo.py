@@ -100,7 +100,7 @@ def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option:
         f"prompts_per_step={settings['prompts']}", f"n={N}", f"dtype={settings['dtype']}",
         f"sampler.dtype={sampler_dtype}", f"sampler.max_tokens={settings['max_tokens']}", "sampler.temperature=1.0",
         f"sampler.kv_cache_memory_bytes={KV_CACHE_BYTES}", "judge.rule=rlaif_recipes.judges.rules.shorter",
-        "loss=dpo", f"loss.beta={BETA}", f"optimizer.lr={LR}", f"checkpoint_every={settings['steps']}",
+        "loss=dpo", f"loss.beta={BETA}", f"optimizer.lr={LR}", f"save_every_n_steps={settings['steps']}",
         "lr_scheduler=null",
     ]
     subprocess.run(["rm", "-rf", str(out)], check=True)

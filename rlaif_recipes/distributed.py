@@ -1,6 +1,6 @@
 """Tiny collectives the sampling loops need so that FSDP ranks step in lockstep."""
 
-from typing import Any, List
+from typing import Any, Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,17 @@ def max_over_ranks(value: int) -> int:
     t = torch.tensor(value)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
+
+
+T = TypeVar("T")
+
+
+def in_lockstep(items: Sequence[T], filler: T) -> Iterator[Tuple[T, bool]]:
+    """Each item with True, then `filler` with False until this rank has run as many rounds as the
+    rank with the most items: under FSDP2 every forward pass is a collective, so ranks that hold
+    different numbers of batches must still run the same number of passes."""
+    for k in range(max_over_ranks(len(items))):
+        yield (items[k], True) if k < len(items) else (filler, False)
 
 
 def all_ranks(flag: bool) -> bool:

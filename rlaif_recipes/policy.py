@@ -78,6 +78,14 @@ def build_policy(
     return model
 
 
+def full_cpu_state_dict(model: nn.Module, is_rank_zero: bool, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Full weights on rank 0's CPU for a checkpoint (a collective under FSDP2; other ranks get {}),
+    so no rank holds a second full copy on its device."""
+    if training.is_distributed():
+        return training.gather_cpu_state_dict(model, is_rank_zero, device=device)
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+
+
 def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Unsharded weights on every rank (a collective under FSDP2: all ranks must call it)."""
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}

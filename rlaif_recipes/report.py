@@ -7,15 +7,16 @@ has the same shape:
                  rows=[{"metric": "agreement", "value": 0.91}, ...],
                  plot=Bars({"rule": {"agreement": 0.91, "tie_rate": 0.02}}, ylabel="rate"))
 
-Each file is written atomically (tmp + os.replace), so a reader never sees half a report.
+Each file is written atomically (`files.atomic_write`), so a reader never sees half a report.
 """
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from rlaif_recipes.files import atomic_write, atomic_write_text
 
 
 @dataclass
@@ -47,8 +48,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     doc = {"name": name, "title": title or name, "metrics": dict(metrics), "rows": [dict(r) for r in rows], "notes": list(notes)}
     paths = {
-        "json": _atomic_write(out / f"{name}.json", json.dumps(_jsonable(doc), indent=2, sort_keys=False) + "\n"),
-        "md": _atomic_write(out / f"{name}.md", _markdown(doc, png=f"{name}.png" if plot else None)),
+        "json": atomic_write_text(out / f"{name}.json", json.dumps(_jsonable(doc), indent=2, sort_keys=False) + "\n"),
+        "md": atomic_write_text(out / f"{name}.md", _markdown(doc, png=f"{name}.png" if plot else None)),
     }
     if plot is not None:
         paths["png"] = _write_png(out / f"{name}.png", plot)
@@ -118,11 +119,10 @@ def _write_png(path: Path, plot: Bars) -> Path:
     if len(plot.series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def _number(value: Any) -> bool:
@@ -142,10 +142,3 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

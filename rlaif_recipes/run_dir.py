@@ -22,6 +22,7 @@ from torchtune.config._utils import _get_component_from_path
 
 from rlaif_recipes.config import redacted
 from rlaif_recipes.errors import OutputError
+from rlaif_recipes.files import atomic_write_text
 
 RUN_FILE = "run.json"
 FORMAT = 1
@@ -75,9 +76,7 @@ def claim(output_dir: str, recipe: str, identity: Mapping[str, Any], outputs: It
             f"no {RUN_FILE}, so it is not a run this {recipe} run can continue; choose a new or empty output_dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RUN_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"format": FORMAT, "recipe": recipe, "identity": identity, "created": time.time()}, indent=2, sort_keys=True))
-    os.replace(tmp, record)
+    atomic_write_text(record, json.dumps({"format": FORMAT, "recipe": recipe, "identity": identity, "created": time.time()}, indent=2, sort_keys=True))
     return record
 
 

@@ -352,6 +352,18 @@ def test_group_yaml_composes_and_builds(option, cls, tmp_path):
     assert judge.cache is not None and KEY not in json.dumps(judge.identity())
 
 
+def test_identity_keeps_what_decides_a_verdict_and_drops_limits_and_budgets():
+    """Concurrency, rate limits and budgets may change on a resumed run and keep its cache; the
+    model, temperature and endpoint may not. The key's variable name is not in it either."""
+    kw = dict(model="judge", api_key_env=KEY_ENV, rubric=RUBRIC, base_url="http://127.0.0.1:1/v1", probe=False)
+    identity = OpenAIJudge(**kw).identity()
+    assert OpenAIJudge(max_concurrency=64, max_requests=5, requests_per_minute=60.0, **kw).identity() == identity
+    assert OpenAIJudge(**{**kw, "temperature": 0.7}).identity() != identity
+    assert OpenAIJudge(**{**kw, "base_url": "http://127.0.0.1:2/v1"}).identity() != identity
+    assert (identity["model"], identity["structured"], identity["logprobs"]) == ("judge", "none", True)
+    assert KEY_ENV not in json.dumps(identity) and "max_concurrency" not in identity
+
+
 def test_missing_key_fails_at_construction_naming_the_variable(monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     with FaultServer() as server:

@@ -2,7 +2,6 @@
 and the safetensors headers alone: before a vLLM engine starts, a model is built or weights are read.
 Each test damages a copy of the tiny model and checks that the check leaves its bytes as they were."""
 
-import hashlib
 import json
 import re
 import shutil
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from rlaif_recipes.errors import CheckpointError, ConfigError
+from rlaif_recipes.files import file_sha256
 from rlaif_recipes.models import UnsupportedModelError, check_checkpoint_dir, hf_checkpointer, hf_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -44,7 +44,7 @@ def fails(checkpoint_dir: Path, error: type, model: Optional[Any] = None) -> str
 
 
 def digests(directory: Path) -> Dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+    return {p.name: file_sha256(p) for p in sorted(directory.iterdir())}
 
 
 def vocab(checkpoint_dir: Path) -> int:

@@ -99,6 +99,10 @@ def test_rlaif_ls_lists_recipes_and_groups(tmp_path: Path) -> None:
     for group in ("sampler", "judge", "loss", "rubric"):
         assert f"{group}: {', '.join(group_options(group))}" in out
     assert {"rule", "openai", "anthropic", "llm", "reward_model", "panel", "router"} <= set(group_options("judge"))
+    # conf/sft.yaml is torchtune's (full_finetune_single_device), listed apart, not as a config of ours
+    ours = out.split("configs:\n")[1].split("config groups")[0]
+    assert "  dpo\n" in ours and "sft" not in ours
+    assert "sft.yaml   (tune run full_finetune_single_device --config PATH)" in out
 
 
 def test_configs_ship_inside_a_non_editable_install(tmp_path: Path) -> None:

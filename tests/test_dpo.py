@@ -224,7 +224,7 @@ def test_precomputed_reference_trains_like_a_reference_copy(tmp_path, tiny_model
     assert train_losses(tmp_path / "pre") == pytest.approx(
         train_losses(tmp_path / "model"), rel=1e-4, abs=1e-5
     )
-    kl = [m["kl/implicit"] for _, m in read_log(tmp_path / "model") if "kl/implicit" in m]
+    kl = [m["kl/reference"] for _, m in read_log(tmp_path / "model") if "kl/reference" in m]
     assert (
         kl[0] == pytest.approx(0.0, abs=1e-4) and abs(kl[-1]) > 1e-3
     )  # the policy moves away from the reference

@@ -1,5 +1,6 @@
 """The judge core: order handling, provenance, the cache, rubric quoting and the rule judge."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,16 @@ from typing import Callable, List
 
 import pytest
 
-from rlaif_recipes.judges import Judgment, JudgmentCache, Pair, PairwiseJudge, Rubric, RuleJudge, Verdict
+from rlaif_recipes.judges import (
+    Judgment,
+    JudgmentCache,
+    Pair,
+    PairwiseJudge,
+    PanelJudge,
+    Rubric,
+    RuleJudge,
+    Verdict,
+)
 from rlaif_recipes.judges.rules import ContainsWords, is_refusal
 
 RUBRIC = {"name": "test_rubric", "version": 3, "criteria": "Prefer the longer response."}
@@ -105,6 +115,54 @@ def test_cache_pays_each_judgment_once_and_is_keyed_by_rubric_version(tmp_path) 
     bumped = LongerWins(rubric={**RUBRIC, "version": 4}, cache_path=path)
     bumped.judge(PAIRS[:1])
     assert bumped.metrics["cache_hits"] == 0 and len(bumped.calls) == 2
+
+
+class Strict(PairwiseJudge):
+    """A new judge with a setting of its own and no identity() code: the longer response wins when
+    it is more than `strictness` characters longer, else a tie."""
+
+    def __init__(self, strictness: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.strictness = strictness
+        self.asked = 0
+
+    def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
+        for i, p in enumerate(pairs):
+            self.asked += 1
+            longer = len(p.response_a) - len(p.response_b)
+            record(i, Judgment(Verdict.TIE if abs(longer) <= self.strictness else Verdict.A if longer > 0 else Verdict.B))
+
+
+def test_a_new_judges_settings_are_in_its_cache_key_without_code_of_its_own(tmp_path) -> None:
+    path = str(tmp_path / "cache.sqlite")
+    pairs = [Pair("p", "four", "four and six more")]
+    lenient = Strict(strictness=0, cache_path=path)
+    assert lenient.judge(pairs)[0].verdict is Verdict.B
+    lenient.close()
+    strict = Strict(strictness=100, cache_path=path)
+    assert strict.judge(pairs)[0].verdict is Verdict.TIE  # not the lenient judge's cached B
+    assert strict.metrics["cache_hits"] == 0 and strict.asked == 2
+    # the same settings reuse it, however they are passed; cache_path, order and tie_margin are not
+    # in the key (order=both cached the (A, B) view that order=fixed shows)
+    same = Strict(0, cache_path=path, order="fixed", tie_margin=0.1)
+    assert same.judge(pairs)[0].verdict is Verdict.B and same.metrics["cache_hits"] == 1 and same.asked == 0
+    assert Strict(strictness=100, cache_path=str(tmp_path / "other.sqlite")).identity() == strict.identity()
+
+
+def test_identity_leaves_out_secrets_and_nests_member_judges(tmp_path) -> None:
+    class Keyed(Strict):
+        def __init__(self, api_key: str = "", **kwargs) -> None:
+            super().__init__(**kwargs)
+
+    identity = Keyed(api_key="sk-do-not-store", strictness=3, seed=1).identity()
+    assert "sk-do-not-store" not in json.dumps(identity) and (identity["strictness"], identity["seed"]) == (3, 1)
+    assert identity["class"].endswith("Keyed") and identity["rubric"] is None
+    panels = [
+        PanelJudge([Strict(strictness=n, cache_path=str(tmp_path / path))]).identity()
+        for n, path in ((1, "a.sqlite"), (1, "b.sqlite"), (2, "a.sqlite"))
+    ]
+    assert panels[0] == panels[1] != panels[2] and panels[2]["judges"][0]["strictness"] == 2
+    assert RuleJudge(rule=len).identity()["rule"] == "builtins.len"
 
 
 def test_judgment_round_trips_through_dict() -> None:

@@ -19,7 +19,7 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR
 from rlaif_recipes.errors import CheckpointError
 from rlaif_recipes.judges import JudgmentCache, LLMJudge, Pair, Verdict
-from rlaif_recipes.judges.llm import prob_a_from_logprobs
+from rlaif_recipes.judges.llm import prob_a_from_token_logprobs
 from rlaif_recipes.policy import full_state_dict
 from rlaif_recipes.samplers import VLLMSampler
 
@@ -118,7 +118,8 @@ def test_cache_hits_skip_the_engine(llm_judge: LLMJudge, tmp_path: Path) -> None
     )
     assert [j.to_dict() for j in again] == [j.to_dict() for j in first]
     identity = llm_judge.identity()
-    assert identity["checkpoint"] == llm_judge.checkpoint_dir and len(identity["weights"]) == 16
+    assert identity["checkpoint_dir"] == llm_judge.checkpoint_dir and len(identity["weights"]) == 16
+    assert identity["dtype"] == "float32" and "kv_cache_memory_bytes" not in identity  # a runtime setting
     assert identity["rubric"] == "false_refusal@v1"
 
 
@@ -145,14 +146,14 @@ def test_unconstrained_reply_without_a_letter_abstains(llm_judge: LLMJudge) -> N
 
 def test_reading_letters_from_top_logprobs() -> None:
     log = math.log
-    assert prob_a_from_logprobs([("A", log(0.3)), ("B", log(0.1)), ("x", log(0.6))]) == pytest.approx(0.75)
+    assert prob_a_from_token_logprobs([("A", log(0.3)), ("B", log(0.1)), ("x", log(0.6))]) == pytest.approx(0.75)
     # variants of a letter add up, even two tokens that decode alike
-    assert prob_a_from_logprobs(
+    assert prob_a_from_token_logprobs(
         [("A", log(0.1)), (" A", log(0.1)), ("A", log(0.1)), ("B", log(0.1))]
     ) == pytest.approx(0.75)
     # a letter missing from the top tokens is bounded by the smallest shown; -inf (masked) is missing
-    assert prob_a_from_logprobs([("B", log(0.5)), ("x", log(0.1)), ("A", -math.inf)]) == pytest.approx(1 / 6)
-    assert prob_a_from_logprobs([("x", -1.0), ("y", -2.0)]) is None
+    assert prob_a_from_token_logprobs([("B", log(0.5)), ("x", log(0.1)), ("A", -math.inf)]) == pytest.approx(1 / 6)
+    assert prob_a_from_token_logprobs([("x", -1.0), ("y", -2.0)]) is None
 
 
 @pytest.mark.slow

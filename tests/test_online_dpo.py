@@ -102,7 +102,7 @@ def test_pick_pair_best_vs_worst_by_wins() -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("online") / "full"
-    online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "checkpoint_every=2")
+    online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2")
     return out
 
 
@@ -117,7 +117,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
         RECIPE,
         "--config",
         "online_dpo",
-        *overrides(tiny_model_dir, out, "max_steps=4", "checkpoint_every=2"),
+        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2"),
     ]
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / args[0]), *args[1:]],
@@ -141,7 +141,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     keys_at_kill = cache_keys(out)
 
     online_dpo(
-        tmp_path, tiny_model_dir, out, "max_steps=4", "checkpoint_every=2", "resume_from_checkpoint=true"
+        tmp_path, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", "resume_from_checkpoint=true"
     )
 
     full, resumed = weights(finished_run, 4), weights(out, 4)
@@ -167,7 +167,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
 
 def recipe_for(model: Path, out: Path, *extra: str):
     cfg = rlaif_config.load(
-        "online_dpo", overrides(model, out, "max_steps=4", "checkpoint_every=2", *extra), OnlineDPOSettings
+        "online_dpo", overrides(model, out, "max_steps=4", "save_every_n_steps=2", *extra), OnlineDPOSettings
     )
     return OnlineDPORecipe(cfg), cfg
 
@@ -199,9 +199,9 @@ def test_checkpoint_errors_are_clear(tmp_path: Path, tiny_model_dir: Path, finis
 
 def test_bad_settings_fail_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(
-        ConfigError, match="checkpoint_every=3: checkpoint_every must be a positive multiple of sync_every=2"
+        ConfigError, match="save_every_n_steps=3: save_every_n_steps must be a positive multiple of sync_every=2"
     ):
-        recipe_for(tiny_model_dir, tmp_path, "sync_every=2", "checkpoint_every=3")
+        recipe_for(tiny_model_dir, tmp_path, "sync_every=2", "save_every_n_steps=3")
     with pytest.raises(ConfigError, match="n=1: a preference pair needs at least 2"):
         recipe_for(tiny_model_dir, tmp_path, "n=1")
 
@@ -237,7 +237,7 @@ def test_policy_learns_what_the_rule_judge_prefers(tmp_path: Path, tiny_model_di
         rule,
         "optimizer.lr=3e-3",
         "lr_scheduler=null",
-        "checkpoint_every=15",
+        "save_every_n_steps=15",
     )
     trained = out / "checkpoints" / "step_0000015"
 

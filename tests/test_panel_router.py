@@ -39,9 +39,6 @@ class FixedProb(PairwiseJudge):
         super().__init__(**{"order": "fixed", **kwargs})
         self.prob_a, self.cost = prob_a, cost
 
-    def identity(self):
-        return {**super().identity(), "prob_a": self.prob_a}
-
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         for i, _ in enumerate(pairs):
             self.metrics["requests"] += 1

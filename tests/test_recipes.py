@@ -22,8 +22,9 @@ def rows(out: Path) -> list:
 
 
 def test_make_tiny_model_recipe(tmp_path: Path) -> None:
-    result = run_cli(["tune", "run", "rlaif_recipes/recipes/make_tiny_model.py", "--config", "make_tiny_model",
-                      f"out={tmp_path / 'm'}", "dim=64", "num_heads=2", "num_kv_heads=1"], cwd=tmp_path)
+    """`rlaif make-tiny-model --out DIR` is `rlaif run make_tiny_model out=DIR` (the recipe through `tune run`)."""
+    result = run_cli(["rlaif", "make-tiny-model", "--out", str(tmp_path / "m"), "dim=64", "num_heads=2", "num_kv_heads=1"],
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
         p.name for p in (tmp_path / "m").iterdir()}

@@ -85,7 +85,7 @@ def test_retrained_heads_agree_with_humans_on_held_out_pairs(trained: Path) -> N
         agreement["false_refusal"]["over_fragment"] > 0.8
         and agreement["helpful_harmless"]["over_fragment"] > 0.9
     )
-    assert (trained / HEAD_WEIGHTS).stat().st_size < 10_000 and not list(trained.glob(".*.tmp"))
+    assert (trained / HEAD_WEIGHTS).stat().st_size < 10_000 and not list(trained.glob(".*.tmp*"))
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.policy import full_state_dict
 from rlaif_recipes.samplers import PromptSamples, Sampler, TorchtuneSampler, VLLMSampler
 
@@ -230,8 +231,8 @@ def test_bad_gpu_memory_utilization_raises_before_engine(
 @pytest.mark.slow
 def test_engine_start_failure_is_named(tiny_model_dir: Path) -> None:
     """A setting vLLM itself rejects (a context beyond the model's 512 positions) surfaces as one
-    RuntimeError naming the setting, with vLLM's own error chained for the details."""
-    with pytest.raises(RuntimeError, match=r"^vLLM engine failed to start") as info:
+    ConfigError naming the setting, with vLLM's own error chained for the details."""
+    with pytest.raises(ConfigError, match=r"^vLLM engine failed to start") as info:
         VLLMSampler(str(tiny_model_dir), dtype="float32", max_model_len=100_000)
     assert "max_model_len=100000" in str(info.value)
     assert info.value.__cause__ is not None

@@ -158,7 +158,7 @@ def test_lora_online_dpo_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path:
     """LoRA online DPO in bf16: the checkpoint is a merged HF directory transformers loads (no
     adapter names, weights moved from the start), and a run killed after its step-2 checkpoint
     and resumed ends with exactly the weights of a run that was never interrupted."""
-    lora = ["model=hf_lora", "max_steps=3", "checkpoint_every=2"]
+    lora = ["model=hf_lora", "max_steps=3", "save_every_n_steps=2"]
     full = tmp_path / "full"
     run_ok(tmp_path, online_args(smollm2_dir, full, *lora))
 
@@ -197,7 +197,7 @@ def test_lora_online_dpo_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path:
 @pytest.mark.slow
 def test_full_weight_online_dpo_trains_and_pushes(tmp_path: Path, smollm2_dir: Path) -> None:
     out = tmp_path / "online"
-    run_ok(tmp_path, online_args(smollm2_dir, out, "model=hf", "max_steps=2", "checkpoint_every=2"))
+    run_ok(tmp_path, online_args(smollm2_dir, out, "model=hf", "max_steps=2", "save_every_n_steps=2"))
     logged = metrics(out)
     assert [m["step"] for m in logged] == [1, 2] and sum(m["pairs/trained"] for m in logged) > 0
     assert all(m["time/sync"] > 0 for m in logged)  # every step pushed its weights into vLLM

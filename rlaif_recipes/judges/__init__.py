@@ -8,7 +8,7 @@ from rlaif_recipes.judges.panel import PanelJudge
 from rlaif_recipes.judges.reward_model import RewardModelJudge
 from rlaif_recipes.judges.router import PromptMatches, RouterJudge, export_review_queue
 from rlaif_recipes.judges.rubric import Rubric
-from rlaif_recipes.judges.rule import RuleJudge
+from rlaif_recipes.judges.rules import RuleJudge
 
 __all__ = [
     "AnthropicJudge", "OpenAIJudge",

@@ -27,7 +27,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from rlaif_recipes.errors import ConfigError, JudgeError
 from rlaif_recipes.judges.api_limits import RateLimiter, backoff_delay, retry_after_seconds
-from rlaif_recipes.judges.api_parse import JSON_ANSWER, VERDICT_SCHEMA, parse_verdict, prob_a_from_logprobs
+from rlaif_recipes.judges.api_parse import (
+    JSON_ANSWER,
+    VERDICT_SCHEMA,
+    parse_verdict,
+    prob_a_from_openai_logprobs,
+)
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge
 from rlaif_recipes.judges.rubric import LETTER_ANSWER
 
@@ -58,6 +63,7 @@ class APIJudge(PairwiseJudge):
     """Concurrency, pacing, retries, budget and accounting shared by the HTTP judges."""
 
     sdk_module = ""  # "openai" or "anthropic": the official SDK, imported when a judge is made
+    client_class = ""  # the SDK's async client class
     RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + (
         "base_url", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s",
         "max_retries", "backoff_base_s", "backoff_max_s", "probe", "input_usd_per_mtok", "output_usd_per_mtok",
@@ -125,10 +131,16 @@ class APIJudge(PairwiseJudge):
 
     # ---- what each API provides -----------------------------------------------------------
 
-    @abc.abstractmethod
     def _client(self, api_key: str) -> Any:
         """A new async SDK client with the SDK's own retries off, made inside the running loop, on
         the aiohttp transport (about 1 ms less CPU per request than the default httpx one)."""
+        return getattr(self.sdk, self.client_class)(
+            api_key=api_key,
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.timeout_s,
+            http_client=self.sdk.DefaultAioHttpClient(),
+        )
 
     @abc.abstractmethod
     async def _request(self, client: Any, pair: Pair) -> Reply:
@@ -141,14 +153,10 @@ class APIJudge(PairwiseJudge):
         return self.model_name
 
     def identity(self) -> Dict[str, Any]:
-        return {
-            **super().identity(),
-            "base_url": self.base_url,
-            "model": self.model_name,
-            "structured": self.structured,
-            "temperature": self.temperature,
-            "max_output_tokens": self.max_output_tokens,
-        }
+        """Plus the endpoint: a run may move to another server (base_url is a RUNTIME_SETTING), but
+        a served name such as vLLM's "judge" says nothing about the model, so the cache keeps the
+        verdicts of different endpoints apart."""
+        return {**super().identity(), "base_url": self.base_url}
 
     def answer_instruction(self) -> str:
         return JSON_ANSWER if self.structured == "json_schema" else LETTER_ANSWER
@@ -263,7 +271,7 @@ class APIJudge(PairwiseJudge):
             if reply.truncated:
                 reason = f"{reason} (cut off at judge.max_output_tokens={self.max_output_tokens})"
             return Judgment.abstain(reason, usage=usage)
-        prob_a = prob_a_from_logprobs(reply.prob_a_tokens, verdict) if reply.prob_a_tokens else None
+        prob_a = prob_a_from_openai_logprobs(reply.prob_a_tokens, verdict) if reply.prob_a_tokens else None
         return Judgment(verdict, prob_a=prob_a, rationale=rationale, usage=usage)
 
     def _classify(self, e: Exception) -> Tuple[str, Optional[float]]:
@@ -355,23 +363,11 @@ class OpenAIJudge(APIJudge):
     are taken after the choice constraint and A and B are always among them).
     """
 
-    sdk_module = "openai"
+    sdk_module, client_class = "openai", "AsyncOpenAI"
 
     def __init__(self, *, logprobs: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.logprobs = logprobs
-
-    def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), "logprobs": self.logprobs}
-
-    def _client(self, api_key: str) -> Any:
-        return self.sdk.AsyncOpenAI(
-            api_key=api_key,
-            base_url=self.base_url,
-            max_retries=0,
-            timeout=self.timeout_s,
-            http_client=self.sdk.DefaultAioHttpClient(),
-        )
 
     async def _request(self, client: Any, pair: Pair) -> Reply:
         body: Dict[str, Any] = {
@@ -412,7 +408,7 @@ class AnthropicJudge(APIJudge):
     `json_schema` (structured outputs via `output_config`) or `none` (a strictly parsed letter).
     The Messages API returns no log-probabilities, so `prob_a` is None."""
 
-    sdk_module = "anthropic"
+    sdk_module, client_class = "anthropic", "AsyncAnthropic"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -424,15 +420,6 @@ class AnthropicJudge(APIJudge):
             raise ConfigError(
                 "judge.structured=choice is a vLLM extension; the Anthropic judge takes json_schema or none"
             )
-
-    def _client(self, api_key: str) -> Any:
-        return self.sdk.AsyncAnthropic(
-            api_key=api_key,
-            base_url=self.base_url,
-            max_retries=0,
-            timeout=self.timeout_s,
-            http_client=self.sdk.DefaultAioHttpClient(),
-        )
 
     async def _request(self, client: Any, pair: Pair) -> Reply:
         system, user = self.rubric.messages(

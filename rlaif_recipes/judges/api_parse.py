@@ -41,7 +41,7 @@ def parse_verdict(text: Optional[str]) -> Tuple[Optional[Verdict], Optional[str]
     return None, None, f"unparseable verdict: {raw[:120]!r}"
 
 
-def prob_a_from_logprobs(tokens: Sequence[Any], verdict: Verdict) -> Optional[float]:
+def prob_a_from_openai_logprobs(tokens: Sequence[Any], verdict: Verdict) -> Optional[float]:
     """P(A) from the first generated token that spells the verdict letter (OpenAI logprobs shape:
     .token and .top_logprobs[].token/.logprob). None unless both A and B are among its top tokens."""
     for tok in tokens:

@@ -9,19 +9,28 @@ combined, and when they disagree the pair becomes a tie with `orders_agree=False
 `metrics["order_disagreements"]`). If either order abstains the pair abstains: a one-sided verdict
 is exactly what `order=both` is there to avoid. `order=random` shows one order picked per pair by a
 seeded hash, `order=fixed` shows (A, B). Judges that score each response on its own
-(`symmetric = True`) are judged once whatever the order.
+(`symmetric = True`) and composites whose member judges handle the order themselves
+(`delegates_order = True`) are asked once per pair whatever the order.
 
 Subclasses implement `_compare` for pairs in the order shown. Results go through the optional
-SQLite cache (`cache_path`) one at a time, as they arrive.
+SQLite cache (`cache_path`) one at a time, as they arrive, keyed by `identity()`: the class, the
+rubric and every constructor argument, recorded from the call that built the judge, except
+secrets, the class's RUNTIME_SETTINGS and its COMBINE_SETTINGS (`order` and `tie_margin`, which act
+on top of cached judgments). A new judge's settings are therefore in its cache key without any
+code of its own; a subclass adds only facts its arguments do not pin down (which weights).
 """
 
 import abc
+import functools
 import hashlib
+import inspect
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from rlaif_recipes.config import _SECRET_KEY
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.cache import JudgmentCache, cache_key
 from rlaif_recipes.judges.rubric import Rubric
@@ -78,14 +87,52 @@ def verdict_from_prob(prob_a: float, tie_margin: float = 0.0) -> Verdict:
     return Verdict.A if prob_a > 0.5 else Verdict.B
 
 
+def _records_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a judge's __init__ so that the arguments it was called with (defaults filled in) are
+    kept in `self._arguments` for `identity()`. The outermost class runs first, so its values win;
+    each parent adds the parameters only it names (defaults a subclass passed on through **kwargs)."""
+    signature = inspect.signature(init)
+    named = [
+        p.name
+        for p in list(signature.parameters.values())[1:]
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+
+    @functools.wraps(init)
+    def recording_init(self: "PairwiseJudge", *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:  # let the call itself raise its usual error
+            return init(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = self.__dict__.setdefault("_arguments", {})
+        for name in named:
+            arguments.setdefault(name, bound.arguments[name])
+        return init(self, *args, **kwargs)
+
+    return recording_init
+
+
 class PairwiseJudge(abc.ABC):
     """Order handling, caching and counting; subclasses compare pairs in the order shown."""
 
     symmetric = False  # True: scores each response alone, so the order shown cannot matter
+    delegates_order = False  # True: a composite whose member judges handle the order; asked once per pair
     # constructor arguments that never change a verdict: a run may change them and still continue
-    # the same output directory (rlaif_recipes.run_dir); subclasses add their own
+    # the same output directory (rlaif_recipes.run_dir), and they are not in the cache key;
+    # subclasses add their own
     RUNTIME_SETTINGS: Tuple[str, ...] = ("cache_path",)
+    # arguments this class applies around `_compare` (which orders are shown, the tie margin on
+    # the combined P(A)): they never change one cached judgment, so changing them reuses the cache.
+    # A judge that reads them inside `_compare` sets this to ()
+    COMBINE_SETTINGS: Tuple[str, ...] = ("order", "tie_margin")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _records_arguments(cls.__dict__["__init__"])
+
+    @_records_arguments
     def __init__(
         self,
         *,
@@ -117,8 +164,16 @@ class PairwiseJudge(abc.ABC):
         (a verdict or an abstain, never an exception for one failed pair)."""
 
     def identity(self) -> Dict[str, Any]:
-        """Everything that decides a verdict, for the cache key (never secrets)."""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "rubric": self.rubric and self.rubric.id}
+        """Everything that decides a verdict, for the cache key (never secrets): the class, the
+        rubric's id and the constructor's arguments less RUNTIME_SETTINGS and COMBINE_SETTINGS.
+        Subclasses add facts the arguments do not pin down (which weights), never plain settings."""
+        skip = {*self.RUNTIME_SETTINGS, *self.COMBINE_SETTINGS}
+        settings = {
+            k: identity_value(v)
+            for k, v in self.__dict__.get("_arguments", {}).items()
+            if k not in skip and not _SECRET_KEY.search(k)
+        }
+        return {**settings, "class": _dotted(type(self)), "rubric": self.rubric and self.rubric.id}
 
     @property
     def model(self) -> Optional[str]:
@@ -171,7 +226,7 @@ class PairwiseJudge(abc.ABC):
     # ---- internals ------------------------------------------------------------------------
 
     def _orders(self, pair: Pair) -> List[bool]:
-        if self.symmetric or self.order == "fixed":
+        if self.symmetric or self.delegates_order or self.order == "fixed":
             return [False]
         if self.order == "both":
             return [False, True]
@@ -231,3 +286,34 @@ def _unorient(judgment: Judgment, swapped: bool) -> Judgment:
             "usage": dict(judgment.usage),
         }
     )
+
+
+def identity_value(value: Any) -> Any:
+    """A constructor argument as plain JSON for the cache key: a nested judge by its identity, a
+    rubric by its id, a function or class by its dotted name, a callable object by its class and
+    state, mappings without secret-named keys."""
+    if isinstance(value, PairwiseJudge):
+        return value.identity()
+    if isinstance(value, Rubric):
+        return value.id
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): identity_value(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(value, Sequence):
+        return [identity_value(v) for v in value]
+    if callable(value) and hasattr(value, "__qualname__"):
+        # a lambda or a function defined inside another has no importable name: its repr (with its
+        # address) keeps it apart from every other callable, at the price of no hits across runs
+        named = "<" not in value.__qualname__
+        return _dotted(value) if named else repr(value)
+    state = getattr(value, "__dict__", None)
+    if callable(value) and state:
+        return {"_component_": _dotted(type(value)), **identity_value(state)}
+    return repr(value)  # e.g. a functools.partial: its repr names the function (at its address)
+
+
+def _dotted(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"

@@ -15,20 +15,21 @@ length in the reason (the responses are never cut: the judge must see what it co
 
 Memory on CPU: vLLM would size its KV cache as `gpu_memory_utilization` x RAM minus what the
 process already holds (negative beside the policy's sampler, as in online DPO), so on CPU the share
-of RAM is passed as the KV-cache size itself (`samplers.vllm_sampler.kv_cache_args`).
+of RAM is passed as the KV-cache size itself (`rlaif_recipes.vllm_engine.kv_cache_args`).
 """
 
 import hashlib
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from rlaif_recipes.errors import CheckpointError, ConfigError
+from rlaif_recipes.files import file_sha256
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
-from rlaif_recipes.samplers.vllm_sampler import _first_line
+from rlaif_recipes.vllm_engine import close_engine, first_line, start_engine
 
 LETTERS = ("A", "B")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 class LLMJudge(PairwiseJudge):
@@ -66,28 +67,16 @@ class LLMJudge(PairwiseJudge):
         self.constrained = constrained
         self.top_logprobs = top_logprobs
         self._fingerprint = weights_fingerprint(self.checkpoint_dir)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
-        from vllm import LLM
-
-        from rlaif_recipes.samplers.vllm_sampler import kv_cache_args
-
-        engine_args: Dict[str, Any] = dict(
+        self.llm = start_engine(
+            "judge",
             model=self.checkpoint_dir,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             seed=0,
         )
-        engine_args.update(kv_cache_args(gpu_memory_utilization, kv_cache_memory_bytes))
-        try:
-            self.llm = LLM(**engine_args)
-        except Exception as e:
-            raise ConfigError(
-                f"vLLM engine for judge=llm failed to start on {checkpoint_dir} ({type(e).__name__}: {_first_line(e)}); "
-                f"check judge.max_model_len={max_model_len} and judge.dtype={dtype}, and set judge.kv_cache_memory_bytes "
-                "when another engine or model already lives in this process"
-            ) from e
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -96,19 +85,11 @@ class LLMJudge(PairwiseJudge):
         return self.checkpoint_dir
 
     def identity(self) -> Dict[str, Any]:
-        return {
-            **super().identity(),
-            "checkpoint": self.checkpoint_dir,
-            "weights": self._fingerprint,
-            "constrained": self.constrained,
-            "top_logprobs": self.top_logprobs,
-        }
+        """Plus which weights judge, and the checkpoint as an absolute path."""
+        return {**super().identity(), "checkpoint_dir": self.checkpoint_dir, "weights": self._fingerprint}
 
     def close(self) -> None:
-        engine = getattr(self, "llm", None)
-        if engine is not None:
-            engine.llm_engine.engine_core.shutdown()
-            del self.llm
+        close_engine(self)
         super().close()
 
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
@@ -142,14 +123,14 @@ class LLMJudge(PairwiseJudge):
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as e:  # an engine failure abstains on the batch; the run goes on
             for i in todo:
-                record(i, Judgment.abstain(f"vLLM judge failed: {type(e).__name__}: {_first_line(e)}"))
+                record(i, Judgment.abstain(f"vLLM judge failed: {type(e).__name__}: {first_line(e)}"))
             return
         self.metrics["engine_calls"] += 1
         for i, out in zip(todo, outputs):
             usage = {"input_tokens": len(out.prompt_token_ids), "output_tokens": 1}
             self.metrics.update({"requests": 1, **usage})
             step = out.outputs[0].logprobs[0] if out.outputs and out.outputs[0].logprobs else {}
-            prob_a = prob_a_from_logprobs([(lp.decoded_token or "", lp.logprob) for lp in step.values()])
+            prob_a = prob_a_from_token_logprobs([(lp.decoded_token or "", lp.logprob) for lp in step.values()])
             if prob_a is None:
                 shown = ", ".join(repr(lp.decoded_token) for lp in list(step.values())[:5])
                 record(
@@ -171,7 +152,7 @@ class LLMJudge(PairwiseJudge):
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
-def prob_a_from_logprobs(logprobs: Iterable[Tuple[str, float]]) -> Optional[float]:
+def prob_a_from_token_logprobs(logprobs: Iterable[Tuple[str, float]]) -> Optional[float]:
     """P(A) renormalised over the two letters, from (decoded token, log-prob) of the top tokens.
 
     Variants of a letter (" A") add up. A letter absent from the top tokens is below the smallest
@@ -187,12 +168,7 @@ def prob_a_from_logprobs(logprobs: Iterable[Tuple[str, float]]) -> Optional[floa
 
 
 def weights_fingerprint(checkpoint_dir: str) -> str:
-    """sha256 over the checkpoint's weight files (names and contents): which weights judged."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(checkpoint_dir).iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    """Which weights judge: a hash over the checkpoint's weight files (names and contents)."""
+    files = sorted(p for p in Path(checkpoint_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    listing = ",".join(f"{p.name}:{file_sha256(p)}" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]

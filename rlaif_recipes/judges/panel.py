@@ -15,31 +15,11 @@ was reached while a member abstained (members do not cache abstains, so a re-run
 from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict, verdict_from_prob
+from rlaif_recipes.judges.composite import ask_member, build_judge
 
 VOTES = ("majority", "mean_prob")
-# Counters every judge keeps about its own verdicts: a composite keeps its own, so members' go
-# under "<member>.<key>" only; everything else members count (requests, tokens, cost_usd,
-# cache_hits, retries ...) is also summed at the top level.
-OWN_KEYS = ("pairs", "queries", "order_disagreements")
-
-
-def build_judge(spec: Union[PairwiseJudge, Mapping[str, Any]], where: str) -> PairwiseJudge:
-    """A judge from a `{_component_: ...}` config (or an already built one)."""
-    judge = rlaif_config.build(spec, where)
-    if not isinstance(judge, PairwiseJudge):
-        raise ConfigError(f"{where} must be a PairwiseJudge config ({{_component_: rlaif_recipes.judges.RuleJudge, ...}}), got {spec!r}")
-    return judge
-
-
-def absorb_metrics(metrics: Counter, name: str, judge: PairwiseJudge, before: Counter) -> None:
-    """Add what `judge` counted since `before` to a composite judge's `metrics`."""
-    for key, value in (judge.metrics - before).items():
-        metrics[f"{name}.{key}"] += value
-        if key not in OWN_KEYS and not key.startswith("verdict_"):
-            metrics[key] += value
 
 
 def sum_usage(judgments: Iterable[Judgment]) -> Dict[str, float]:
@@ -50,7 +30,8 @@ def sum_usage(judgments: Iterable[Judgment]) -> Dict[str, float]:
 
 
 class PanelJudge(PairwiseJudge):
-    symmetric = True  # members handle the order themselves; the panel sees each pair once
+    delegates_order = True  # members handle the order themselves; the panel sees each pair once
+    COMBINE_SETTINGS = ()  # tie_margin decides the mean_prob vote inside _compare
 
     def __init__(
         self,
@@ -78,7 +59,8 @@ class PanelJudge(PairwiseJudge):
         return ",".join(self.member_names)
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), "vote": self.vote, "min_votes": self.min_votes, "members": [m.identity() for m in self.members]}
+        """The members as built (their identities pin down their weights; a config does not)."""
+        return {**super().identity(), "judges": [m.identity() for m in self.members]}
 
     def close(self) -> None:
         for m in self.members:
@@ -87,9 +69,7 @@ class PanelJudge(PairwiseJudge):
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         votes: List[List[Judgment]] = []
         for name, member in zip(self.member_names, self.members):
-            before = member.metrics.copy()
-            votes.append(member.judge(pairs))
-            absorb_metrics(self.metrics, name, member, before)
+            votes.append(ask_member(self.metrics, name, member, pairs))
         if all(m.stopped for m in self.members):
             self.stopped = "; ".join(f"{n}: {m.stopped}" for n, m in zip(self.member_names, self.members))
         for i in range(len(pairs)):

@@ -43,7 +43,6 @@ name; anything else is a config error.
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -56,7 +55,7 @@ from torch import nn
 
 from rlaif_recipes.config import asset_path
 from rlaif_recipes.errors import CheckpointError, ConfigError
-from rlaif_recipes.files import file_sha256
+from rlaif_recipes.files import atomic_write, atomic_write_text, file_sha256
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
 
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
@@ -175,7 +174,7 @@ class SentenceEncoder:
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"embeddings": torch.stack([self._cache[k] for k in keys]).contiguous()}
         meta = {"encoder": self.fingerprint, "keys": json.dumps(keys)}
-        _atomic(self.cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_write(self.cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 class RewardModelJudge(PairwiseJudge):
@@ -220,6 +219,7 @@ class RewardModelJudge(PairwiseJudge):
         return f"{self.encoder.name}+{self.head_dir.name}@{self.head_config['head_sha256'][:12]}"
 
     def identity(self) -> Dict[str, Any]:
+        """Plus the objective as resolved (it may come from the rubric) and which heads and encoder."""
         return {
             **super().identity(),
             "objective": self.objective,
@@ -296,7 +296,7 @@ def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
-    _atomic(out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     full = {
         **config,
         "dim": heads.reply.in_features,
@@ -304,7 +304,7 @@ def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> P
         "head_sha256": file_sha256(out / HEAD_WEIGHTS),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic(out / HEAD_CONFIG, lambda tmp: tmp.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n"))
+    atomic_write_text(out / HEAD_CONFIG, json.dumps(full, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -324,8 +324,3 @@ def load_heads(head_dir: Path) -> Tuple[RewardHeads, Dict[str, Any]]:
     heads.load_state_dict(load_file(str(weights_path)))
     return heads.eval(), config
 
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

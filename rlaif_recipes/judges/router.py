@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
-from rlaif_recipes.judges.panel import absorb_metrics, build_judge
+from rlaif_recipes.judges.composite import ask_member, build_judge
 
 PENDING = ("abstain", "ai")
 AWAITING = "awaiting human review"
@@ -61,7 +61,7 @@ class PromptMatches:
 
 
 class RouterJudge(PairwiseJudge):
-    symmetric = True  # the inner judge handles the order; the router sees each pair once
+    delegates_order = True  # the inner judge handles the order; the router sees each pair once
     RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + ("review_path",)
 
     def __init__(
@@ -95,7 +95,8 @@ class RouterJudge(PairwiseJudge):
         return None  # AI judgments carry the inner judge's model; human ones have none
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), "inner": self.inner.identity()}
+        """The inner judge as built (its identity pins down its weights; a config does not)."""
+        return {**super().identity(), "judge": self.inner.identity()}
 
     def close(self) -> None:
         self.inner.close()
@@ -113,9 +114,7 @@ class RouterJudge(PairwiseJudge):
         return found
 
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
-        before = self.inner.metrics.copy()
-        ai = self.inner.judge(pairs)
-        absorb_metrics(self.metrics, self.inner.name, self.inner, before)
+        ai = ask_member(self.metrics, self.inner.name, self.inner, pairs)
         self.stopped = self.inner.stopped
         humans = read_human_labels(self.human_labels_path)
         routed = []

@@ -1,13 +1,16 @@
-"""Rules for `judge=rule`: plain functions (or callable objects) scoring one response to a prompt.
+"""`judge=rule`: RuleJudge, and the rules it takes: plain functions (or callable objects) scoring
+one response to a prompt.
 
-Higher is better. They are for verifiable criteria, for tests, and for the refusal classifier that
-`evaluate` uses independently of any trained judge.
+Higher is better; the higher score wins, equal scores tie. Rules are for verifiable criteria, for
+tests, and for the refusal classifier that `evaluate` uses independently of any trained judge.
 """
 
 import re
-from typing import Sequence
+from typing import Any, Callable, Dict, List, Sequence, Union
 
+from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError
+from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 
 # XSTest's string-match classifier (Röttger et al. 2024) looks at how a response starts; the extra
 # openings are the ones Llama-2-chat (whose completions ship with XSTest) uses to refuse.
@@ -53,3 +56,30 @@ class ContainsWords:
 
     def __call__(self, prompt: str, response: str) -> float:
         return float(len(self.pattern.findall(response)))
+
+
+class RuleJudge(PairwiseJudge):
+    """A rule (dotted path, `{_component_: ...}` or callable) scores each response alone."""
+
+    symmetric = True
+
+    def __init__(self, rule: Union[str, Dict[str, Any], Callable[[str, str], float]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rule = rlaif_config.build(rule, "judge.rule")
+        if not callable(self.rule):
+            raise ConfigError(f"judge.rule={rule!r} is not callable; give a dotted path to a function or a {{_component_: ...}}")
+        self._rule_name = rule if isinstance(rule, str) else repr(rule)
+
+    @property
+    def model(self) -> str:
+        return self._rule_name
+
+    def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
+        for i, p in enumerate(pairs):
+            try:
+                a, b = float(self.rule(p.prompt, p.response_a)), float(self.rule(p.prompt, p.response_b))
+            except Exception as e:  # a rule that fails on one pair abstains on it
+                record(i, Judgment.abstain(f"rule raised {type(e).__name__}: {e}"))
+                continue
+            verdict = Verdict.A if a > b else Verdict.B if b > a else Verdict.TIE
+            record(i, Judgment(verdict, prob_a={Verdict.A: 1.0, Verdict.B: 0.0, Verdict.TIE: 0.5}[verdict]))

@@ -9,17 +9,17 @@ are (B,) per-pair losses and implicit rewards. A loss that wants per-token *aver
 `average_logprobs = True`; recipes check it with `wants_average_logprobs(loss_fn)` and pass
 `PairLogprobs.averaged()` instead of sums.
 
-| config (`loss=`) | class | paper |
+| config (`loss=`) | class (torchtune's, or ours in `losses/beyond_torchtune.py`) | paper |
 |---|---|---|
-| `dpo` | torchtune.rlhf.loss.DPOLoss (label_smoothing > 0: conservative DPO) | Rafailov et al. 2023 |
-| `hinge` | torchtune.rlhf.loss.RSOLoss (SLiC-style hinge on the margin) | Liu et al. 2023 |
-| `ipo` | IPOLoss | Azar et al. 2023 |
-| `dpo_norm` | LengthNormalizedDPOLoss (DPO on per-token average log-probs) | e.g. Meng et al. 2024 |
+| `dpo` | torchtune.rlhf.loss.DPOLoss (torchtune's; label_smoothing > 0: conservative DPO) | Rafailov et al. 2023 |
+| `hinge` | torchtune.rlhf.loss.RSOLoss (torchtune's; SLiC-style hinge on the margin) | Liu et al. 2023 |
+| `ipo` | rlaif_recipes.losses.IPOLoss (ours) | Azar et al. 2023 |
+| `dpo_norm` | rlaif_recipes.losses.LengthNormalizedDPOLoss (ours: DPO on per-token average log-probs) | e.g. Meng et al. 2024 |
 """
 
 from torch import nn
 
-from rlaif_recipes.losses.dpo import IPOLoss, LengthNormalizedDPOLoss
+from rlaif_recipes.losses.beyond_torchtune import IPOLoss, LengthNormalizedDPOLoss
 
 
 def wants_average_logprobs(loss_fn: nn.Module) -> bool:

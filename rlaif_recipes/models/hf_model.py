@@ -73,8 +73,7 @@ def check_checkpoint_dir(checkpoint_dir: str, model: Optional[DictConfig | Mappi
 
     Cheap: it reads config.json and each file's safetensors header (8 bytes and a JSON header, 30 kB
     for SmolLM2-135M), never a tensor, and builds `model` on the meta device, which allocates no
-    weights. Measured on SmolLM2-135M-Instruct (538 MB of weights, 2 shared CPU cores): 1-2 ms
-    without `model`, 0.06-0.16 s with model=hf or hf_lora (nearly all of it the meta build).
+    weights (timings: bench/RESULTS.md).
     """
     cfg = _supported_config(checkpoint_dir)
     _check_index(Path(checkpoint_dir))

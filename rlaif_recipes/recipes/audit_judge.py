@@ -22,7 +22,6 @@ output_dir and prints the table.
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from torchtune import config, utils
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError
+from rlaif_recipes.files import atomic_write_text
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.report import Bars, markdown_table, write_report
 from rlaif_recipes.run_dir import claim, run_identity
@@ -198,9 +198,9 @@ class AuditJudgeRecipe:
             }
             for i, (p, h, c, s, w) in enumerate(zip(pairs, human, clean, shown, swapped))
         ]
-        tmp = self._output_dir / ".audit_pairs.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_pair))
-        os.replace(tmp, self._output_dir / "audit_pairs.jsonl")
+        atomic_write_text(
+            self._output_dir / "audit_pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_pair)
+        )
         print(markdown_table(rows))
         log.info(f"wrote {', '.join(str(p) for p in paths.values())} and audit_pairs.jsonl")
 

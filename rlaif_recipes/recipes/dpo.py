@@ -21,10 +21,10 @@ merged in) with the optimizer, scheduler, RNG and data position beside them.
 import contextlib
 import hashlib
 import json
-import os
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -43,24 +43,24 @@ from rlaif_recipes.checkpointing import (
     CheckpointManager,
     gather_optimizer_state,
     load_optimizer_state,
+    restore_rng_state,
     rng_state,
-    set_rng_state,
 )
 from rlaif_recipes.data.preferences import tokenize_preferences
 from rlaif_recipes.distributed import (
     destroy_process_group,
     gather_from_ranks,
+    in_lockstep,
     init_process_group,
-    max_over_ranks,
 )
+from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_schedule, pair_metrics, pair_sums
 from rlaif_recipes.errors import ConfigError, DataError
-from rlaif_recipes.files import weights_stamp
+from rlaif_recipes.files import atomic_write, weights_stamp
 from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_logprobs
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
-from rlaif_recipes.losses import wants_average_logprobs
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
-from rlaif_recipes.policy import build_policy, check_optimizer, device_and_dtype
+from rlaif_recipes.policy import build_policy, check_optimizer, device_and_dtype, full_cpu_state_dict
 from rlaif_recipes.run_dir import claim, run_identity
 
 log = utils.get_logger("INFO")
@@ -182,16 +182,12 @@ class DPORecipe:
         del base
 
         self._loss_fn = config.instantiate(cfg.loss)
-        self._average = wants_average_logprobs(self._loss_fn)
         trainable = [p for p in self._model.parameters() if p.requires_grad]
         self._optimizer = config.instantiate(cfg.optimizer, trainable)
-        self._lr_scheduler = (
-            config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._schedule_steps)
-            if cfg.lr_scheduler is not None
-            else None
-        )
+        base_lrs = [group["lr"] for group in self._optimizer.param_groups]
         if resumed is not None:
             self._restore(resumed)
+        self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._schedule_steps, self.global_step)
         if self._is_rank_zero:
             rlaif_config.save(cfg, str(self._output_dir))
             self._metric_logger = config.instantiate(cfg.metric_logger)
@@ -249,9 +245,7 @@ class DPORecipe:
             utils.log_rank_zero(log, f"reference log-probs of {len(logps)} pairs in {time.perf_counter() - start:.1f}s -> {path}")
             if self._is_rank_zero:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                save_file({"logps": logps}, str(tmp), metadata={"key": key, "pairs": str(len(logps))})
-                os.replace(tmp, path)
+                atomic_write(path, lambda tmp: save_file({"logps": logps}, str(tmp), metadata={"key": key, "pairs": str(len(logps))}))
         if len(logps) != len(self._train) + len(self._eval):
             raise DataError(f"reference cache {path} holds {len(logps)} pairs, expected {len(self._train) + len(self._eval)}; delete it")
         return logps[: len(self._train)], logps[len(self._train) :]
@@ -263,21 +257,17 @@ class DPORecipe:
         mine = list(range(self._rank, len(pairs), self._world_size))
         chunks = [mine[i : i + self._batch_size] for i in range(0, len(mine), self._batch_size)]
         rows: Dict[int, List[float]] = {}
-        for i in range(max_over_ranks(len(chunks))):
-            chunk = chunks[min(i, len(chunks) - 1)] if chunks else [0]
+        for chunk, real in in_lockstep(chunks, filler=[0]):
             out = pair_logprobs(model, collate_pairs([pairs[j] for j in chunk], PAD_ID).to(self._device))
-            for j, row in zip(chunk, _rows(out)):
-                rows[j] = row
+            if real:
+                rows.update(zip(chunk, _rows(out)))
         rows = {j: r for part in gather_from_ranks(rows) for j, r in part.items()}
         return torch.tensor([rows[j] for j in range(len(pairs))], dtype=torch.float32)
 
     def _restore(self, resumed) -> None:
         state = resumed.state
         load_optimizer_state(self._model, self._optimizer, state["optimizer"] if self._is_rank_zero else {})
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        rngs = state["rng"]
-        set_rng_state(rngs[self._rank] if len(rngs) == self._world_size else rngs[0])
+        restore_rng_state(state["rng"], self._rank, self._world_size)
         self.global_step = state["global_step"]
         utils.log_rank_zero(log, f"resumed from {resumed.path} at step {self.global_step}")
 
@@ -305,10 +295,6 @@ class DPORecipe:
                     reference = pair_logprobs(self._model, batch)
         return policy, reference, batch.input_ids.numel()
 
-    def _loss(self, policy: PairLogprobs, reference: PairLogprobs):
-        p, r = (policy.averaged(), reference.averaged()) if self._average else (policy, reference)
-        return self._loss_fn(p.chosen, p.rejected, r.chosen, r.rejected)
-
     def train(self) -> None:
         self._model.train()
         if self.global_step == 0 and self._eval:
@@ -316,17 +302,17 @@ class DPORecipe:
         bar = tqdm(total=self._total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="dpo")
         t0 = time.perf_counter()
         while self.global_step < self._total_steps:
-            sums = torch.zeros(len(_METRICS), dtype=torch.float64)
-            tokens = 0
+            sums: Counter = Counter()
             for idx in self._step_pairs(self.global_step):
                 policy, reference, n_tokens = self._forward(idx, self._train, self._ref_train)
-                losses, chosen_rewards, rejected_rewards = self._loss(policy, reference)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy, reference)
                 (losses.mean() / self._accum).backward()
-                sums += _batch_metrics(losses, chosen_rewards, rejected_rewards, policy, reference) / self._accum
-                tokens += n_tokens
+                sums.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy, reference))
+                sums["tokens"] += n_tokens
             grad_norm = self._step_optimizer()
             self.global_step += 1
-            metrics = self._reduce(sums, tokens)
+            total = add_up(gather_from_ranks(sums))  # equal shares per rank: means over the global batch
+            metrics = {**pair_metrics(total), "tokens": total["tokens"]}
             elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
@@ -346,26 +332,12 @@ class DPORecipe:
         bar.close()
 
     def _step_optimizer(self) -> Optional[float]:
-        grad_norm = None
-        if self._clip_grad_norm is not None:
-            norm = nn.utils.clip_grad_norm_([p for p in self._model.parameters() if p.requires_grad], self._clip_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         return grad_norm
-
-    def _reduce(self, sums: torch.Tensor, tokens: int) -> Dict[str, float]:
-        """Means over ranks (equal shares: the mean over the global batch); tokens summed."""
-        values = torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)])
-        if self._world_size > 1:
-            dist.all_reduce(values)
-            values[: len(_METRICS)] /= self._world_size
-        out = dict(zip(_METRICS, values.tolist()))
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        out["tokens"] = values[-1].item()
-        return out
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -376,7 +348,7 @@ class DPORecipe:
         for i in range(0, len(self._eval), self._batch_size):
             idx = list(range(i, min(i + self._batch_size, len(self._eval))))
             policy, reference, _ = self._forward(idx, self._eval, self._ref_eval)
-            losses, chosen_rewards, rejected_rewards = self._loss(policy, reference)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy, reference)
             margin = (chosen_rewards - rejected_rewards).double().cpu()
             sums += torch.stack([losses.double().sum().cpu(), ((margin > 0).double() + 0.5 * (margin == 0).double()).sum(), margin.sum()])
         self._model.train()
@@ -396,7 +368,7 @@ class DPORecipe:
 
     def save_checkpoint(self) -> None:
         """HF weights (LoRA merged) + everything an exact resume needs; a collective under FSDP."""
-        weights = _full_cpu_state(self._model, self._is_rank_zero, self._device)
+        weights = full_cpu_state_dict(self._model, self._is_rank_zero, self._device)
         optimizer = gather_optimizer_state(self._model, self._optimizer)
         rngs = gather_from_ranks(rng_state())
         if self._is_rank_zero:
@@ -406,7 +378,6 @@ class DPORecipe:
             epoch, k = divmod(self.global_step, self._steps_per_epoch)
             state = {
                 "optimizer": optimizer,
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
                 "rng": rngs,
                 "global_step": self.global_step,
                 "data_position": {"epoch": epoch, "step_in_epoch": k},
@@ -421,32 +392,6 @@ class DPORecipe:
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
-
-
-_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "log_probs/chosen", "log_probs/rejected", "kl/implicit")
-
-
-def _batch_metrics(losses, chosen_rewards, rejected_rewards, policy: PairLogprobs, reference: PairLogprobs) -> torch.Tensor:
-    """Per-micro-batch means in `_METRICS` order. kl/implicit: mean log pi/pi_ref of the dataset's
-    responses (sums over tokens), a sample estimate of how far the policy moved on this data."""
-    kl = ((policy.chosen - reference.chosen) + (policy.rejected - reference.rejected)) / 2
-    values = [
-        losses.mean(),
-        chosen_rewards.mean(),
-        rejected_rewards.mean(),
-        (chosen_rewards > rejected_rewards).float().mean(),
-        policy.chosen.mean(),
-        policy.rejected.mean(),
-        kl.mean(),
-    ]
-    return torch.stack([v.detach().double().cpu() for v in values])
-
-
-def _full_cpu_state(model: nn.Module, is_rank_zero: bool, device: torch.device) -> Dict[str, torch.Tensor]:
-    """Full weights on rank 0, on the CPU."""
-    if training.is_distributed():
-        return training.gather_cpu_state_dict(model, is_rank_zero, device=device)
-    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
 def _rows(out: PairLogprobs) -> List[List[float]]:

@@ -25,7 +25,6 @@ response and its classification), and prints the table. Sampling is greedy by de
 """
 
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError
-from rlaif_recipes.files import weights_stamp
+from rlaif_recipes.files import atomic_write_text, weights_stamp
 from rlaif_recipes.fluency import FluencyScorer
 from rlaif_recipes.judges.base import Pair, Verdict
 from rlaif_recipes.models import check_checkpoint_dir
@@ -154,9 +153,7 @@ class EvaluateRecipe:
                 "fluency_max_disfluent_rate": self._fluency.max_disfluent_rate}  # fmt: skip
 
     def _write(self, metrics: Dict[str, Any], samples: List[Dict[str, Any]]) -> None:
-        tmp = self._output_dir / ".samples.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
-        os.replace(tmp, self._output_dir / "samples.jsonl")
+        atomic_write_text(self._output_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         rows = _rows(metrics)
         bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "disfluent_rate", "win_rate")}
         write_report(

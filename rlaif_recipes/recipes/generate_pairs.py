@@ -10,7 +10,6 @@ the policy is sharded with FSDP2 and every rank samples with it.
 """
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.prompts import prompts_fingerprint
 from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
 from rlaif_recipes.errors import ConfigError, DataError
-from rlaif_recipes.files import weights_stamp
+from rlaif_recipes.files import atomic_write, weights_stamp
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.policy import build_policy, device_and_dtype
 from rlaif_recipes.run_dir import claim, run_identity
@@ -126,9 +125,7 @@ class GeneratePairsRecipe:
                 "policy": [self._policy_id] * len(samples),
             }
         )
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
     def cleanup(self) -> None:
         if self._sampler is not None:

@@ -28,7 +28,6 @@ with another judge, rubric or input_dir is refused before any judge is built.
 """
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError, JudgeError
+from rlaif_recipes.files import atomic_write, atomic_write_text
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.recipes.online_dpo import pick_pair
 from rlaif_recipes.run_dir import claim, read_run, run_identity
@@ -284,11 +284,13 @@ def _input_shards(input_dir: Path) -> List[Path]:
 
 def _write(rows: List[Dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     """Atomically; an empty shard has no row group at all (HF datasets fails on an empty one)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
-        if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+
+    atomic_write(path, write)
 
 
 def load_preferences(output_dir: str, dropped: bool = False):
@@ -308,9 +310,7 @@ def recipe_main(cfg: DictConfig) -> int:
         recipe.setup(cfg)
         stopped = recipe.judge_pairs()
         summary = recipe.summary()
-        tmp = Path(cfg.output_dir) / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, Path(cfg.output_dir) / "summary.json")
+        atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     finally:
         recipe.cleanup()
     written = summary["shards_done"] + summary["shards_with_abstains"]

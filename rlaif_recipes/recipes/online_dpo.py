@@ -23,7 +23,6 @@ such steps in a row stop the run with an error, and so does a run that trained n
 """
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -46,26 +45,32 @@ from rlaif_recipes.checkpointing import (
     CheckpointManager,
     gather_optimizer_state,
     load_optimizer_state,
+    restore_rng_state,
     rng_state,
-    set_rng_state,
 )
 from rlaif_recipes.data.prompts import prompts_fingerprint
 from rlaif_recipes.distributed import (
     destroy_process_group,
     gather_from_ranks,
+    in_lockstep,
     init_process_group,
-    max_over_ranks,
     sum_over_ranks,
 )
+from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_schedule, pair_metrics, pair_sums
 from rlaif_recipes.errors import ConfigError, DataError, TrainingError
-from rlaif_recipes.files import weights_stamp
+from rlaif_recipes.files import atomic_write, atomic_write_text, weights_stamp
 from rlaif_recipes.judges import Judgment, Pair, Verdict
 from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
-from rlaif_recipes.losses import wants_average_logprobs
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
-from rlaif_recipes.policy import build_policy, check_optimizer, device_and_dtype, full_state_dict
+from rlaif_recipes.policy import (
+    build_policy,
+    check_optimizer,
+    device_and_dtype,
+    full_cpu_state_dict,
+    full_state_dict,
+)
 from rlaif_recipes.run_dir import claim, run_identity
 from rlaif_recipes.samplers.base import check_pair_sampling, derive_seed
 
@@ -73,7 +78,7 @@ log = utils.get_logger("INFO")
 
 # settings that do not change what the run trains: a resumed run may change them
 RUNTIME_KEYS = (
-    "device", "checkpointer", "max_steps", "micro_batch_size", "checkpoint_every", "keep_last_checkpoints",
+    "device", "checkpointer", "max_steps", "micro_batch_size", "save_every_n_steps", "keep_last_checkpoints",
     "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger",
 )
 OUTPUTS = ("checkpoints", "steps", "metrics.jsonl")  # what a run writes, and a fresh run must not find
@@ -91,7 +96,7 @@ class OnlineDPOSettings:
     micro_batch_size: int
     max_seq_len: Optional[int]
     sync_every: int
-    checkpoint_every: int
+    save_every_n_steps: Optional[int]
     keep_last_checkpoints: Optional[int]
     resume_from_checkpoint: bool
     clip_grad_norm: Optional[float]
@@ -114,12 +119,13 @@ class OnlineDPORecipe:
     def __init__(self, cfg: DictConfig) -> None:
         """Every check that needs no model or engine: settings, checkpoint, optimizer, output directory."""
         self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self._rank == 0
         _check_settings(cfg, self._world_size)
         check_pair_sampling(cfg.sampler, cfg.n)
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         check_optimizer(cfg.optimizer, cfg.lr_scheduler)
-        if self._rank == 0:
+        if self._is_rank_zero:
             claim(cfg.output_dir, "online_dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
                   outputs=OUTPUTS, fresh=not cfg.resume_from_checkpoint)
         self._output_dir = Path(cfg.output_dir)
@@ -130,11 +136,11 @@ class OnlineDPORecipe:
         self._micro_batch_size = cfg.micro_batch_size
         self._max_seq_len = cfg.max_seq_len
         self._sync_every = cfg.sync_every
-        self._checkpoint_every = cfg.checkpoint_every
+        self._save_every = cfg.save_every_n_steps
         self._clip_grad_norm = cfg.clip_grad_norm
         self._save_steps = cfg.save_steps
         self._max_steps_without_pairs = cfg.max_steps_without_pairs
-        self._step = 0  # finished steps
+        self.global_step = 0  # finished steps
         self._run = Counter()  # this run's steps, pairs, ties and abstains (rank 0): the summary
         self._steps_without_pairs = 0  # in a row, up to now
         self._prompts_seen = 0  # position in the endless stream of shuffled epochs
@@ -167,45 +173,37 @@ class OnlineDPORecipe:
         initial = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         if self._lora:  # the policy is base + adapters; the reference is the same model, adapters off
             adapters = resume.state["adapter"] if resume else fresh_adapters(self._lora, self._seed)
-            self._policy = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype)
-            set_trainable_params(self._policy, get_adapter_params(self._policy))
-            self._reference = None
+            self._model = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype)
+            set_trainable_params(self._model, get_adapter_params(self._model))
+            self._ref_model = None
         else:
             weights = resume.model if resume else initial
-            self._policy = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
-            self._reference = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
-            self._reference.eval().requires_grad_(False)
-        training.disable_dropout(self._policy)
+            self._model = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
+            self._ref_model = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
+            self._ref_model.eval().requires_grad_(False)
+        training.disable_dropout(self._model)
         del initial
-        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._policy.parameters() if p.requires_grad])
+        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         base_lrs = [group["lr"] for group in self._optimizer.param_groups]
         if resume is not None:
             self._restore(resume)
-        # The schedule is a function of the step (as in torchtune's recipes): a resumed run picks it
-        # up at its step, also when max_steps changed, from the configured learning rate.
-        for group, lr in zip(self._optimizer.param_groups, base_lrs):
-            group["lr"] = group["initial_lr"] = lr
-        self._lr_scheduler = (
-            config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._max_steps, last_epoch=self._step - 1)
-            if cfg.lr_scheduler is not None
-            else None
-        )
+        # a function of the step: a resumed run picks it up at its step, also when max_steps changed
+        self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._max_steps, self.global_step)
         self._loss_fn = config.instantiate(cfg.loss)
-        self._average_logprobs = wants_average_logprobs(self._loss_fn)
         self._sampler = config.instantiate(cfg.sampler)
-        self._sampler.bind_policy(self._policy)
-        if self._step > 0 and not self._sampler.uses_live_policy:
+        self._sampler.bind_policy(self._model)
+        if self.global_step > 0 and not self._sampler.uses_live_policy:
             self._sampler.update_weights(self._sampler_weights())
         self._pad_id = self._sampler.tokenizer.pad_token_id or 0
-        if self._rank == 0:
+        if self._is_rank_zero:
             rlaif_config.save(cfg, str(self._output_dir))
             self._metric_logger = config.instantiate(cfg.metric_logger)
-            _drop_after(self._output_dir, self._step)
+            _drop_after(self._output_dir, self.global_step)
 
     def train(self) -> None:
-        bar = tqdm(initial=self._step, total=self._max_steps, desc="online_dpo", unit="step", disable=self._rank != 0)
-        while self._step < self._max_steps:
-            step, times = self._step, {}
+        bar = tqdm(initial=self.global_step, total=self._max_steps, desc="online_dpo", unit="step", disable=not self._is_rank_zero)
+        while self.global_step < self._max_steps:
+            step, times = self.global_step, {}
 
             # 1. Prompts: the next prompts_per_step of the shuffled stream; this rank takes every
             #    world_size-th one.
@@ -248,20 +246,16 @@ class OnlineDPORecipe:
             train_stats: Counter = Counter()
             if total_pairs > 0:
                 chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
-                for k in range(max_over_ranks(len(chunks))):
-                    real = k < len(chunks)
-                    batch = collate_pairs(chunks[k] if real else [_PLACEHOLDER_PAIR], pad_id=self._pad_id).to(self._device)
-                    policy_lp = pair_logprobs(self._policy, batch)
+                for chunk, real in in_lockstep(chunks, filler=[_PLACEHOLDER_PAIR]):
+                    batch = collate_pairs(chunk, pad_id=self._pad_id).to(self._device)
+                    policy_lp = pair_logprobs(self._model, batch)
                     reference_lp = self._reference_logprobs(batch)
-                    p, r = (policy_lp.averaged(), reference_lp.averaged()) if self._average_logprobs else (policy_lp, reference_lp)
-                    losses, chosen_rewards, rejected_rewards = self._loss_fn(p.chosen, p.rejected, r.chosen, r.rejected)
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy_lp, reference_lp)
                     scale = self._world_size / total_pairs if real else 0.0
                     (losses.sum() * scale).backward()
                     if real:
-                        train_stats.update(_pair_stats(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
-                grad_norm = (
-                    _clip_grad_norm(self._policy, self._clip_grad_norm) if self._clip_grad_norm is not None else None
-                )
+                        train_stats.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
+                grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 train_stats["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
@@ -277,11 +271,11 @@ class OnlineDPORecipe:
             times["sync"] = time.perf_counter() - start
 
             # 6. Bookkeeping: artefacts and metrics of this step, then (maybe) a checkpoint.
-            self._step += 1
+            self.global_step += 1
             self._prompts_seen += self._prompts_per_step
             stats = gather_from_ranks(_step_stats(samples, picks, judgments, judge_delta, train_stats))
             records = gather_from_ranks(self._step_records(step, rows, samples, comparisons, judgments, picks) if self._save_steps else [])
-            if self._rank == 0:
+            if self._is_rank_zero:
                 metrics = self._step_metrics(stats, times, len(rows) * self._world_size)
                 self._judge_totals.update(requests=metrics["judge/requests"], cache_hits=metrics["judge/cache_hits"])
                 self._log(step, metrics, records)
@@ -290,8 +284,8 @@ class OnlineDPORecipe:
             bar.update()
 
             # 7. Progress: a step without a single pair trained nothing; a run that keeps doing so stops.
-            self._count_progress(step, sum(stats, Counter()), judgments)
-            if self._step % self._checkpoint_every == 0 or self._step == self._max_steps:
+            self._count_progress(step, add_up(stats), judgments)
+            if self.global_step == self._max_steps or (self._save_every and self.global_step % self._save_every == 0):
                 self.save_checkpoint()
         bar.close()
         self._write_summary()
@@ -300,14 +294,14 @@ class OnlineDPORecipe:
         """Weights (an HF model directory), optimizer, every rank's RNG state and the loop position
         (the step fixes the learning rate schedule), written atomically as
         output_dir/checkpoints/step_XXXXXXX."""
-        weights = full_state_dict(self._policy)
-        optimizer = gather_optimizer_state(self._policy, self._optimizer)
+        weights = full_cpu_state_dict(self._model, self._is_rank_zero, self._device)
+        optimizer = gather_optimizer_state(self._model, self._optimizer)
         rng = gather_from_ranks(rng_state())
-        if self._rank == 0:
+        if self._is_rank_zero:
             adapter = {k: v for k, v in weights.items() if k in self._lora}
             self._checkpoints.save(
-                self._step,
-                merged_weights(self._policy, weights) if self._lora else weights,
+                self.global_step,
+                merged_weights(self._model, weights) if self._lora else weights,
                 {
                     "optimizer": optimizer,
                     "rng": rng,
@@ -330,7 +324,7 @@ class OnlineDPORecipe:
             reasons = Counter(j.reason for j in judgments if not j.labelled and j.reason)
             why = f" (most often: {reasons.most_common(1)[0][0]!r})" if reasons else ""
             outcome = f"{total['dropped_tie']} prompts tied and {total['dropped_abstain']} abstained{why}"
-            if self._rank == 0:
+            if self._is_rank_zero:
                 log.warning(f"step {step + 1} trained no pair: {outcome}")
             limit = self._max_steps_without_pairs
             if limit is not None and self._steps_without_pairs >= limit:
@@ -340,7 +334,7 @@ class OnlineDPORecipe:
                     f"judge cannot tell the responses apart or is failing (read {self._output_dir / 'steps'}): fix the "
                     "judge or raise sampler.temperature, or set max_steps_without_pairs=null to go on regardless"
                 )
-        if self._step == self._max_steps and self._run["pairs"] == 0:
+        if self.global_step == self._max_steps and self._run["pairs"] == 0:
             self._write_summary()
             raise TrainingError(
                 f"this run trained no pair in its {self._run['steps']} steps ({self._run['ties']} prompts tied, "
@@ -349,12 +343,10 @@ class OnlineDPORecipe:
 
     def _write_summary(self) -> None:
         """output_dir/summary.json and one log line: what this run (this invocation) trained on."""
-        if self._rank != 0:
+        if not self._is_rank_zero:
             return
-        summary = {"last_step": self._step, **{k: self._run[k] for k in ("steps", "pairs", "steps_without_pairs", "ties", "abstains")}}
-        tmp = self._output_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, self._output_dir / "summary.json")
+        summary = {"last_step": self.global_step, **{k: self._run[k] for k in ("steps", "pairs", "steps_without_pairs", "ties", "abstains")}}
+        atomic_write_text(self._output_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         log.info(f"this run: {summary['pairs']} pairs trained in {summary['steps']} steps ({summary['steps_without_pairs']} "
                  f"steps without pairs; {summary['ties']} prompts tied, {summary['abstains']} abstained)")
 
@@ -383,27 +375,23 @@ class OnlineDPORecipe:
     def _restore(self, ckpt: Checkpoint) -> None:
         """Put the loop back exactly where the checkpoint left it."""
         state = ckpt.state
-        load_optimizer_state(self._policy, self._optimizer, state["optimizer"])
-        if len(state["rng"]) == self._world_size:
-            set_rng_state(state["rng"][self._rank])
-        else:
-            utils.log_rank_zero(log, f"checkpoint has RNG states of {len(state['rng'])} ranks, this run has "
-                                f"{self._world_size}: fresh RNG states (sampling seeds do not depend on them)")
-        self._step, self._prompts_seen = ckpt.step, state["prompts_seen"]
+        load_optimizer_state(self._model, self._optimizer, state["optimizer"] if self._is_rank_zero else {})
+        restore_rng_state(state["rng"], self._rank, self._world_size)
+        self.global_step, self._prompts_seen = ckpt.step, state["prompts_seen"]
         self._judge_totals = Counter(state["judge_totals"])
-        utils.log_rank_zero(log, f"resumed from {ckpt.path} at step {self._step}")
+        utils.log_rank_zero(log, f"resumed from {ckpt.path} at step {self.global_step}")
 
     def _sampler_weights(self) -> Dict[str, torch.Tensor]:
         """Full policy weights for the sampler (a collective under FSDP2), LoRA merged in."""
-        weights = full_state_dict(self._policy)
-        return merged_weights(self._policy, weights) if self._lora else weights
+        weights = full_state_dict(self._model)
+        return merged_weights(self._model, weights) if self._lora else weights
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PairBatch) -> PairLogprobs:
-        if self._reference is not None:
-            return pair_logprobs(self._reference, batch)
-        with disable_adapter(self._policy):
-            return pair_logprobs(self._policy, batch)
+        if self._ref_model is not None:
+            return pair_logprobs(self._ref_model, batch)
+        with disable_adapter(self._model):
+            return pair_logprobs(self._model, batch)
 
     def _prompt_indices(self, start: int, count: int) -> List[int]:
         """Positions start..start+count of an endless stream of epochs, each a seeded shuffle."""
@@ -442,7 +430,7 @@ class OnlineDPORecipe:
         ]
 
     def _step_metrics(self, stats: List[Counter], times: Dict[str, float], prompts: int) -> Dict[str, float]:
-        total = sum(stats, Counter())
+        total = add_up(stats)
         pairs = total["pairs"]
         compared = max(total["comparisons"], 1)
         step_seconds = sum(times.values())
@@ -460,12 +448,7 @@ class OnlineDPORecipe:
             "judge/cache_hits": total["judge_cache_hits"],
             "response/tokens_mean": total["response_tokens"] / max(total["responses"], 1),
             "response/stop_rate": total["responses_stopped"] / max(total["responses"], 1),
-            "loss": total["loss"] / pairs if pairs else float("nan"),
-            "rewards/chosen": total["reward_chosen"] / pairs if pairs else float("nan"),
-            "rewards/rejected": total["reward_rejected"] / pairs if pairs else float("nan"),
-            "rewards/margin": (total["reward_chosen"] - total["reward_rejected"]) / pairs if pairs else float("nan"),
-            "rewards/accuracy": total["reward_correct"] / pairs if pairs else float("nan"),
-            "kl/reference": total["kl"] / (2 * pairs) if pairs else float("nan"),
+            **pair_metrics(total),
             "grad_norm": stats[0]["grad_norm"] if pairs else float("nan"),
             "lr": self._optimizer.param_groups[0]["lr"],
             **{f"time/{k}": v for k, v in times.items()},
@@ -484,9 +467,7 @@ class OnlineDPORecipe:
             steps_dir = self._output_dir / "steps"
             steps_dir.mkdir(parents=True, exist_ok=True)
             path = steps_dir / f"step-{step + 1:05d}.parquet"
-            tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
 
 
 # ---- choosing the pair --------------------------------------------------------------------------
@@ -543,9 +524,9 @@ def _check_settings(cfg: DictConfig, world_size: int) -> None:
         ("micro_batch_size", lambda: cfg.micro_batch_size >= 1, "use micro_batch_size >= 1"),
         ("sync_every", lambda: cfg.sync_every >= 1, "push weights every sync_every >= 1 steps"),
         (
-            "checkpoint_every",
-            lambda: cfg.checkpoint_every >= 1 and cfg.checkpoint_every % cfg.sync_every == 0,
-            f"checkpoint_every must be a positive multiple of sync_every={cfg.sync_every}, so a resumed "
+            "save_every_n_steps",
+            lambda: cfg.save_every_n_steps is None or (cfg.save_every_n_steps >= 1 and cfg.save_every_n_steps % cfg.sync_every == 0),
+            f"save_every_n_steps must be a positive multiple of sync_every={cfg.sync_every} (or null: at the end only), so a resumed "
             "sampler holds exactly the checkpoint's weights",
         ),
         (
@@ -564,22 +545,10 @@ def _check_settings(cfg: DictConfig, world_size: int) -> None:
             raise ConfigError(f"{key}={cfg[key]}: {fix}")
 
 
-def _pair_stats(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp) -> Dict[str, float]:
-    kl = (policy_lp.chosen - reference_lp.chosen) + (policy_lp.rejected - reference_lp.rejected)
-    return {
-        "loss": float(losses.detach().sum()),
-        "reward_chosen": float(chosen_rewards.detach().sum()),
-        "reward_rejected": float(rejected_rewards.detach().sum()),
-        "reward_correct": float((chosen_rewards > rejected_rewards).sum()),
-        # log pi(y) - log pi_ref(y) on sequences the policy sampled: a sample estimate of KL(pi || pi_ref)
-        "kl": float(kl.detach().sum()),
-    }
-
-
 def _step_stats(samples, picks: Sequence[Pick], judgments: Sequence[Judgment], judge_delta: Counter, train: Counter) -> Counter:
+    """This rank's counts for the step's metrics; `train` (pair_sums over the trained pairs) holds `pairs`."""
     labelled = [p for p in picks if p.labelled]
     stats = Counter(
-        pairs=len(labelled),
         dropped_tie=sum(p.status == "tie" for p in picks),
         dropped_abstain=sum(p.status == "abstain" for p in picks),
         prob_chosen=sum(p.prob_chosen for p in labelled),
@@ -597,11 +566,6 @@ def _step_stats(samples, picks: Sequence[Pick], judgments: Sequence[Judgment], j
     return stats
 
 
-def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
 def _drop_after(output_dir: Path, last_step: int) -> None:
     """Drop metric lines and step files past the step a resumed run restarts from (the killed run's
     tail): the resumed run writes those steps again, exactly."""
@@ -612,9 +576,7 @@ def _drop_after(output_dir: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 @rlaif_config.parse(OnlineDPOSettings)

@@ -5,7 +5,6 @@ backend, which repacks linear weights after loading), then the prefix cache is r
 computed with the old weights is reused.
 """
 
-import os
 from typing import List, Mapping, Optional
 
 import torch
@@ -15,6 +14,7 @@ from rlaif_recipes.distributed import is_distributed
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.models.hf_model import tune_to_hf_state_dict
 from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
+from rlaif_recipes.vllm_engine import close_engine, start_engine
 
 
 class VLLMSampler(Sampler):
@@ -38,31 +38,20 @@ class VLLMSampler(Sampler):
                 f"sampler.gpu_memory_utilization={gpu_memory_utilization}: it is the share of (GPU, or on "
                 "CPU host) memory vLLM reserves and must be in (0, 1]; 0.05 suits small CPU runs"
             )
-        # In-process engine: weight pushes are plain function calls, no pickling across processes.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
-
         distributed = is_distributed()
-        engine_args = dict(
+        extra = {"distributed_executor_backend": "external_launcher"} if distributed else {}  # one engine per rank
+        self.llm = start_engine(
+            "sampler",
             model=self.checkpoint_dir,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            max_model_len=self.max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
-            max_model_len=self.max_model_len,
             seed=self.defaults["seed"] + (dist.get_rank() if distributed else 0),
+            **extra,
         )
-        engine_args.update(kv_cache_args(gpu_memory_utilization, kv_cache_memory_bytes))
-        if distributed:  # one engine per training rank, inside the trainer's own process group
-            engine_args["distributed_executor_backend"] = "external_launcher"
-        try:
-            self.llm = LLM(**engine_args)
-        except Exception as e:  # name the cause in one line, keep the chain for the details
-            raise ConfigError(
-                f"vLLM engine failed to start for {self.checkpoint_dir} ({type(e).__name__}: "
-                f"{_first_line(e)}); check sampler.gpu_memory_utilization={gpu_memory_utilization}, "
-                f"sampler.dtype={dtype} and sampler.max_model_len={self.max_model_len}"
-            ) from e
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         pairs = list(tune_to_hf_state_dict(dict(state_dict), self.checkpoint_dir).items())
@@ -75,10 +64,7 @@ class VLLMSampler(Sampler):
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        engine = getattr(self, "llm", None)
-        if engine is not None:
-            engine.llm_engine.engine_core.shutdown()
-            del self.llm
+        close_engine(self)
 
     def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
         from vllm import SamplingParams
@@ -133,23 +119,3 @@ def _repack_tied_head(model: torch.nn.Module) -> None:
     head, embed = getattr(model, "lm_head", None), getattr(model.model, "embed_tokens", None)
     if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
         head.quant_method.process_weights_after_loading(head)
-
-
-def kv_cache_args(gpu_memory_utilization: float, kv_cache_memory_bytes: Optional[int]) -> dict:
-    """A fixed KV-cache size where vLLM's own sizing fails: on CPU it reserves the memory share
-    minus what this process already holds, which turns negative once the process has loaded other
-    models (a judge, a reward model, a trainer). There the share is taken of RAM itself."""
-    if kv_cache_memory_bytes is None and not torch.cuda.is_available():
-        kv_cache_memory_bytes = int(gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return {} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}
-
-
-def _first_line(e: BaseException) -> str:
-    """vLLM's reason on one line (its config errors put it after a 'N validation errors' header)."""
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        try:
-            return "; ".join(str(err.get("msg", err)) for err in errors())[:300]
-        except Exception:
-            pass
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300] or repr(e)

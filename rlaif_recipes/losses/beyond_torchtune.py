@@ -1,4 +1,5 @@
-"""DPO-family losses torchtune lacks; torchtune's DPOLoss and RSOLoss cover sigmoid and hinge."""
+"""The DPO-family losses torchtune lacks (IPO, length-normalised DPO). Sigmoid DPO and the hinge
+loss are torchtune's own (DPOLoss, RSOLoss), used as they are by conf/loss/dpo.yaml and hinge.yaml."""
 
 from typing import Tuple
 

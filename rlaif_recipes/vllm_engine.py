@@ -1,0 +1,72 @@
+"""Starting and closing an in-process vLLM engine: shared by the vLLM sampler and the LLM judge.
+
+In-process (no engine-core subprocess): weight pushes are plain function calls, nothing is pickled
+across processes. A start that fails is one ConfigError naming the settings under the caller's
+config key (`sampler.*` or `judge.*`), with vLLM's own error chained for the details.
+"""
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from rlaif_recipes.errors import ConfigError
+
+
+def start_engine(
+    key: str,
+    *,
+    model: str,
+    dtype: str,
+    gpu_memory_utilization: float,
+    kv_cache_memory_bytes: Optional[int],
+    max_model_len: Optional[int],
+    **engine_args: Any,
+) -> Any:
+    """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge")."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    try:
+        return LLM(
+            model=model,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            **kv_cache_args(gpu_memory_utilization, kv_cache_memory_bytes),
+            **engine_args,
+        )
+    except Exception as e:  # name the cause in one line, keep the chain for the details
+        raise ConfigError(
+            f"vLLM engine failed to start for {model} ({type(e).__name__}: {first_line(e)}); check "
+            f"{key}.gpu_memory_utilization={gpu_memory_utilization}, {key}.dtype={dtype} and "
+            f"{key}.max_model_len={max_model_len}, and set {key}.kv_cache_memory_bytes when another "
+            "engine or model already lives in this process"
+        ) from e
+
+
+def close_engine(owner: Any) -> None:
+    """Shut down `owner.llm`, if it was started, and drop it: closing twice is harmless."""
+    engine = owner.__dict__.pop("llm", None)
+    if engine is not None:
+        engine.llm_engine.engine_core.shutdown()
+
+
+def kv_cache_args(gpu_memory_utilization: float, kv_cache_memory_bytes: Optional[int]) -> dict:
+    """A fixed KV-cache size where vLLM's own sizing fails: on CPU it reserves the memory share
+    minus what this process already holds, which turns negative once the process has loaded other
+    models (a judge, a reward model, a trainer). There the share is taken of RAM itself."""
+    if kv_cache_memory_bytes is None and not torch.cuda.is_available():
+        kv_cache_memory_bytes = int(gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return {} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": kv_cache_memory_bytes}
+
+
+def first_line(e: BaseException) -> str:
+    """vLLM's reason on one line (its config errors put it after a 'N validation errors' header)."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(str(err.get("msg", err)) for err in errors())[:300]
+        except Exception:
+            pass
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300] or repr(e)
