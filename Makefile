@@ -60,6 +60,7 @@ bench: install-bench
 bench-all: bench
 	$(BIN)/python bench/dpo_throughput.py
 	$(BIN)/python bench/pipeline_scale.py
+	$(BIN)/python bench/online_async.py
 
 lint: install
 	$(BIN)/ruff check rlaif_recipes tests bench examples

@@ -48,6 +48,8 @@ class FaultServer:
         script: Sequence[Optional[str]] = (),
         retry_after: str = "1",
         latency_s: float = 0.0,
+        slow_rate: float = 0.0,
+        slow_s: float = 5.0,
         hang_s: float = 3.0,
         prob_winner: float = 0.9,
         api_key: Optional[str] = None,
@@ -59,6 +61,7 @@ class FaultServer:
             raise ValueError(f"unknown fault(s) {sorted(unknown)}; choose from {FAULTS}")
         self.marker, self.rates, self.script = marker, dict(rates or {}), list(script)
         self.retry_after, self.latency_s, self.hang_s = retry_after, latency_s, hang_s
+        self.slow_rate, self.slow_s = slow_rate, slow_s  # a heavy tail: this share of requests takes slow_s
         self.prob_winner, self.api_key, self.port = prob_winner, api_key, port
         self.log: List[Dict[str, Any]] = []
         self._rng = random.Random(seed)
@@ -143,8 +146,10 @@ class FaultServer:
             "text": texts[-1],
         }
         self.log.append(entry)
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+        with self._lock:
+            slow = self._rng.random() < self.slow_rate
+        if self.latency_s or slow:
+            await asyncio.sleep(self.slow_s if slow else self.latency_s)
         if fault == "timeout":
             await asyncio.sleep(self.hang_s)
         return {
@@ -273,8 +278,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description="loopback judge server")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    p.add_argument("--slow-rate", type=float, default=0.0, help="share of requests that take --slow-s instead")
+    p.add_argument("--slow-s", type=float, default=5.0)
     args = p.parse_args()
-    with FaultServer(port=args.port, latency_s=args.latency) as server:
+    with FaultServer(port=args.port, latency_s=args.latency, slow_rate=args.slow_rate, slow_s=args.slow_s) as server:
         print(f"serving on {server.url}", flush=True)
         threading.Event().wait()
 

@@ -56,7 +56,7 @@ def make(cls, server: FaultServer, **kw):
     defaults = dict(model="judge", api_key_env=KEY_ENV, rubric=RUBRIC, **FAST)
     if cls is AnthropicJudge:
         defaults.update(temperature=None, structured="none")
-    return cls(base_url=base_url, **{**defaults, **kw})
+    return cls(**{"base_url": base_url, **defaults, **kw})
 
 
 def right(pair: Pair) -> Verdict:
@@ -283,6 +283,23 @@ def test_results_are_recorded_as_they_arrive():
     )  # the one that timed out once
     assert all(t < arrivals[slow][0] - 0.3 for i, (t, _) in arrivals.items() if i != slow)
     assert all(j.labelled for _, j in arrivals.values())
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_requests_spread_over_replicas_and_a_dead_one_is_skipped(probe):
+    """judge.base_url as a list: round robin over the replicas; one that is down is skipped (at the
+    probe, or after max_retries connection failures in a row), and no pair loses its verdict."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    pairs = marked_pairs(40)
+    with FaultServer() as first, FaultServer() as second:
+        urls = [f"{first.url}/v1", dead, f"{second.url}/v1"]
+        judge = make(OpenAIJudge, first, base_url=urls, order="fixed", max_retries=1, max_concurrency=4, probe=probe)
+        out = judge.judge(pairs)
+        served = (len(first.log), len(second.log))
+    assert [j.verdict for j in out] == [right(p) for p in pairs]
+    assert judge.metrics[f"requests@{urls[0]}"] == served[0] > 10 and judge.metrics[f"requests@{urls[2]}"] == served[1] > 10
+    assert judge.metrics[f"requests@{dead}"] <= (0 if probe else 4)  # at most the requests in flight when it failed
+    assert dead in judge._dead
 
 
 def test_sync_entry_works_inside_a_running_event_loop():

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import load_policy, run_cli
 from safetensors.torch import load_file
+from servers import FaultServer
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import CheckpointError, ConfigError, OutputError
@@ -100,16 +102,33 @@ def test_pick_pair_best_vs_worst_by_wins() -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
-    out = tmp_path_factory.mktemp("online") / "full"
-    online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2")
-    return out
+def finished_runs(tmp_path_factory, tiny_model_dir) -> Callable[[int], Path]:
+    """Uninterrupted 4-step runs, one per async_steps, made when first asked for."""
+    runs: Dict[int, Path] = {}
+
+    def finished(async_steps: int) -> Path:
+        if async_steps not in runs:
+            out = tmp_path_factory.mktemp("online") / f"full-async{async_steps}"
+            online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}")
+            runs[async_steps] = out
+        return runs[async_steps]
+
+    return finished
+
+
+@pytest.fixture(scope="module")
+def finished_run(finished_runs) -> Path:
+    return finished_runs(0)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("async_steps", [0, 1])
 def test_kill_9_then_resume_equals_uninterrupted_run(
-    tmp_path: Path, tiny_model_dir: Path, finished_run: Path
+    tmp_path: Path, tiny_model_dir: Path, finished_runs, async_steps: int
 ) -> None:
+    """Also with async_steps=1: the checkpoint holds the step sampled ahead, whose judging (maybe
+    in flight at the kill) comes from the cache or is asked again, never paid twice."""
+    finished_run = finished_runs(async_steps)
     out = tmp_path / "killed"
     args = [
         "tune",
@@ -117,7 +136,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
         RECIPE,
         "--config",
         "online_dpo",
-        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2"),
+        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}"),
     ]
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / args[0]), *args[1:]],
@@ -141,7 +160,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     keys_at_kill = cache_keys(out)
 
     online_dpo(
-        tmp_path, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", "resume_from_checkpoint=true"
+        tmp_path, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}",
+        "resume_from_checkpoint=true",
     )
 
     full, resumed = weights(finished_run, 4), weights(out, 4)
@@ -160,6 +180,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     )
     assert cache_keys(out) == cache_keys(finished_run)
     assert requested_after_resume == len(cache_keys(out) - keys_at_kill)
+    # each step trained on samples from weights async_steps steps old (the first from the start)
+    assert [m["staleness"] for m in metrics(out)] == [0] + [async_steps] * 3
 
 
 # ---- bad settings and bad checkpoints fail early, in one line ---------------------------------
@@ -221,7 +243,8 @@ def eval_samples(model_dir: Path, prompts: List[str], seed: int) -> List[List[st
 
 
 @pytest.mark.slow
-def test_policy_learns_what_the_rule_judge_prefers(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_policy_learns_what_the_rule_judge_prefers(tmp_path: Path, tiny_model_dir: Path, async_steps: int) -> None:
     """ContainsWords prefers responses with common English words, which the random tiny policy
     rarely produces; after a few online steps both their rate and the judge's win-rate of the
     trained policy against the initial one rise clearly (on held-out prompts)."""
@@ -238,6 +261,7 @@ def test_policy_learns_what_the_rule_judge_prefers(tmp_path: Path, tiny_model_di
         "optimizer.lr=3e-3",
         "lr_scheduler=null",
         "save_every_n_steps=15",
+        f"async_steps={async_steps}",
     )
     trained = out / "checkpoints" / "step_0000015"
 
@@ -268,6 +292,34 @@ def test_policy_learns_what_the_rule_judge_prefers(tmp_path: Path, tiny_model_di
     logged = metrics(out)
     assert all(m["judge/win_rate_chosen"] == 1.0 for m in logged if m["pairs/trained"])
     assert logged[-1]["kl/reference"] > logged[0]["kl/reference"]
+
+
+# ---- a slow, faulty API judge with the loop running ahead ----------------------------------------
+
+
+@pytest.mark.slow
+def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """The loopback server answers A (response 0) unless it fails: 5xx, dropped connections and
+    garbage, with no retries, become abstains, never labels, and the run goes on judging ahead."""
+    monkeypatch.setenv("RLAIF_TEST_KEY", "sk-test-not-a-real-key")
+    out = tmp_path / "faulty"
+    with FaultServer(rates={"server_error": 0.2, "drop": 0.1, "garbage": 0.2}, latency_s=0.05, seed=3) as server:
+        result = run_cli(["tune", "run", RECIPE, "--config", "online_dpo", f"checkpoint_dir={tiny_model_dir}", f"output_dir={out}",
+                          "max_steps=4", "prompts_per_step=8", "sampler.max_tokens=12", "async_steps=1", "judge=openai",
+                          f"judge.base_url={server.url}/v1", "judge.api_key_env=RLAIF_TEST_KEY", "judge.structured=none",
+                          "judge.logprobs=false", "judge.order=fixed", "judge.max_retries=0", "max_steps_without_pairs=null"],
+                         cwd=tmp_path)  # fmt: skip
+        faults = sum(entry["fault"] is not None for entry in server.log)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for f in sorted((out / "steps").glob("step-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    labelled = [r for r in records if r["label"] == "labelled"]
+    abstained = [r for r in records if r["label"] == "abstain"]
+    assert faults > 0 and len(abstained) > 0 and len(labelled) > 0
+    assert all(r["chosen"] == 0 for r in labelled)  # only the server's own answer ever labels a pair
+    assert len(labelled) + len(abstained) == len(records) == 4 * 8
+    logged = metrics(out)
+    assert sum(m["pairs/trained"] for m in logged) == len(labelled)
+    assert [m["staleness"] for m in logged] == [0, 1, 1, 1]
 
 
 # ---- FSDP2 across two ranks, one vLLM engine per rank ------------------------------------------

@@ -22,8 +22,9 @@ import importlib
 import logging
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from rlaif_recipes.errors import ConfigError, JudgeError
 from rlaif_recipes.judges.api_limits import RateLimiter, backoff_delay, retry_after_seconds
@@ -75,7 +76,7 @@ class APIJudge(PairwiseJudge):
         *,
         model: str,
         api_key_env: Optional[str],
-        base_url: Optional[str] = None,
+        base_url: Union[str, Sequence[str], None] = None,
         structured: str = "none",
         temperature: Optional[float] = 0.0,
         max_output_tokens: int = 8,
@@ -113,7 +114,15 @@ class APIJudge(PairwiseJudge):
         self.sdk = importlib.import_module(self.sdk_module)  # its exception classes and clients
         self.api_key_env = api_key_env
         self._api_key = _read_key(api_key_env)
-        self.model_name, self.base_url, self.structured = model, base_url, structured
+        self.model_name, self.structured = model, structured
+        # replicas of one model (e.g. several `vllm serve`): requests spread over them, and one that
+        # keeps failing to connect is skipped for the rest of the run
+        self.base_urls: List[Optional[str]] = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
+        if not self.base_urls or (len(self.base_urls) > 1 and not all(self.base_urls)):
+            raise ConfigError(f"judge.base_url={base_url!r}: give one URL, null (the provider's default), or a list of URLs")
+        self.base_url = self.base_urls[0] if len(self.base_urls) == 1 else None
+        self._dead: Set[str] = set()
+        self._failures: Counter = Counter()  # connection failures in a row, per endpoint
         self.temperature, self.max_output_tokens = temperature, max_output_tokens
         self.max_concurrency, self.requests_per_minute, self.tokens_per_minute = (
             max_concurrency,
@@ -131,12 +140,12 @@ class APIJudge(PairwiseJudge):
 
     # ---- what each API provides -----------------------------------------------------------
 
-    def _client(self, api_key: str) -> Any:
+    def _client(self, api_key: str, base_url: Optional[str]) -> Any:
         """A new async SDK client with the SDK's own retries off, made inside the running loop, on
         the aiohttp transport (about 1 ms less CPU per request than the default httpx one)."""
         return getattr(self.sdk, self.client_class)(
             api_key=api_key,
-            base_url=self.base_url,
+            base_url=base_url,
             max_retries=0,
             timeout=self.timeout_s,
             http_client=self.sdk.DefaultAioHttpClient(),
@@ -156,7 +165,7 @@ class APIJudge(PairwiseJudge):
         """Plus the endpoint: a run may move to another server (base_url is a RUNTIME_SETTING), but
         a served name such as vLLM's "judge" says nothing about the model, so the cache keeps the
         verdicts of different endpoints apart."""
-        return {**super().identity(), "base_url": self.base_url}
+        return {**super().identity(), "base_url": self.base_url if len(self.base_urls) == 1 else sorted(self.base_urls)}
 
     def answer_instruction(self) -> str:
         return JSON_ANSWER if self.structured == "json_schema" else LETTER_ANSWER
@@ -173,41 +182,64 @@ class APIJudge(PairwiseJudge):
             pool.submit(asyncio.run, self._compare_async(pairs, record)).result()
 
     async def _compare_async(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
-        client = self._client(self._api_key)
+        clients = {url: self._client(self._api_key, url) for url in self.base_urls}
         try:
             if self.probe and not self._probed:
-                await self._probe(client)
+                await self._probe(clients)
                 self._probed = True
             limiter = RateLimiter(self.requests_per_minute, self.tokens_per_minute)
             slots = asyncio.Semaphore(self.max_concurrency)
 
             async def one(i: int, pair: Pair) -> None:
                 async with slots:
-                    judgment = await self._judge_one(client, limiter, pair)
+                    judgment = await self._judge_one(clients, limiter, pair, i)
                 record(i, judgment)
 
             await asyncio.gather(*(one(i, p) for i, p in enumerate(pairs)))
         finally:
-            await client.close()
+            for client in clients.values():
+                await client.close()
 
-    async def _probe(self, client: Any) -> None:
-        """One cheap GET /models before the first request: an endpoint that is down or a rejected key
-        fails here with one clear error instead of as N abstains after N retry budgets."""
-        try:
-            await client.models.list(timeout=PROBE_TIMEOUT_S)
-        except self.sdk.APIConnectionError as e:
+    async def _probe(self, clients: Dict[Optional[str], Any]) -> None:
+        """One cheap GET /models per endpoint before the first request: an endpoint that is down or a
+        rejected key fails here with one clear error instead of as N abstains after N retry budgets.
+        Of several replicas, an unreachable one is skipped (and said); all of them down is an error."""
+        unreachable = {}
+        for url, client in clients.items():
+            try:
+                await client.models.list(timeout=PROBE_TIMEOUT_S)
+            except self.sdk.APIConnectionError as e:
+                unreachable[url] = self._scrub(_describe(e))
+            except self.sdk.APIStatusError as e:
+                if e.status_code in FATAL_STATUS:
+                    raise JudgeUnavailableError(self._fatal_message(e.status_code)) from None
+                # some compatible endpoints have no /models route; the requests themselves will tell
+        if len(unreachable) == len(clients):
             raise JudgeUnavailableError(
-                f"judge endpoint {self._where()} is unreachable ({self._scrub(_describe(e))}); start the server "
+                f"judge endpoint {self._where()} is unreachable ({next(iter(unreachable.values()))}); start the server "
                 "or fix judge.base_url (judge.probe=false skips this check)"
-            ) from None
-        except self.sdk.APIStatusError as e:
-            if e.status_code in FATAL_STATUS:
-                raise JudgeUnavailableError(self._fatal_message(e.status_code)) from None
-            # some compatible endpoints have no /models route; the requests themselves will tell
+            )
+        for url, why in unreachable.items():
+            log.warning("judge endpoint %s is unreachable (%s): skipped, %d replica(s) left", url, why, len(clients) - len(unreachable))
+            self._dead.add(url)
+
+    def _endpoint(self, turn: int) -> Optional[str]:
+        """The replica for a pair's attempt: round robin over the live ones (retries move on)."""
+        live = [u for u in self.base_urls if u not in self._dead] or self.base_urls
+        return live[turn % len(live)]
+
+    def _connection_failed(self, url: Optional[str]) -> None:
+        """A replica that fails to connect more than max_retries times in a row is skipped from now on."""
+        self._failures[url] += 1
+        if len(self.base_urls) > 1 and url not in self._dead and self._failures[url] > self.max_retries:
+            self._dead.add(url)
+            self.metrics["endpoints_skipped"] += 1
+            log.warning("judge endpoint %s failed %d times in a row: skipped for the rest of the run", url, self._failures[url])
+
 
     # ---- one pair: budget, pacing, retries ------------------------------------------------
 
-    async def _judge_one(self, client: Any, limiter: RateLimiter, pair: Pair) -> Judgment:
+    async def _judge_one(self, clients: Dict[Optional[str], Any], limiter: RateLimiter, pair: Pair, index: int) -> Judgment:
         usage = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
         est_input = self._estimate_input_tokens(pair)
         reserved = {
@@ -226,11 +258,16 @@ class APIJudge(PairwiseJudge):
             self.metrics["requests"] += 1
             for k, v in reserved.items():
                 self._in_flight[k] += v
+            url = self._endpoint(index + attempt)
+            if len(self.base_urls) > 1:
+                self.metrics[f"requests@{url}"] += 1
             try:
-                reply = await self._request(client, pair)
+                reply = await self._request(clients[url], pair)
             except (self.sdk.APIConnectionError, self.sdk.APIStatusError) as e:
                 kind, asked = self._classify(e)
                 self.metrics[f"errors_{kind}"] += 1
+                if kind in ("connection", "timeout"):
+                    self._connection_failed(url)
                 last_error = self._scrub(_describe(e))
                 if kind == "auth":
                     self.stopped = self.stopped or self._fatal_message(e.status_code)
@@ -254,6 +291,7 @@ class APIJudge(PairwiseJudge):
             finally:
                 for k, v in reserved.items():
                     self._in_flight[k] -= v
+            self._failures[url] = 0
             return self._judgment(reply, usage)
         return Judgment.abstain(
             f"{self.name} gave up after {usage['requests']} attempt(s): {last_error}", usage=usage
@@ -344,7 +382,7 @@ class APIJudge(PairwiseJudge):
         return text.replace(self._api_key, "***") if self.api_key_env else text
 
     def _where(self) -> str:
-        return self.base_url or f"the default {self.sdk.__name__} endpoint"
+        return ", ".join(self.base_urls) if len(self.base_urls) > 1 else self.base_url or f"the default {self.sdk.__name__} endpoint"
 
     def _fatal_message(self, status: int) -> str:
         return (

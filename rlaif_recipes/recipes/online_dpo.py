@@ -10,6 +10,15 @@ become (chosen, rejected) if the judge's direct verdict between them is a win; t
 dropped and counted, never guessed. One DPO-family optimizer step follows (the reference is a frozen
 copy of the initial policy), and every `sync_every` steps the new weights go into the sampler.
 
+With `async_steps: k > 0` the loop does not wait on its judge: each step's prompts are sampled up
+to k steps before the step trains, from the weights the sampler holds then, and judged on a
+background thread while the trainer trains the steps before it. A trained pair is then up to k
+steps stale (logged per step as `staleness`: the step minus the step whose weights sampled it).
+Sampling itself stays in turn with training (one process, one engine); with the torchtune sampler
+it uses the live policy as it is k steps before, exactly as the vLLM sampler with its last sync.
+A checkpoint holds the steps sampled ahead, so a resumed run judges the same samples again (from
+the cache where the killed run's judgments arrived) and ends with the same weights.
+
 Under torchrun every rank takes every world_size-th prompt of the step, samples with its own
 sampler, judges its own share (all ranks share the SQLite judgment cache), and the update is
 data-parallel with FSDP2: the loss is scaled so that the averaged gradient is the mean over all
@@ -25,10 +34,11 @@ such steps in a row stop the run with an error, and so does a run that trained n
 import json
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,7 +67,7 @@ from rlaif_recipes.distributed import (
     sum_over_ranks,
 )
 from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_schedule, pair_metrics, pair_sums
-from rlaif_recipes.errors import ConfigError, DataError, TrainingError
+from rlaif_recipes.errors import CheckpointError, ConfigError, DataError, TrainingError
 from rlaif_recipes.files import atomic_write, atomic_write_text, weights_stamp
 from rlaif_recipes.judges import Judgment, Pair, Verdict
 from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
@@ -72,7 +82,7 @@ from rlaif_recipes.policy import (
     full_state_dict,
 )
 from rlaif_recipes.run_dir import claim, run_identity
-from rlaif_recipes.samplers.base import check_pair_sampling, derive_seed
+from rlaif_recipes.samplers.base import Completion, PromptSamples, check_pair_sampling, derive_seed
 
 log = utils.get_logger("INFO")
 
@@ -102,6 +112,7 @@ class OnlineDPOSettings:
     clip_grad_norm: Optional[float]
     save_steps: bool
     max_steps_without_pairs: Optional[int]
+    async_steps: int
     checkpoint_dir: str
     model: Any
     checkpointer: Any
@@ -144,6 +155,10 @@ class OnlineDPORecipe:
         self._run = Counter()  # this run's steps, pairs, ties and abstains (rank 0): the summary
         self._steps_without_pairs = 0  # in a row, up to now
         self._prompts_seen = 0  # position in the endless stream of shuffled epochs
+        self._async_steps = cfg.async_steps
+        self._sampler_step = 0  # the step whose weights the sampler holds
+        self._ahead: Deque[Draft] = deque()  # steps sampled (and being judged) before their turn to train
+        self._resumed_ahead: List[Dict[str, Any]] = []  # the same, as a checkpoint holds them
         self._judge_totals: Counter = Counter()  # judge requests / cache hits of all ranks over the run (rank 0)
         self._sampler = self._judge = self._metric_logger = None
         training.set_seed(seed=cfg.seed)  # torchtune adds the rank
@@ -202,93 +217,99 @@ class OnlineDPORecipe:
 
     def train(self) -> None:
         bar = tqdm(initial=self.global_step, total=self._max_steps, desc="online_dpo", unit="step", disable=not self._is_rank_zero)
-        while self.global_step < self._max_steps:
-            step, times = self.global_step, {}
-
-            # 1. Prompts: the next prompts_per_step of the shuffled stream; this rank takes every
-            #    world_size-th one.
-            start = time.perf_counter()
-            indices = self._prompt_indices(self._prompts_seen, self._prompts_per_step)[self._rank :: self._world_size]
-            rows = self._prompts.select(indices)
-
-            # 2. Sample n responses per prompt from the current policy (the sampler holds the last
-            #    synced weights); the seed depends only on (seed, step, rank), so a resumed run
-            #    samples exactly what the killed run did.
-            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._seed, "step", step, self._rank))
-            times["sample"] = time.perf_counter() - start
-
-            # 3. Judge every pair of responses per prompt; the best vs the worst by wins become
-            #    (chosen, rejected) when the judge's own verdict between them is a win.
-            start = time.perf_counter()
-            before = Counter(self._judge.metrics)
-            comparisons = [(p, i, j) for p in range(len(samples)) for i in range(self._n) for j in range(i + 1, self._n)]
-            judgments = self._judge.judge(
-                [Pair(rows[p]["prompt"], samples[p].completions[i].text, samples[p].completions[j].text) for p, i, j in comparisons]
-            )
-            by_prompt: Dict[int, Dict[Tuple[int, int], Judgment]] = {p: {} for p in range(len(samples))}
-            for (p, i, j), judgment in zip(comparisons, judgments):
-                by_prompt[p][(i, j)] = judgment
-            picks = [pick_pair(self._n, by_prompt[p]) for p in range(len(samples))]
-            pairs = [
-                encode_pair(s.prompt_token_ids, s.completions[pick.chosen].token_ids, s.completions[pick.rejected].token_ids, self._max_seq_len)
-                for s, pick in zip(samples, picks)
-                if pick.labelled
-            ]
-            judge_delta = Counter(self._judge.metrics) - before
-            times["judge"] = time.perf_counter() - start
-
-            # 4. One optimizer step on this step's pairs (gradient accumulation over micro-batches).
-            #    Under FSDP2 every rank runs the same number of forward/backward passes, and each
-            #    rank's loss is scaled by world_size / (pairs on all ranks), so the gradient FSDP
-            #    averages is the mean over every rank's pairs.
-            start = time.perf_counter()
-            total_pairs = sum_over_ranks(len(pairs))
-            train_stats: Counter = Counter()
-            if total_pairs > 0:
-                chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
-                for chunk, real in in_lockstep(chunks, filler=[_PLACEHOLDER_PAIR]):
-                    batch = collate_pairs(chunk, pad_id=self._pad_id).to(self._device)
-                    policy_lp = pair_logprobs(self._model, batch)
-                    reference_lp = self._reference_logprobs(batch)
-                    losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy_lp, reference_lp)
-                    scale = self._world_size / total_pairs if real else 0.0
-                    (losses.sum() * scale).backward()
-                    if real:
-                        train_stats.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
-                grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                train_stats["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
-            if self._lr_scheduler is not None:  # every step, pairs or not: the schedule follows the step
-                self._lr_scheduler.step()
-            times["train"] = time.perf_counter() - start
-
-            # 5. Push the new weights into the sampler (full tensors: a collective under FSDP2;
-            #    nothing to push when the sampler generates with the live policy).
-            start = time.perf_counter()
-            if (step + 1) % self._sync_every == 0 and not self._sampler.uses_live_policy:
-                self._sampler.update_weights(self._sampler_weights())
-            times["sync"] = time.perf_counter() - start
-
-            # 6. Bookkeeping: artefacts and metrics of this step, then (maybe) a checkpoint.
-            self.global_step += 1
-            self._prompts_seen += self._prompts_per_step
-            stats = gather_from_ranks(_step_stats(samples, picks, judgments, judge_delta, train_stats))
-            records = gather_from_ranks(self._step_records(step, rows, samples, comparisons, judgments, picks) if self._save_steps else [])
-            if self._is_rank_zero:
-                metrics = self._step_metrics(stats, times, len(rows) * self._world_size)
-                self._judge_totals.update(requests=metrics["judge/requests"], cache_hits=metrics["judge/cache_hits"])
-                self._log(step, metrics, records)
-                bar.set_postfix(win=f"{metrics['judge/win_rate_chosen']:.2f}", pairs=metrics["pairs/trained"],
-                                loss=f"{metrics['loss']:.3f}")
-            bar.update()
-
-            # 7. Progress: a step without a single pair trained nothing; a run that keeps doing so stops.
-            self._count_progress(step, add_up(stats), judgments)
-            if self.global_step == self._max_steps or (self._save_every and self.global_step % self._save_every == 0):
-                self.save_checkpoint()
+        judging = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # one judge call at a time, in step order
+        self._ahead = deque(self._draft(d["step"], judging, d["weights_step"], _samples_from(d["samples"])) for d in self._resumed_ahead)
+        try:
+            while self.global_step < self._max_steps:
+                self._train_step(judging, bar)
+        finally:
+            judging.shutdown(wait=True, cancel_futures=True)
         bar.close()
         self._write_summary()
+
+    def _train_step(self, judging: ThreadPoolExecutor, bar: tqdm) -> None:
+        step, times = self.global_step, {}
+
+        # 1. Prompts and samples for this step and for up to async_steps steps ahead, each drawn
+        #    from the weights the sampler holds now; each step's judging starts in the background
+        #    at once. Prompts are the stream's next prompts_per_step (this rank takes every
+        #    world_size-th); the seed depends only on (seed, step, rank), so a resumed run samples
+        #    exactly what the killed run did.
+        start = time.perf_counter()
+        while len(self._ahead) <= self._async_steps and step + len(self._ahead) < self._max_steps:
+            self._ahead.append(self._draft(step + len(self._ahead), judging, self._sampler_step))
+        times["sample"] = time.perf_counter() - start
+
+        # 2. This step's judgments (asked while earlier steps trained, when async_steps > 0); the
+        #    best vs the worst by wins become (chosen, rejected) when the judge's own verdict between
+        #    them is a win.
+        start = time.perf_counter()
+        draft = self._ahead.popleft()
+        judgments, judge_delta = draft.judged.result()
+        rows, samples, comparisons = draft.rows, draft.samples, draft.comparisons
+        by_prompt: Dict[int, Dict[Tuple[int, int], Judgment]] = {p: {} for p in range(len(samples))}
+        for (p, i, j), judgment in zip(comparisons, judgments):
+            by_prompt[p][(i, j)] = judgment
+        picks = [pick_pair(self._n, by_prompt[p]) for p in range(len(samples))]
+        pairs = [
+            encode_pair(s.prompt_token_ids, s.completions[pick.chosen].token_ids, s.completions[pick.rejected].token_ids, self._max_seq_len)
+            for s, pick in zip(samples, picks)
+            if pick.labelled
+        ]
+        times["judge"] = time.perf_counter() - start  # waiting for the judge: ~0 when it ran ahead
+
+        # 3. One optimizer step on this step's pairs (gradient accumulation over micro-batches).
+        #    Under FSDP2 every rank runs the same number of forward/backward passes, and each
+        #    rank's loss is scaled by world_size / (pairs on all ranks), so the gradient FSDP
+        #    averages is the mean over every rank's pairs.
+        start = time.perf_counter()
+        total_pairs = sum_over_ranks(len(pairs))
+        train_stats: Counter = Counter()
+        if total_pairs > 0:
+            chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
+            for chunk, real in in_lockstep(chunks, filler=[_PLACEHOLDER_PAIR]):
+                batch = collate_pairs(chunk, pad_id=self._pad_id).to(self._device)
+                policy_lp = pair_logprobs(self._model, batch)
+                reference_lp = self._reference_logprobs(batch)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy_lp, reference_lp)
+                scale = self._world_size / total_pairs if real else 0.0
+                (losses.sum() * scale).backward()
+                if real:
+                    train_stats.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
+            grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
+            train_stats["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
+        if self._lr_scheduler is not None:  # every step, pairs or not: the schedule follows the step
+            self._lr_scheduler.step()
+        times["train"] = time.perf_counter() - start
+
+        # 4. Push the new weights into the sampler (full tensors: a collective under FSDP2;
+        #    nothing to push when the sampler generates with the live policy, which is always current).
+        start = time.perf_counter()
+        if self._sampler.uses_live_policy or (step + 1) % self._sync_every == 0:
+            if not self._sampler.uses_live_policy:
+                self._sampler.update_weights(self._sampler_weights())
+            self._sampler_step = step + 1
+        times["sync"] = time.perf_counter() - start
+
+        # 5. Bookkeeping: artefacts and metrics of this step, then (maybe) a checkpoint.
+        self.global_step += 1
+        self._prompts_seen += self._prompts_per_step
+        stats = gather_from_ranks(_step_stats(samples, picks, judgments, judge_delta, train_stats))
+        records = gather_from_ranks(self._step_records(step, rows, samples, comparisons, judgments, picks) if self._save_steps else [])
+        if self._is_rank_zero:
+            metrics = {**self._step_metrics(stats, times, len(rows) * self._world_size), "staleness": step - draft.weights_step}
+            self._judge_totals.update(requests=metrics["judge/requests"], cache_hits=metrics["judge/cache_hits"])
+            self._log(step, metrics, records)
+            bar.set_postfix(win=f"{metrics['judge/win_rate_chosen']:.2f}", pairs=metrics["pairs/trained"],
+                            loss=f"{metrics['loss']:.3f}")
+        bar.update()
+
+        # 6. Progress: a step without a single pair trained nothing; a run that keeps doing so stops.
+        self._count_progress(step, add_up(stats), judgments)
+        if self.global_step == self._max_steps or (self._save_every and self.global_step % self._save_every == 0):
+            self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
         """Weights (an HF model directory), optimizer, every rank's RNG state and the loop position
@@ -297,6 +318,7 @@ class OnlineDPORecipe:
         weights = full_cpu_state_dict(self._model, self._is_rank_zero, self._device)
         optimizer = gather_optimizer_state(self._model, self._optimizer)
         rng = gather_from_ranks(rng_state())
+        ahead = gather_from_ranks([{"step": d.step, "weights_step": d.weights_step, "samples": _samples_to(d.samples)} for d in self._ahead])
         if self._is_rank_zero:
             adapter = {k: v for k, v in weights.items() if k in self._lora}
             self._checkpoints.save(
@@ -308,6 +330,7 @@ class OnlineDPORecipe:
                     "prompts_seen": self._prompts_seen,
                     "judge_totals": dict(self._judge_totals),
                     "adapter": adapter,
+                    "ahead": ahead,  # every rank's steps sampled ahead, to judge again on resume
                 },
             )
         if self._world_size > 1:
@@ -378,8 +401,34 @@ class OnlineDPORecipe:
         load_optimizer_state(self._model, self._optimizer, state["optimizer"] if self._is_rank_zero else {})
         restore_rng_state(state["rng"], self._rank, self._world_size)
         self.global_step, self._prompts_seen = ckpt.step, state["prompts_seen"]
+        self._sampler_step = self.global_step  # the sampler gets the checkpoint's weights
         self._judge_totals = Counter(state["judge_totals"])
+        ahead = state.get("ahead") or []
+        if any(ahead) and len(ahead) != self._world_size:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds steps sampled ahead (async_steps={self._async_steps}) by {len(ahead)} "
+                f"rank(s); resume it on {len(ahead)} rank(s), as an exact resume needs each rank's own samples"
+            )
+        self._resumed_ahead = ahead[self._rank] if any(ahead) else []
         utils.log_rank_zero(log, f"resumed from {ckpt.path} at step {self.global_step}")
+
+    def _draft(self, step: int, judging: ThreadPoolExecutor, weights_step: int, samples: Optional[List[PromptSamples]] = None) -> "Draft":
+        """Step `step`'s prompts and samples (sampled now unless given: a resumed run's), with its
+        judging started on the `judging` thread."""
+        position = self._prompts_seen + (step - self.global_step) * self._prompts_per_step
+        rows = self._prompts.select(self._prompt_indices(position, self._prompts_per_step)[self._rank :: self._world_size])
+        if samples is None:
+            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._seed, "step", step, self._rank))
+        comparisons = [(p, i, j) for p in range(len(samples)) for i in range(self._n) for j in range(i + 1, self._n)]
+        pairs = [Pair(rows[p]["prompt"], samples[p].completions[i].text, samples[p].completions[j].text) for p, i, j in comparisons]
+        return Draft(step, rows, samples, comparisons, weights_step, judging.submit(self._judge_with_usage, pairs))
+
+    def _judge_with_usage(self, pairs: List[Pair]) -> Tuple[List[Judgment], Counter]:
+        """The judgments and what they cost (requests, cache hits); runs on the judging thread,
+        the only caller of the judge, so the difference in its counters is this call's."""
+        before = Counter(self._judge.metrics)
+        judgments = self._judge.judge(pairs)
+        return judgments, Counter(self._judge.metrics) - before
 
     def _sampler_weights(self) -> Dict[str, torch.Tensor]:
         """Full policy weights for the sampler (a collective under FSDP2), LoRA merged in."""
@@ -446,6 +495,7 @@ class OnlineDPORecipe:
             "judge/abstain_rate": total["comparisons_abstain"] / compared,
             "judge/requests": total["judge_requests"],
             "judge/cache_hits": total["judge_cache_hits"],
+            **{k: v for k, v in total.items() if k.startswith("judge/requests@")},
             "response/tokens_mean": total["response_tokens"] / max(total["responses"], 1),
             "response/stop_rate": total["responses_stopped"] / max(total["responses"], 1),
             **pair_metrics(total),
@@ -468,6 +518,30 @@ class OnlineDPORecipe:
             steps_dir.mkdir(parents=True, exist_ok=True)
             path = steps_dir / f"step-{step + 1:05d}.parquet"
             atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
+
+
+# ---- steps sampled ahead -------------------------------------------------------------------------
+
+
+@dataclass
+class Draft:
+    """A step's prompts and samples, drawn up to async_steps steps before it trains."""
+
+    step: int
+    rows: Any  # this rank's prompt rows (an HF dataset slice)
+    samples: List[PromptSamples]
+    comparisons: List[Tuple[int, int, int]]  # (prompt, i, j) for every pair of responses
+    weights_step: int  # the step whose weights sampled it: staleness = step - weights_step
+    judged: "Future[Tuple[List[Judgment], Counter]]"
+
+
+def _samples_to(samples: List[PromptSamples]) -> List[Dict[str, Any]]:
+    """Samples as plain lists and numbers (what `torch.load(weights_only=True)` reads back)."""
+    return [{"prompt_token_ids": s.prompt_token_ids, "completions": [asdict(c) for c in s.completions]} for s in samples]
+
+
+def _samples_from(saved: List[Dict[str, Any]]) -> List[PromptSamples]:
+    return [PromptSamples(s["prompt_token_ids"], [Completion(**c) for c in s["completions"]]) for s in saved]
 
 
 # ---- choosing the pair --------------------------------------------------------------------------
@@ -534,6 +608,7 @@ def _check_settings(cfg: DictConfig, world_size: int) -> None:
             lambda: cfg.prompts_per_step >= world_size and cfg.prompts_per_step % world_size == 0,
             f"prompts_per_step must be a positive multiple of the {world_size} rank(s), each takes an equal share",
         ),
+        ("async_steps", lambda: cfg.async_steps >= 0, "sample and judge 0 (in turn) or more steps ahead"),
         (
             "max_steps_without_pairs",
             lambda: cfg.max_steps_without_pairs is None or cfg.max_steps_without_pairs >= 1,
@@ -562,6 +637,7 @@ def _step_stats(samples, picks: Sequence[Pick], judgments: Sequence[Judgment], j
         responses_stopped=sum(c.finish_reason == "stop" for s in samples for c in s.completions),
     )
     stats.update(Counter(f"source_{p.source}" for p in labelled))
+    stats.update({f"judge/{k}": v for k, v in judge_delta.items() if k.startswith("requests@")})  # per API replica
     stats.update(train)
     return stats
 
