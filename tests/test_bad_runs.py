@@ -14,6 +14,7 @@ from typing import Dict, Union
 import pytest
 import torch
 from conftest import run_cli
+from servers import FaultServer
 from test_judge_pairs import write_generated
 
 from rlaif_recipes.samplers import VLLMSampler
@@ -296,3 +297,20 @@ def test_errors_reach_the_console_as_one_line_and_the_readme_form_works(tmp_path
     assert "Traceback" not in result.stderr
     debug = run_cli(["rlaif", "run", "--debug", "online_dpo", "--config", str(copy), f"checkpoint_dir={tiny_model_dir}", "sync_every=0"], cwd=tmp_path)
     assert "Traceback" in debug.stderr and "ConfigError: sync_every=0" in debug.stderr
+
+
+def test_dry_run_says_what_an_api_judge_will_cost_and_sends_nothing(monkeypatch, tmp_path, tiny_model_dir, caplog, no_engine):
+    monkeypatch.setenv("RLAIF_TEST_KEY", "sk-test-not-a-real-key")
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    with FaultServer() as server:
+        api = ["judge=openai", f"judge.base_url={server.url}/v1", "judge.api_key_env=RLAIF_TEST_KEY", "judge.input_usd_per_mtok=1",
+               "judge.output_usd_per_mtok=2", "dry_run=true"]  # fmt: skip
+        with caplog.at_level("INFO"):
+            assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'prefs'}", *api) == 0
+            assert run(monkeypatch, "online_dpo", f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE,
+                       "max_steps=5", *api) == 0  # fmt: skip
+        assert server.log == []  # not one request, not even the probe
+    assert "judge cost estimate for 1 shard(s): 4 comparisons -> 8 requests (0 cached)" in caplog.text
+    assert "judge cost estimate for 5 steps of 4 prompts x 2 responses (responses at sampler.max_tokens=8): 20 comparisons -> 40 requests" in caplog.text
+    assert "dry_run=true: nothing was judged" in caplog.text and not (tmp_path / "prefs" / "data").exists()
+    assert not (tmp_path / "o" / "checkpoints").exists() and not (tmp_path / "o" / "steps").exists()

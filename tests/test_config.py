@@ -105,6 +105,15 @@ def test_rlaif_ls_lists_recipes_and_groups(tmp_path: Path) -> None:
     assert "sft.yaml   (tune run full_finetune_single_device --config PATH)" in out
 
 
+def test_a_recipe_answers_to_both_spellings(tmp_path: Path) -> None:
+    """`rlaif run audit-judge`, `rlaif run audit_judge` and `rlaif audit-judge` are one recipe: each
+    reaches its config check (here refusing an unknown key), none says "unknown recipe"."""
+    for argv in (["rlaif", "run", "audit-judge"], ["rlaif", "run", "audit_judge"], ["rlaif", "audit-judge"]):
+        result = run_cli([*argv, "+nope=1"], cwd=tmp_path)
+        assert result.returncode != 0 and "unknown recipe" not in result.stderr, result.stderr[-2000:]
+        assert "config error: unknown config key(s) ['nope']" in result.stderr
+
+
 def test_configs_ship_inside_a_non_editable_install(tmp_path: Path) -> None:
     """`pip install .` (no -e) must carry conf/ and the data assets inside the package."""
     root = Path(__file__).resolve().parent.parent

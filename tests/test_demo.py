@@ -75,7 +75,7 @@ def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_
     dirs = {"before": _eval_dir(tmp_path / "before", "b", [True] * 6 + [False] * 4, True),
             "after": _eval_dir(tmp_path / "after", "a", [True] + [False] * 9, False)}  # fmt: skip
     results = {name: json.loads((d / "eval.json").read_text())["metrics"] for name, d in dirs.items()}
-    text = demo.table(results, dirs, tmp_path, 1.5, "demo")
+    text = demo.table(results, dirs, tmp_path, 1.5, "demo", curves={"after": tmp_path / "online_x" / "run.png"})
     doc = json.loads((tmp_path / "demo.json").read_text())
     after = doc["metrics"]["rows"][1]
     assert after["false-refusal cut"] == pytest.approx(1 - 0.1 / 0.6) and after["fluency check"] == "FAIL (collapsed)"
@@ -83,6 +83,8 @@ def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_
     assert [r["kind"] for r in replies] == ["safe"] * 5 + ["unsafe"] * 5
     assert replies[0]["before"] == "[refusal] reply b 0" and replies[1]["after"] == "reply a 1"  # one prompt, every policy
     assert "safe: \"safe 0\"" in text and (tmp_path / "demo.png").is_file()
+    assert "Training curves of after: [online_x/run.png](online_x/run.png)" in text
+    assert "| before | 60.0% | 100.0% |" in text and "| 83.3% |" in text  # rates as percentages, as the README shows them
 
 
 def test_a_stage_shows_its_step_bar_and_a_failure_names_its_log(tmp_path: Path, capsys) -> None:

@@ -228,6 +228,10 @@ def test_precomputed_reference_trains_like_a_reference_copy(tmp_path, tiny_model
     assert (
         kl[0] == pytest.approx(0.0, abs=1e-4) and abs(kl[-1]) > 1e-3
     )  # the policy moves away from the reference
+    from rlaif_recipes.plot_run import plot_run, read_run
+
+    assert read_run(str(tmp_path / "model"))["loss"] == [(step, loss) for step, loss in train_losses(tmp_path / "model").items()]
+    assert plot_run(str(tmp_path / "model")).stat().st_size > 20_000  # a dpo run's DiskLogger lines, drawn
     logged = read_log(tmp_path / "model")[-2][1]
     for key in (
         "rewards/chosen",

@@ -354,3 +354,32 @@ def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_mode
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(weights(out, 1)["lm_head.weight"], initial)
     assert not torch.equal(weights(out, 2)["lm_head.weight"], weights(out, 1)["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_rlaif_plot_draws_a_run_and_names_a_dir_that_is_none(tmp_path: Path, finished_run: Path) -> None:
+    from rlaif_recipes.plot_run import read_run
+
+    result = run_cli(["rlaif", "plot", str(finished_run), "--out", str(tmp_path / "run.png")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    png = (tmp_path / "run.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    series = read_run(str(finished_run))
+    assert [s for s, _ in series["loss"]] == [1, 2, 3, 4] and {"time/judge", "labels/ai", "kl/reference"} <= set(series)
+    empty = run_cli(["rlaif", "plot", str(tmp_path)], cwd=tmp_path)
+    assert empty.returncode == 2 and "has no metrics.jsonl" in empty.stderr and "Traceback" not in empty.stderr
+
+
+@pytest.mark.slow
+def test_torchtunes_tensorboard_logger_is_a_metric_logger_option(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "tb"
+    result = run_cli(["tune", "run", RECIPE, "--config", "online_dpo", *overrides(tiny_model_dir, tmp_path / "run", "max_steps=2"),
+                      "sampler=torchtune", "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger",
+                      f"metric_logger.log_dir={logs}"], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(next(logs.rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert {"loss", "judge/win_rate_chosen", "time/judge"} <= set(events.Tags()["tensors"])  # scalars, as TF2 summaries
+    assert [e.step for e in events.Tensors("pairs/trained")] == [1, 2]

@@ -333,6 +333,25 @@ class APIJudge(PairwiseJudge):
 
     # ---- budget and cost ------------------------------------------------------------------
 
+    def estimate(self, pairs: Sequence[Pair], what: str) -> str:
+        """One line saying what judging `pairs` will cost (requests, tokens, USD when prices are set),
+        and which budget would stop it before the end; said before the first request."""
+        queries = self.uncached_queries(pairs)
+        shown = sum(len(self._orders(p)) for p in pairs)
+        input_tokens = sum(self._estimate_input_tokens(q) for q in queries)
+        output_tokens = self.max_output_tokens * len(queries)
+        cost = self._cost(input_tokens, output_tokens)
+        line = (f"judge cost estimate for {what}: {len(pairs)} comparisons -> {len(queries)} requests "
+                f"({shown - len(queries)} cached), "
+                f"~{input_tokens} input + {output_tokens} output tokens"
+                + (f", ~${cost:.2f}" if self.prices[0] is not None and self.prices[1] is not None else ", USD unknown (set judge.input_usd_per_mtok and judge.output_usd_per_mtok)"))
+        projected = {"max_requests": len(queries), "max_tokens": input_tokens + output_tokens, "max_cost_usd": cost}
+        short = [f"judge.{k}={self.budget[k]} (estimate {projected[k]:.4g})" for k in projected
+                 if self.budget[k] is not None and self.budget[k] < projected[k]]
+        if short:
+            line += f"; below the estimate: {', '.join(short)}: the run will stop at that budget (raise it to finish)"
+        return line
+
     def _estimate_input_tokens(self, pair: Pair) -> int:
         """About 4 characters per token: only for pacing and for budget reservations in flight."""
         chars = (

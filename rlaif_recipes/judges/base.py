@@ -225,6 +225,17 @@ class PairwiseJudge(abc.ABC):
 
     # ---- internals ------------------------------------------------------------------------
 
+    def uncached_queries(self, pairs: Sequence[Pair]) -> List[Pair]:
+        """The queries `judge(pairs)` would put to `_compare`: every order shown, less cache hits
+        (what a run will pay for, before it pays)."""
+        queries = [_orient(p, swapped) for p in pairs for swapped in self._orders(p)]
+        if self.cache is None:
+            return queries
+        identity = self.identity()
+        keys = [cache_key(identity, q.prompt, q.response_a, q.response_b) for q in queries]
+        hits = self.cache.get_many(keys)
+        return [q for q, key in zip(queries, keys) if key not in hits]
+
     def _orders(self, pair: Pair) -> List[bool]:
         if self.symmetric or self.delegates_order or self.order == "fixed":
             return [False]

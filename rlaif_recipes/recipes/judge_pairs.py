@@ -45,6 +45,7 @@ from tqdm import tqdm
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError, JudgeError
 from rlaif_recipes.files import atomic_write, atomic_write_text
+from rlaif_recipes.judges.api import APIJudge
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.recipes.online_dpo import pick_pair
 from rlaif_recipes.run_dir import claim, read_run, run_identity
@@ -54,7 +55,7 @@ log = utils.get_logger("INFO")
 BUDGET_EXIT = 3  # exit status when the judge's budget ran out before every shard was judged
 # settings that do not change the verdicts: a run may change them and continue the directory
 # (the judge's own, such as budgets and concurrency, are its RUNTIME_SETTINGS)
-RUNTIME_KEYS = ("batch_size", "input_dir")
+RUNTIME_KEYS = ("batch_size", "input_dir", "dry_run")
 INPUT_COLUMNS = ["prompt_id", "prompt", "messages", "prompt_token_ids", "responses", "response_token_ids", "finish_reasons", "policy"]
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 TOKENS = pa.list_(pa.int64())
@@ -104,6 +105,7 @@ class JudgePairsSettings:
     seed: int
     checkpoint_dir: str
     batch_size: int
+    dry_run: bool
     judge: Any
     rubric: Any
 
@@ -129,6 +131,16 @@ class JudgePairsRecipe:
     def setup(self, cfg: DictConfig) -> None:
         self._judge = config.instantiate(cfg.judge)
         rlaif_config.save(cfg, str(self._output_dir))
+
+    def cost_estimate(self) -> Optional[str]:
+        """What an API judge will be paid for on the shards still to judge (None for local judges)."""
+        if not isinstance(self._judge, APIJudge):
+            return None
+        todo = [s for s in self._input_shards if not self._done(s.name)]
+        pairs = [Pair(r["prompt"], r["responses"][i], r["responses"][j])
+                 for shard in todo for r in pq.read_table(shard, columns=["prompt", "responses"]).to_pylist()
+                 for i, j in combinations(range(len(r["responses"])), 2) if r["responses"][i] != r["responses"][j]]  # fmt: skip
+        return self._judge.estimate(pairs, f"{len(todo)} shard(s)")
 
     def judge_pairs(self) -> Optional[str]:
         """Judge every shard not done; returns the judge's stop message if its budget ran out."""
@@ -308,6 +320,12 @@ def recipe_main(cfg: DictConfig) -> int:
     recipe = JudgePairsRecipe(cfg)
     try:
         recipe.setup(cfg)
+        estimate = recipe.cost_estimate()
+        if estimate:
+            log.info(estimate)
+        if cfg.dry_run:
+            log.info("dry_run=true: nothing was judged")
+            return 0
         stopped = recipe.judge_pairs()
         summary = recipe.summary()
         atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2, sort_keys=True))

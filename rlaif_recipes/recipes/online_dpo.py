@@ -70,6 +70,7 @@ from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_sche
 from rlaif_recipes.errors import CheckpointError, ConfigError, DataError, TrainingError
 from rlaif_recipes.files import atomic_write, atomic_write_text, weights_stamp
 from rlaif_recipes.judges import Judgment, Pair, Verdict
+from rlaif_recipes.judges.api import APIJudge
 from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.models import check_checkpoint_dir
@@ -89,7 +90,7 @@ log = utils.get_logger("INFO")
 # settings that do not change what the run trains: a resumed run may change them
 RUNTIME_KEYS = (
     "device", "checkpointer", "max_steps", "micro_batch_size", "save_every_n_steps", "keep_last_checkpoints",
-    "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger",
+    "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger", "dry_run",
 )
 OUTPUTS = ("checkpoints", "steps", "metrics.jsonl")  # what a run writes, and a fresh run must not find
 
@@ -113,6 +114,7 @@ class OnlineDPOSettings:
     save_steps: bool
     max_steps_without_pairs: Optional[int]
     async_steps: int
+    dry_run: bool
     checkpoint_dir: str
     model: Any
     checkpointer: Any
@@ -170,6 +172,10 @@ class OnlineDPORecipe:
         if len(self._prompts) == 0:
             raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
         self._judge = config.instantiate(cfg.judge)  # before the models: a bad judge fails in seconds
+        if isinstance(self._judge, APIJudge) and self._is_rank_zero:
+            log.info(self._judge_cost(cfg.sampler.max_tokens))
+        if cfg.dry_run:
+            return
         self._lora = adapter_shapes(cfg.model)
         self._checkpoints = CheckpointManager(
             str(self._output_dir / "checkpoints"),
@@ -423,6 +429,16 @@ class OnlineDPORecipe:
         pairs = [Pair(rows[p]["prompt"], samples[p].completions[i].text, samples[p].completions[j].text) for p, i, j in comparisons]
         return Draft(step, rows, samples, comparisons, weights_step, judging.submit(self._judge_with_usage, pairs))
 
+    def _judge_cost(self, max_tokens: int) -> str:
+        """The API judge's bill for the rest of the run, before it starts: every step's prompts, each
+        pair of responses taken at sampler.max_tokens (they do not exist yet, so nothing is cached)."""
+        steps = self._max_steps - self.global_step
+        response = "x" * (4 * max_tokens)  # ~4 characters per token, as the judge's own estimate counts
+        prompts = self._prompts.select(self._prompt_indices(self._prompts_seen, steps * self._prompts_per_step))["prompt"]
+        pairs = [Pair(p, response, response + " ") for p in prompts for _ in range(self._n * (self._n - 1) // 2)]
+        return self._judge.estimate(pairs, f"{steps} steps of {self._prompts_per_step} prompts x {self._n} responses "
+                                           f"(responses at sampler.max_tokens={max_tokens})")
+
     def _judge_with_usage(self, pairs: List[Pair]) -> Tuple[List[Judgment], Counter]:
         """The judgments and what they cost (requests, cache hits); runs on the judging thread,
         the only caller of the judge, so the difference in its counters is this call's."""
@@ -663,7 +679,10 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe = OnlineDPORecipe(cfg)
     try:
         recipe.setup(cfg)
-        recipe.train()
+        if cfg.dry_run:
+            utils.log_rank_zero(log, "dry_run=true: no model was built, nothing was trained")
+        else:
+            recipe.train()
     finally:
         recipe.cleanup()
         if distributed:  # after the sampler: vLLM's engine shutdown uses the process group
