@@ -238,9 +238,10 @@ class JudgePairsRecipe:
         verdicts: Counter = Counter()
         for path in sorted((self._output_dir / "dropped").glob("shard-*.parquet")):
             verdicts.update(pq.read_table(path, columns=["verdict"]).column("verdict").to_pylist())
+        done = sum(self._done(p.name) for p in data)  # each reads its dropped shard: once per shard
         return {
-            "shards_done": sum(self._done(p.name) for p in data),
-            "shards_with_abstains": sum(not self._done(p.name) for p in data),
+            "shards_done": done,
+            "shards_with_abstains": len(data) - done,
             "shards_total": len(self._input_shards),
             "preferences": sum(pq.ParquetFile(p).metadata.num_rows for p in data),
             "ties": verdicts[Verdict.TIE.value],
