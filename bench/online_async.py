@@ -2,12 +2,13 @@
 
 The API judge is `judge=openai` against the loopback server from tests/servers.py (real HTTP, in
 its own process): a fixed 200 ms per request, and a heavy tail (300 ms, 1% of requests 5 s), once
-with the default 60 s request timeout and once with 1 s (a slow request is cut and retried). Each
+as it is and once with `judge.hedge_after_s=0.6` (a slow request gets a copy, first answer wins). Each
 row is one `online_dpo` run in its own process; pairs/s is counted from the recipe's own
 metrics.jsonl, from the end of the first step (engine warm-up) to the end of the last.
 
     python bench/online_async.py                     # the tiny model (built here)
-    python bench/online_async.py --model smollm2-135m-instruct --steps 6
+    python bench/online_async.py --model smollm2-135m-instruct --steps 8 --max-model-len 1024 \
+        --set dtype=bf16 sampler.dtype=bfloat16
 """
 
 import argparse
@@ -29,10 +30,10 @@ from servers import free_port  # noqa: E402
 
 KEY_ENV = "RLAIF_BENCH_KEY"
 HEAVY_TAIL = ["--latency", "0.3", "--slow-rate", "0.01", "--slow-s", "5"]
-# (row name, server arguments, extra judge settings): the heavy tail once as it is, once with a
-# 1 s request timeout, so a 5 s request is cut and retried instead of waited for
+# (row name, server arguments, extra judge settings): the heavy tail once as it is, once with
+# hedged requests (a request unanswered after 0.6 s, twice the median, gets a copy; first answer wins)
 LATENCIES = [("200 ms", ["--latency", "0.2"], []), ("heavy tail", HEAVY_TAIL, []),
-             ("heavy tail, timeout_s=1", HEAVY_TAIL, ["judge.timeout_s=1", "judge.backoff_base_s=0.05"])]
+             ("heavy tail, hedge_after_s=0.6", HEAVY_TAIL, ["judge.hedge_after_s=0.6"])]
 
 
 def start_server(args: List[str]) -> Tuple[subprocess.Popen, str]:
@@ -55,7 +56,7 @@ def run(model_dir: Path, out: Path, a: argparse.Namespace, async_steps: int, jud
     cmd = [str(Path(sys.executable).parent / "rlaif"), "run", "online_dpo", f"checkpoint_dir={model_dir}", f"output_dir={out}",
            f"max_steps={a.steps}", f"prompts_per_step={a.prompts}", "n=2", f"sampler.max_tokens={a.max_tokens}",
            f"sampler.kv_cache_memory_bytes={1 << 30}", f"sampler.max_model_len={a.max_model_len}", f"async_steps={async_steps}",
-           "save_every_n_steps=null", "lr_scheduler=null", *judge]  # fmt: skip
+           "save_every_n_steps=null", "lr_scheduler=null", *a.set, *judge]  # fmt: skip
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         if subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) != 0:
@@ -70,6 +71,7 @@ def run(model_dir: Path, out: Path, a: argparse.Namespace, async_steps: int, jud
         "train_s": sum(m["time/train"] for m in timed) / len(timed),
         "sample_s": sum(m["time/sample"] for m in timed) / len(timed),
         "staleness": timed[-1]["staleness"],
+        "requests": sum(m["judge/requests"] for m in steps),
     }
 
 
@@ -80,6 +82,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-model-len", type=int, default=512, help="sampler context (SmolLM2 needs it set: 1024)")
+    p.add_argument("--set", nargs="*", default=[], help="more online_dpo overrides for every run, e.g. dtype=bf16")
+    p.add_argument("--async-steps", default="0,1", help="async_steps values to run, comma-separated")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "online_async"))
     a = p.parse_args()
     out = Path(a.out)
@@ -98,14 +102,15 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     rows: List[Dict[str, object]] = []
     rule = ["judge=rule", "judge.rule=rlaif_recipes.judges.rules.shorter"]
-    for async_steps in (0, 1):
+    settings = [int(k) for k in a.async_steps.split(",")]
+    for async_steps in settings:
         rows.append({"judge": "rule (no latency)", "async_steps": async_steps, **run(model_dir, out / f"rule-{async_steps}", a, async_steps, rule)})
     for name, server_args, extra in LATENCIES:
         server, url = start_server(server_args)
         try:  # the server prefers response A (neither holds its marker): order=fixed, so every pair is labelled
             api = ["judge=openai", f"judge.base_url={url}", f"judge.api_key_env={KEY_ENV}", "judge.structured=none",
                    "judge.logprobs=false", "judge.order=fixed", *extra]
-            for async_steps in (0, 1):
+            for async_steps in settings:
                 tag = name.replace(" ", "_").replace(",", "").replace("=", "")
                 rows.append({"judge": f"openai, {name}", "async_steps": async_steps, **run(model_dir, out / f"{tag}-{async_steps}", a, async_steps, api)})
         finally:
@@ -114,13 +119,13 @@ def main() -> None:
     rule_rate: Dict[int, Optional[float]] = {r["async_steps"]: r["pairs_per_s"] for r in rows if r["judge"].startswith("rule")}
     print(f"# online_async ({datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, load {', '.join(f'{x:.1f}' for x in loads)})")
     print(f"model {a.model}; {a.steps} steps of {a.prompts} prompts x 2, {a.max_tokens} new tokens; vLLM CPU sampler; "
-          "API judge: order=fixed (1 request per pair), max_concurrency 16")
-    print("| judge | async_steps | pairs/s | share of the rule judge's rate (async 0) | judge wait s/step | sample s/step | train s/step | staleness |")
-    print("|---|---|---|---|---|---|---|---|")
+          "API judge: order=fixed (1 request per pair), max_concurrency 16; overrides: " + (" ".join(a.set) or "none"))
+    print("| judge | async_steps | pairs/s | share of the rule judge's rate (async 0) | judge wait s/step | sample s/step | train s/step | staleness | requests |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = r["pairs_per_s"] / rule_rate[0] if rule_rate.get(0) else float("nan")
         print(f"| {r['judge']} | {r['async_steps']} | {r['pairs_per_s']:.2f} | {share:.0%} | {r['judge_wait_s']:.3f} | "
-              f"{r['sample_s']:.3f} | {r['train_s']:.3f} | {r['staleness']} |")
+              f"{r['sample_s']:.3f} | {r['train_s']:.3f} | {r['staleness']} | {r['requests']} |")
 
 
 if __name__ == "__main__":

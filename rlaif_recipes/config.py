@@ -36,7 +36,7 @@ def _find_conf_dir() -> Path:
 
 CONF_DIR = _find_conf_dir()
 ASSETS = Path(__file__).resolve().parent / "assets"
-GROUPS = ("model", "sampler", "judge", "rubric", "loss", "data")
+GROUPS = ("model", "sampler", "judge", "rubric", "loss", "data", "pairs")
 # Plain torchtune configs in conf/, for torchtune's own recipes (`tune run full_finetune_single_device
 # --config conf/sft.yaml`): no config groups, no recipe of ours reads them, so they are not offered
 # as configs of ours (`rlaif ls` lists them apart).

@@ -64,6 +64,7 @@ class FaultServer:
         self.slow_rate, self.slow_s = slow_rate, slow_s  # a heavy tail: this share of requests takes slow_s
         self.prob_winner, self.api_key, self.port = prob_winner, api_key, port
         self.log: List[Dict[str, Any]] = []
+        self.in_flight = self.peak_in_flight = 0  # requests being answered now, and the most at once
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -148,10 +149,16 @@ class FaultServer:
         self.log.append(entry)
         with self._lock:
             slow = self._rng.random() < self.slow_rate
-        if self.latency_s or slow:
-            await asyncio.sleep(self.slow_s if slow else self.latency_s)
-        if fault == "timeout":
-            await asyncio.sleep(self.hang_s)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self.latency_s or slow:
+                await asyncio.sleep(self.slow_s if slow else self.latency_s)
+            if fault == "timeout":
+                await asyncio.sleep(self.hang_s)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         return {
             "body": body,
             "fault": fault,

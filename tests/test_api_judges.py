@@ -21,7 +21,7 @@ from servers import FaultServer, free_port, vllm_server
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.judges import AnthropicJudge, OpenAIJudge, Pair, Verdict
-from rlaif_recipes.judges.api import JudgeUnavailableError
+from rlaif_recipes.judges.api import APIJudge, JudgeUnavailableError
 from rlaif_recipes.judges.api_limits import retry_after_seconds
 from rlaif_recipes.judges.api_parse import parse_verdict
 
@@ -34,9 +34,15 @@ FAST = dict(
 )  # timeouts: per test
 
 
+MADE: List[APIJudge] = []  # judges made by `make`, closed after each test (their event loops and connections)
+
+
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
+    yield
+    while MADE:
+        MADE.pop().close()
 
 
 def marked_pairs(n: int, marker: str = "WINNER") -> List[Pair]:
@@ -56,7 +62,9 @@ def make(cls, server: FaultServer, **kw):
     defaults = dict(model="judge", api_key_env=KEY_ENV, rubric=RUBRIC, **FAST)
     if cls is AnthropicJudge:
         defaults.update(temperature=None, structured="none")
-    return cls(**{"base_url": base_url, **defaults, **kw})
+    judge = cls(**{"base_url": base_url, **defaults, **kw})
+    MADE.append(judge)
+    return judge
 
 
 def right(pair: Pair) -> Verdict:
@@ -300,6 +308,45 @@ def test_requests_spread_over_replicas_and_a_dead_one_is_skipped(probe):
     assert judge.metrics[f"requests@{urls[0]}"] == served[0] > 10 and judge.metrics[f"requests@{urls[2]}"] == served[1] > 10
     assert judge.metrics[f"requests@{dead}"] <= (0 if probe else 4)  # at most the requests in flight when it failed
     assert dead in judge._dead
+
+
+def test_concurrent_calls_share_one_loop_and_each_gets_its_own_usage():
+    """Several `judge_with_usage` calls at once from threads (the online loop judging steps ahead):
+    all are served by the judge's one event loop and capped by its one max_concurrency, and each
+    call's usage counts only its own requests."""
+    import threading
+
+    batches = [marked_pairs(n, marker="WINNER") for n in (3, 5, 7)]
+    results = {}
+    with FaultServer(latency_s=0.2) as server:
+        judge = make(OpenAIJudge, server, order="fixed", max_concurrency=4)
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, judge.judge_with_usage(batches[k]))) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        peak = server.peak_in_flight
+    for k, pairs in enumerate(batches):
+        judgments, usage = results[k]
+        assert [j.verdict for j in judgments] == [right(p) for p in pairs]
+        assert usage["requests"] == usage["queries"] == len(pairs) and usage["cache_hits"] == 0
+    assert judge.metrics["requests"] == 15 and peak <= 4  # one cap for all three calls
+
+
+def test_hedged_requests_cut_a_slow_tail_and_keep_every_verdict():
+    """hedge_after_s: a request still unanswered after it gets one copy, and the first answer wins;
+    half the requests take 3 s here, so most pairs are answered by their copy."""
+    pairs = marked_pairs(12)
+    with FaultServer(slow_rate=0.5, slow_s=3.0, seed=2) as server:  # the first 12 draws: 7 slow; their copies: 4 fast
+        judge = make(OpenAIJudge, server, order="fixed", hedge_after_s=0.2, max_concurrency=12)
+        out, usage = judge.judge_with_usage(pairs)
+        sent = len(server.log)
+    assert [j.verdict for j in out] == [right(p) for p in pairs]
+    m = judge.metrics
+    assert m["hedged"] >= 3 and m["hedge_wins"] >= 2 and m["requests"] == 12 + m["hedged"] == sent == usage["requests"]
+    assert m["hedged"] == sum(j.usage["requests"] == 2 for j in out)  # each judgment bills the copy it sent
+    plain = make(OpenAIJudge, FaultServer(), order="fixed")
+    assert plain.hedge_after_s is None and "hedge_after_s" in APIJudge.RUNTIME_SETTINGS  # not in the cache key
 
 
 def test_cost_estimate_counts_orders_and_cache_and_names_a_short_budget(tmp_path):

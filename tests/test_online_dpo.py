@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import pyarrow.parquet as pq
 import pytest
@@ -300,12 +300,13 @@ def test_policy_learns_what_the_rule_judge_prefers(tmp_path: Path, tiny_model_di
 @pytest.mark.slow
 def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
     """The loopback server answers A (response 0) unless it fails: 5xx, dropped connections and
-    garbage, with no retries, become abstains, never labels, and the run goes on judging ahead."""
+    garbage, with no retries, become abstains, never labels, and the run goes on judging ahead.
+    With async_steps=2 two steps' judging runs at once, and each step still counts its own requests."""
     monkeypatch.setenv("RLAIF_TEST_KEY", "sk-test-not-a-real-key")
     out = tmp_path / "faulty"
     with FaultServer(rates={"server_error": 0.2, "drop": 0.1, "garbage": 0.2}, latency_s=0.05, seed=3) as server:
         result = run_cli(["tune", "run", RECIPE, "--config", "online_dpo", f"checkpoint_dir={tiny_model_dir}", f"output_dir={out}",
-                          "max_steps=4", "prompts_per_step=8", "sampler.max_tokens=12", "async_steps=1", "judge=openai",
+                          "max_steps=4", "prompts_per_step=8", "sampler.max_tokens=12", "async_steps=2", "judge=openai",
                           f"judge.base_url={server.url}/v1", "judge.api_key_env=RLAIF_TEST_KEY", "judge.structured=none",
                           "judge.logprobs=false", "judge.order=fixed", "judge.max_retries=0", "max_steps_without_pairs=null"],
                          cwd=tmp_path)  # fmt: skip
@@ -319,7 +320,8 @@ def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Pa
     assert len(labelled) + len(abstained) == len(records) == 4 * 8
     logged = metrics(out)
     assert sum(m["pairs/trained"] for m in logged) == len(labelled)
-    assert [m["staleness"] for m in logged] == [0, 1, 1, 1]
+    assert [m["staleness"] for m in logged] == [0, 1, 2, 2]
+    assert [m["judge/requests"] for m in logged] == [8, 8, 8, 8] and faults <= len(server.log) == 32
 
 
 # ---- FSDP2 across two ranks, one vLLM engine per rank ------------------------------------------
@@ -330,30 +332,22 @@ def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Pa
 def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "fsdp"
     torchrun = ["--nproc_per_node", "2"]
-    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=1", "prompts_per_step=4", launcher=torchrun)
-    online_dpo(
-        tmp_path,
-        tiny_model_dir,
-        out,
-        "max_steps=2",
-        "prompts_per_step=4",
-        "resume_from_checkpoint=true",
-        launcher=torchrun,
-    )
-    import pyarrow.parquet as pq
-
+    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=2", "prompts_per_step=4", "async_steps=1", launcher=torchrun)
+    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=3", "prompts_per_step=4", "async_steps=1", "resume_from_checkpoint=true",
+               launcher=torchrun)  # fmt: skip
     logged = metrics(out)
-    assert [m["step"] for m in logged] == [1, 2] and all(m["prompts"] == 4 for m in logged)
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(m["prompts"] == 4 for m in logged)
+    assert [m["staleness"] for m in logged] == [0, 1, 0]  # step 2 sampled ahead; the resumed sampler holds step 2's weights
     assert (
         all(m["pairs/trained"] + m["pairs/dropped_tie"] == 4 for m in logged)
         and logged[0]["pairs/trained"] > 0
     )
-    for step in (1, 2):
+    for step in (1, 2, 3):
         rows = pq.read_table(out / "steps" / f"step-{step:05d}.parquet").to_pylist()
         assert sorted(r["rank"] for r in rows) == [0, 0, 1, 1] and len({r["prompt_id"] for r in rows}) == 4
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["lm_head.weight"]
-    assert not torch.equal(weights(out, 1)["lm_head.weight"], initial)
-    assert not torch.equal(weights(out, 2)["lm_head.weight"], weights(out, 1)["lm_head.weight"])
+    assert not torch.equal(weights(out, 2)["lm_head.weight"], initial)
+    assert not torch.equal(weights(out, 3)["lm_head.weight"], weights(out, 2)["lm_head.weight"])
 
 
 @pytest.mark.slow
@@ -383,3 +377,43 @@ def test_torchtunes_tensorboard_logger_is_a_metric_logger_option(tmp_path: Path,
     events.Reload()
     assert {"loss", "judge/win_rate_chosen", "time/judge"} <= set(events.Tags()["tensors"])  # scalars, as TF2 summaries
     assert [e.step for e in events.Tensors("pairs/trained")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_torchtunes_wandb_logger_works_offline(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """W&B in offline mode: no account, no network; the run's history is read back from its own
+    run file (protobuf records in LevelDB's log format, as `wandb sync` reads it)."""
+    from wandb.proto import wandb_internal_pb2
+
+    logs = tmp_path / "wb"
+    result = run_cli(["tune", "run", RECIPE, "--config", "online_dpo", *overrides(tiny_model_dir, tmp_path / "run", "max_steps=2"),
+                      "sampler=torchtune", "metric_logger._component_=torchtune.training.metric_logging.WandBLogger",
+                      f"metric_logger.log_dir={logs}", "+metric_logger.project=rlaif-test", "+metric_logger.mode=offline"],
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = []
+    for data in wandb_records(next(logs.rglob("offline-run-*/run-*.wandb"))):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    assert [h["global_step"] for h in history] == [1, 2]  # torchtune logs the step as global_step
+    assert all({"loss", "judge/win_rate_chosen", "time/judge", "pairs/trained"} <= set(h) for h in history)
+    assert [h["pairs/trained"] for h in history] == [m["pairs/trained"] for m in metrics(tmp_path / "run")]
+
+
+def wandb_records(path: Path) -> Iterator[bytes]:
+    """The records of a .wandb file: a 7-byte header, then LevelDB log records (crc, length, type)
+    in 32 KiB blocks; a record split over blocks comes in FIRST / MIDDLE / LAST pieces."""
+    data, block, pos, pieces = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            yield pieces
+            pieces = b""

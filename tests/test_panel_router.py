@@ -41,8 +41,8 @@ class FixedProb(PairwiseJudge):
 
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         for i, _ in enumerate(pairs):
-            self.metrics["requests"] += 1
-            self.metrics["cost_usd"] += self.cost
+            self.count("requests")
+            self.count("cost_usd", self.cost)
             record(i, Judgment(verdict_from_prob(self.prob_a), prob_a=self.prob_a, usage={"requests": 1, "cost_usd": self.cost}))
 
 

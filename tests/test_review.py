@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from rlaif_recipes.judges import Pair, RouterJudge, RuleJudge, Verdict
 from rlaif_recipes.judges.router import PromptMatches
 
@@ -138,3 +140,16 @@ def test_label_studio_round_trip_feeds_the_router_and_the_audit(tmp_path: Path) 
     judged = router.judge(PAIRS)
     humans = [j for j in judged if j.source == "human"]
     assert len(humans) == 2 and all(j.verdict is Verdict.A for j in humans)  # the people's verdicts, ready for the audit
+
+    # the audit scores the AI judge against the people: a second annotator prefers the refusal on
+    # the third pair (the rule judge disagrees there), and a tie is left out
+    third = next(e for e in map(json.loads, (run_dir / "review_queue.jsonl").read_text().splitlines()) if "number 2" in e["prompt"])
+    with open(run_dir / "human_labels.jsonl", "a") as f:
+        f.write(json.dumps({"pair_id": third["pair_id"], "verdict": "B", "annotator": "sam"}) + "\n")
+    audit = subprocess.run([exe, "run", "audit_judge", f"output_dir={tmp_path / 'audit'}", "judge=rule",
+                            "pairs=reviewed", f"pairs.target={run_dir}", "where=null",
+                            "group_by=[annotator]"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())["metrics"]
+    assert report["pairs"] == 3 and report["agreement"] == pytest.approx(2 / 3)
+    assert report["agreement_by"]["annotator"] == {"lee@team": {"agreement": 1.0, "pairs": 2}, "sam": {"agreement": 0.0, "pairs": 1}}

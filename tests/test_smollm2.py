@@ -99,6 +99,25 @@ def test_vllm_greedy_equals_torchtune_greedy_in_fluent_english(engine: VLLMSampl
 
 
 @pytest.mark.slow
+def test_each_prompt_is_handed_on_when_its_replies_are_done(engine: VLLMSampler) -> None:
+    """`on_prompt_done` gets every prompt once, as it finishes: a one-word reply while a long one
+    still generates (so its judging can start then), with the samples `sample` returns."""
+    prompts = [[{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
+               [{"role": "user", "content": "Answer with one word only: what colour is the sky on a clear day?"}]]  # fmt: skip
+    handed = []
+    out = engine.sample(prompts, n=2, seed=3, max_tokens=48,
+                        on_prompt_done=lambda i, s: handed.append((i, s, engine.llm.llm_engine.has_unfinished_requests())))  # fmt: skip
+    assert sorted(i for i, _, _ in handed) == [0, 1]
+    first, samples, others_running = handed[0]
+    assert first == 1 and others_running, [c.text for s in out for c in s.completions]  # the short answer, before the story ends
+    assert max(len(c.token_ids) for c in out[1].completions) < min(len(c.token_ids) for c in out[0].completions)
+    assert all(out[i].completions == s.completions for i, s, _ in handed)
+    assert [c.token_ids for s in engine.sample(prompts, n=2, seed=3, max_tokens=48) for c in s.completions] == [
+        c.token_ids for s in out for c in s.completions
+    ]  # handing on changes nothing of what is sampled
+
+
+@pytest.mark.slow
 def test_a_weight_push_after_training_makes_vllm_follow_the_policy(engine: VLLMSampler, smollm2_dir: Path) -> None:
     """A few AdamW steps teach the policy one reply; after the push vLLM's greedy output equals the
     trained policy's (and gives that reply); pushing the original weights restores it."""

@@ -17,11 +17,11 @@ is never stored in the config, the identity (cache key), logs or error messages.
 
 import abc
 import asyncio
-import concurrent.futures
 import importlib
 import logging
 import os
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -34,7 +34,7 @@ from rlaif_recipes.judges.api_parse import (
     parse_verdict,
     prob_a_from_openai_logprobs,
 )
-from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge
+from rlaif_recipes.judges.base import CALL_USAGE, Judgment, Pair, PairwiseJudge
 from rlaif_recipes.judges.rubric import LETTER_ANSWER
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,13 @@ class Reply:
 class APIJudge(PairwiseJudge):
     """Concurrency, pacing, retries, budget and accounting shared by the HTTP judges."""
 
+    concurrent_calls = True
+
     sdk_module = ""  # "openai" or "anthropic": the official SDK, imported when a judge is made
     client_class = ""  # the SDK's async client class
     RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + (
         "base_url", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s",
+        "hedge_after_s",
         "max_retries", "backoff_base_s", "backoff_max_s", "probe", "input_usd_per_mtok", "output_usd_per_mtok",
         "max_requests", "max_tokens", "max_cost_usd",
     )
@@ -84,6 +87,7 @@ class APIJudge(PairwiseJudge):
         requests_per_minute: Optional[float] = None,
         tokens_per_minute: Optional[float] = None,
         timeout_s: float = 60.0,
+        hedge_after_s: Optional[float] = None,
         max_retries: int = 4,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 60.0,
@@ -102,9 +106,10 @@ class APIJudge(PairwiseJudge):
             )
         if structured not in STRUCTURED:
             raise ConfigError(f"judge.structured={structured!r}: choose one of {', '.join(STRUCTURED)}")
-        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0 or (hedge_after_s is not None and hedge_after_s <= 0):
             raise ConfigError(
-                "judge.max_concurrency must be >= 1, judge.max_retries >= 0 and judge.timeout_s > 0"
+                "judge.max_concurrency must be >= 1, judge.max_retries >= 0, judge.timeout_s > 0 and "
+                "judge.hedge_after_s > 0 (or null)"
             )
         if max_cost_usd is not None and (input_usd_per_mtok is None or output_usd_per_mtok is None):
             raise ConfigError(
@@ -130,12 +135,14 @@ class APIJudge(PairwiseJudge):
             tokens_per_minute,
         )
         self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.hedge_after_s = hedge_after_s
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.probe = probe
         self.prices = (input_usd_per_mtok, output_usd_per_mtok)
         self.budget = {"max_requests": max_requests, "max_tokens": max_tokens, "max_cost_usd": max_cost_usd}
         self._rng = random.Random(self.seed)
-        self._probed = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the judge's event loop, from the first call to close()
+        self._loop_lock = threading.Lock()
         self._in_flight = {"requests": 0, "tokens": 0, "cost_usd": 0.0}
 
     # ---- what each API provides -----------------------------------------------------------
@@ -173,32 +180,59 @@ class APIJudge(PairwiseJudge):
     # ---- the sync entry the base class calls ------------------------------------------------
 
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
+        """Runs on the judge's own event loop (a thread started by the first call, kept until
+        `close`): the clients and their open connections, the rate limiter and the concurrency cap
+        are shared by every call, also by several calls at once from different threads."""
+        future = asyncio.run_coroutine_threadsafe(self._compare_async(pairs, record, CALL_USAGE.get()), self._event_loop())
+        future.result()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=f"{self.name}-http", daemon=True)
+                thread.start()
+                try:
+                    asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+                except BaseException:
+                    _stop_loop(loop, thread)
+                    raise
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    async def _open(self) -> None:
+        """Clients, pacing and the concurrency cap, made on the loop that uses them; then the probe."""
+        self._clients = {url: self._client(self._api_key, url) for url in self.base_urls}
+        self._limiter = RateLimiter(self.requests_per_minute, self.tokens_per_minute)
+        self._slots = asyncio.Semaphore(self.max_concurrency)
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            asyncio.run(self._compare_async(pairs, record))
-            return
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # called from async code: own loop, own thread
-            pool.submit(asyncio.run, self._compare_async(pairs, record)).result()
+            if self.probe:
+                await self._probe(self._clients)
+        except BaseException:
+            await self._close_clients()
+            raise
 
-    async def _compare_async(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
-        clients = {url: self._client(self._api_key, url) for url in self.base_urls}
-        try:
-            if self.probe and not self._probed:
-                await self._probe(clients)
-                self._probed = True
-            limiter = RateLimiter(self.requests_per_minute, self.tokens_per_minute)
-            slots = asyncio.Semaphore(self.max_concurrency)
+    async def _close_clients(self) -> None:
+        for client in self._clients.values():
+            await client.close()
 
-            async def one(i: int, pair: Pair) -> None:
-                async with slots:
-                    judgment = await self._judge_one(clients, limiter, pair, i)
-                record(i, judgment)
+    def close(self) -> None:
+        with self._loop_lock:
+            if self._loop is not None:
+                asyncio.run_coroutine_threadsafe(self._close_clients(), self._loop).result()
+                _stop_loop(self._loop, self._loop_thread)
+                self._loop = None
+        super().close()
 
-            await asyncio.gather(*(one(i, p) for i, p in enumerate(pairs)))
-        finally:
-            for client in clients.values():
-                await client.close()
+    async def _compare_async(self, pairs: List[Pair], record: Callable[[int, Judgment], None], call: Optional[Counter]) -> None:
+        CALL_USAGE.set(call)  # this task's context (and its children's): counts go to the caller's call
+
+        async def one(i: int, pair: Pair) -> None:
+            async with self._slots:
+                judgment = await self._judge_one(self._clients, self._limiter, pair, i)
+            record(i, judgment)
+
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(pairs)))
 
     async def _probe(self, clients: Dict[Optional[str], Any]) -> None:
         """One cheap GET /models per endpoint before the first request: an endpoint that is down or a
@@ -233,7 +267,7 @@ class APIJudge(PairwiseJudge):
         self._failures[url] += 1
         if len(self.base_urls) > 1 and url not in self._dead and self._failures[url] > self.max_retries:
             self._dead.add(url)
-            self.metrics["endpoints_skipped"] += 1
+            self.count("endpoints_skipped", 1)
             log.warning("judge endpoint %s failed %d times in a row: skipped for the rest of the run", url, self._failures[url])
 
 
@@ -255,17 +289,17 @@ class APIJudge(PairwiseJudge):
             if self.stopped or self._over_budget(reserved):  # the budget may have run out while waiting
                 return Judgment.abstain(self.stopped, usage=usage)
             usage["requests"] += 1
-            self.metrics["requests"] += 1
+            self.count("requests", 1)
             for k, v in reserved.items():
                 self._in_flight[k] += v
             url = self._endpoint(index + attempt)
             if len(self.base_urls) > 1:
-                self.metrics[f"requests@{url}"] += 1
+                self.count(f"requests@{url}", 1)
             try:
-                reply = await self._request(clients[url], pair)
+                reply = await self._hedged_request(clients, url, pair, index + attempt, reserved, usage)
             except (self.sdk.APIConnectionError, self.sdk.APIStatusError) as e:
                 kind, asked = self._classify(e)
-                self.metrics[f"errors_{kind}"] += 1
+                self.count(f"errors_{kind}", 1)
                 if kind in ("connection", "timeout"):
                     self._connection_failed(url)
                 last_error = self._scrub(_describe(e))
@@ -284,7 +318,7 @@ class APIJudge(PairwiseJudge):
                     if asked is not None
                     else backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
                 )
-                self.metrics["retries"] += 1
+                self.count("retries", 1)
                 log.debug("judge request failed (%s); retry %d in %.2fs", last_error, attempt + 1, wait)
                 await asyncio.sleep(wait)
                 continue
@@ -297,15 +331,50 @@ class APIJudge(PairwiseJudge):
             f"{self.name} gave up after {usage['requests']} attempt(s): {last_error}", usage=usage
         )
 
+    async def _hedged_request(
+        self, clients: Dict[Optional[str], Any], url: Optional[str], pair: Pair, turn: int, reserved: Dict[str, float], usage: Dict[str, float]
+    ) -> Reply:
+        """One attempt. With hedge_after_s, a request unanswered by then gets a copy (on the next
+        replica, if several) and the first answer wins; the other is cancelled. A heavy latency tail
+        then costs about hedge_after_s plus one ordinary request, for a few percent more requests.
+        A failed copy waits for the other one; both failing raise the first error."""
+        first = asyncio.ensure_future(self._request(clients[url], pair))
+        if self.hedge_after_s is None:
+            return await first
+        done, _ = await asyncio.wait({first}, timeout=self.hedge_after_s)
+        if done or self.stopped or self._over_budget(reserved):
+            return await first
+        hedge_url = self._endpoint(turn + 1)
+        usage["requests"] += 1
+        self.count("requests", 1)
+        self.count("hedged", 1)
+        if len(self.base_urls) > 1:
+            self.count(f"requests@{hedge_url}", 1)
+        copy = asyncio.ensure_future(self._request(clients[hedge_url], pair))
+        pending = {first, copy}
+        errors = []
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        self.count("hedge_wins", task is copy)
+                        return task.result()
+                    errors.append((task is copy, task.exception()))
+            raise sorted(errors, key=lambda e: e[0])[0][1]
+        finally:
+            for task in pending:
+                task.cancel()
+
     def _judgment(self, reply: Reply, usage: Dict[str, float]) -> Judgment:
         cost = self._cost(reply.input_tokens, reply.output_tokens)
         usage.update(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens, cost_usd=cost)
-        self.metrics["input_tokens"] += reply.input_tokens
-        self.metrics["output_tokens"] += reply.output_tokens
-        self.metrics["cost_usd"] += cost
+        self.count("input_tokens", reply.input_tokens)
+        self.count("output_tokens", reply.output_tokens)
+        self.count("cost_usd", cost)
         verdict, rationale, reason = parse_verdict(reply.text)
         if verdict is None:
-            self.metrics["errors_unparseable"] += 1
+            self.count("errors_unparseable", 1)
             if reply.truncated:
                 reason = f"{reason} (cut off at judge.max_output_tokens={self.max_output_tokens})"
             return Judgment.abstain(reason, usage=usage)
@@ -541,3 +610,9 @@ def _root_cause(e: BaseException) -> BaseException:
     while e.__cause__ is not None:
         e = e.__cause__
     return e
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()

@@ -18,12 +18,20 @@ rubric and every constructor argument, recorded from the call that built the jud
 secrets, the class's RUNTIME_SETTINGS and its COMBINE_SETTINGS (`order` and `tie_margin`, which act
 on top of cached judgments). A new judge's settings are therefore in its cache key without any
 code of its own; a subclass adds only facts its arguments do not pin down (which weights).
+
+Counters: `metrics` holds everything a judge counted over its life. `judge_with_usage(pairs)` also
+returns what that one call counted, which stays right when several calls run at once on threads
+(the online loop judging several steps ahead): every count goes through `count()`, which adds to
+`metrics` and to the counter of the call it is part of (a context variable, so it follows the call
+into the API judges' event loop).
 """
 
 import abc
+import contextvars
 import functools
 import hashlib
 import inspect
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -36,6 +44,8 @@ from rlaif_recipes.judges.cache import JudgmentCache, cache_key
 from rlaif_recipes.judges.rubric import Rubric
 
 ORDERS = ("both", "random", "fixed")
+# the counter of the `judge_with_usage` call running in this context (None outside one)
+CALL_USAGE: contextvars.ContextVar[Optional[Counter]] = contextvars.ContextVar("judge_call_usage", default=None)
 
 
 class Verdict(str, Enum):
@@ -118,6 +128,7 @@ class PairwiseJudge(abc.ABC):
 
     symmetric = False  # True: scores each response alone, so the order shown cannot matter
     delegates_order = False  # True: a composite whose member judges handle the order; asked once per pair
+    concurrent_calls = False  # True: several `judge` calls may run at once on threads (no shared engine)
     # constructor arguments that never change a verdict: a run may change them and still continue
     # the same output directory (rlaif_recipes.run_dir), and they are not in the cache key;
     # subclasses add their own
@@ -154,6 +165,7 @@ class PairwiseJudge(abc.ABC):
         self.name = name or type(self).__name__
         self.cache = JudgmentCache(cache_path) if cache_path else None
         self.metrics: Counter = Counter()
+        self._count_lock = threading.Lock()
         self.stopped: Optional[str] = None  # set when a budget ran out: the rest of the pairs abstain
 
     # ---- what subclasses provide ----------------------------------------------------------
@@ -194,7 +206,7 @@ class PairwiseJudge(abc.ABC):
             for j, key in enumerate(keys):
                 if key in hits:
                     results[j] = Judgment.from_dict(hits[key])
-            self.metrics["cache_hits"] += len(results)
+            self.count("cache_hits", len(results))
         todo = [j for j in range(len(queries)) if j not in results]
 
         def record(k: int, judgment: Judgment) -> None:
@@ -209,15 +221,32 @@ class PairwiseJudge(abc.ABC):
         for j in todo:
             if j not in results:
                 results[j] = self._stamp(Judgment.abstain(f"{self.name} returned no judgment"))
-        self.metrics["queries"] += len(queries)
+        self.count("queries", len(queries))
         by_pair: Dict[int, List[Tuple[bool, Judgment]]] = {}
         for j, (i, swapped) in enumerate(shown):
             by_pair.setdefault(i, []).append((swapped, _unorient(results[j], swapped)))
         out = [self._combine(by_pair[i]) for i in range(len(pairs))]
-        self.metrics["pairs"] += len(out)
+        self.count("pairs", len(out))
         for j in out:
-            self.metrics[f"verdict_{j.verdict.value}"] += 1
+            self.count(f"verdict_{j.verdict.value}", 1)
         return out
+
+    def judge_with_usage(self, pairs: Sequence[Pair]) -> Tuple[List[Judgment], Counter]:
+        """`judge(pairs)` and what this call alone counted (queries, cache hits, requests ...)."""
+        usage: Counter = Counter()
+        token = CALL_USAGE.set(usage)
+        try:
+            return self.judge(pairs), usage
+        finally:
+            CALL_USAGE.reset(token)
+
+    def count(self, key: str, n: float = 1) -> None:
+        """Add to `metrics` and to the running `judge_with_usage` call's counter (thread-safe)."""
+        call = CALL_USAGE.get()
+        with self._count_lock:
+            self.metrics[key] += n
+            if call is not None:
+                call[key] += n
 
     def close(self) -> None:
         if self.cache is not None:
@@ -265,7 +294,7 @@ class PairwiseJudge(abc.ABC):
             probs = [j.prob_a for j in (first, second) if j.prob_a is not None]
             agree = first.verdict == second.verdict
             if not agree:
-                self.metrics["order_disagreements"] += 1
+                self.count("order_disagreements", 1)
             judgment = Judgment(
                 verdict=first.verdict if agree else Verdict.TIE,
                 prob_a=sum(probs) / len(probs) if probs else None,

@@ -1,7 +1,6 @@
 """What the composite judges (panel, router) share: building their member judges from configs and
 asking them, with what the members counted added to the composite's metrics."""
 
-from collections import Counter
 from typing import Any, List, Mapping, Sequence, Union
 
 from rlaif_recipes import config as rlaif_config
@@ -22,12 +21,11 @@ def build_judge(spec: Union[PairwiseJudge, Mapping[str, Any]], where: str) -> Pa
     return judge
 
 
-def ask_member(metrics: Counter, name: str, judge: PairwiseJudge, pairs: Sequence[Pair]) -> List[Judgment]:
-    """`judge.judge(pairs)`, with what it counted meanwhile added to the composite's `metrics`."""
-    before = judge.metrics.copy()
-    judgments = judge.judge(pairs)
-    for key, value in (judge.metrics - before).items():
-        metrics[f"{name}.{key}"] += value
+def ask_member(owner: PairwiseJudge, name: str, judge: PairwiseJudge, pairs: Sequence[Pair]) -> List[Judgment]:
+    """`judge.judge(pairs)`, with what this call counted added to the composite `owner`'s counts."""
+    judgments, usage = judge.judge_with_usage(pairs)
+    for key, value in usage.items():
+        owner.count(f"{name}.{key}", value)
         if key not in OWN_KEYS and not key.startswith("verdict_"):
-            metrics[key] += value
+            owner.count(key, value)
     return judgments

@@ -125,7 +125,7 @@ class LLMJudge(PairwiseJudge):
             for i in todo:
                 record(i, Judgment.abstain(f"vLLM judge failed: {type(e).__name__}: {first_line(e)}"))
             return
-        self.metrics["engine_calls"] += 1
+        self.count("engine_calls", 1)
         for i, out in zip(todo, outputs):
             usage = {"input_tokens": len(out.prompt_token_ids), "output_tokens": 1}
             self.metrics.update({"requests": 1, **usage})

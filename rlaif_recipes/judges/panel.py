@@ -69,7 +69,7 @@ class PanelJudge(PairwiseJudge):
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         votes: List[List[Judgment]] = []
         for name, member in zip(self.member_names, self.members):
-            votes.append(ask_member(self.metrics, name, member, pairs))
+            votes.append(ask_member(self, name, member, pairs))
         if all(m.stopped for m in self.members):
             self.stopped = "; ".join(f"{n}: {m.stopped}" for n, m in zip(self.member_names, self.members))
         for i in range(len(pairs)):

@@ -114,7 +114,7 @@ class RouterJudge(PairwiseJudge):
         return found
 
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
-        ai = ask_member(self.metrics, self.inner.name, self.inner, pairs)
+        ai = ask_member(self, self.inner.name, self.inner, pairs)
         self.stopped = self.inner.stopped
         humans = read_human_labels(self.human_labels_path)
         routed = []
@@ -122,21 +122,21 @@ class RouterJudge(PairwiseJudge):
             pid = pair_id(pair)
             why = self.reasons(pair, judgment)
             for r in why:
-                self.metrics[f"routed_{r}"] += 1
-            self.metrics["routed"] += bool(why)
+                self.count(f"routed_{r}", 1)
+            self.count("routed", bool(why))
             if pid in humans:
-                self.metrics["human_labels"] += 1
+                self.count("human_labels", 1)
                 record(i, self._human(humans[pid], judgment))
                 continue
             if why:
                 routed.append({"pair_id": pid, **vars(pair), "reasons": why, "ai": judgment.to_dict()})
                 if self.pending == "abstain":
-                    self.metrics["awaiting_review"] += 1
+                    self.count("awaiting_review", 1)
                     judgment = Judgment.abstain(f"{AWAITING} ({', '.join(why)})", usage=judgment.usage, rubric=judgment.rubric)
                 else:
                     judgment.reason = f"under human review ({', '.join(why)})" + (f"; {judgment.reason}" if judgment.reason else "")
             record(i, judgment)
-        self.metrics["queued"] += self.queue.add(routed)
+        self.count("queued", self.queue.add(routed))
 
     def _human(self, label: Mapping[str, Any], ai: Judgment) -> Judgment:
         verdict = HUMAN_VERDICTS[label["verdict"]]

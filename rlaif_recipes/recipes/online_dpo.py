@@ -10,9 +10,12 @@ become (chosen, rejected) if the judge's direct verdict between them is a win; t
 dropped and counted, never guessed. One DPO-family optimizer step follows (the reference is a frozen
 copy of the initial policy), and every `sync_every` steps the new weights go into the sampler.
 
-With `async_steps: k > 0` the loop does not wait on its judge: each step's prompts are sampled up
-to k steps before the step trains, from the weights the sampler holds then, and judged on a
-background thread while the trainer trains the steps before it. A trained pair is then up to k
+With an API judge each prompt's judging starts as soon as its samples exist (vLLM hands on a
+prompt while longer ones still generate); a judge that drives its own engine gets the whole step
+in one call. With `async_steps: k > 0` the loop does not wait on its judge: each step's prompts are
+sampled up to k steps before the step trains, from the weights the sampler holds then, and judged
+on background threads (an API judge works on several steps at once) while the trainer trains the
+steps before it. A trained pair is then up to k
 steps stale (logged per step as `staleness`: the step minus the step whose weights sampled it).
 Sampling itself stays in turn with training (one process, one engine); with the torchtune sampler
 it uses the live policy as it is k steps before, exactly as the vLLM sampler with its last sync.
@@ -37,6 +40,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -223,7 +227,12 @@ class OnlineDPORecipe:
 
     def train(self) -> None:
         bar = tqdm(initial=self.global_step, total=self._max_steps, desc="online_dpo", unit="step", disable=not self._is_rank_zero)
-        judging = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # one judge call at a time, in step order
+        # an API judge takes every prompt of this step and of the steps ahead at once (its own
+        # max_concurrency caps the requests); a judge that drives an engine of its own takes one
+        # step at a time, in step order
+        per_rank = self._prompts_per_step // self._world_size
+        workers = per_rank * (self._async_steps + 1) if self._judge.concurrent_calls else 1
+        judging = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge")
         self._ahead = deque(self._draft(d["step"], judging, d["weights_step"], _samples_from(d["samples"])) for d in self._resumed_ahead)
         try:
             while self.global_step < self._max_steps:
@@ -251,7 +260,9 @@ class OnlineDPORecipe:
         #    them is a win.
         start = time.perf_counter()
         draft = self._ahead.popleft()
-        judgments, judge_delta = draft.judged.result()
+        answers = [future.result() for future in draft.judged]
+        judgments = [j for batch, _ in answers for j in batch]
+        judge_delta = sum((usage for _, usage in answers), Counter())
         rows, samples, comparisons = draft.rows, draft.samples, draft.comparisons
         by_prompt: Dict[int, Dict[Tuple[int, int], Judgment]] = {p: {} for p in range(len(samples))}
         for (p, i, j), judgment in zip(comparisons, judgments):
@@ -420,14 +431,32 @@ class OnlineDPORecipe:
 
     def _draft(self, step: int, judging: ThreadPoolExecutor, weights_step: int, samples: Optional[List[PromptSamples]] = None) -> "Draft":
         """Step `step`'s prompts and samples (sampled now unless given: a resumed run's), with its
-        judging started on the `judging` thread."""
+        judging started on the `judging` threads: each prompt's the moment its samples exist when
+        the judge takes concurrent calls (API judges), else the whole step's in one call."""
         position = self._prompts_seen + (step - self.global_step) * self._prompts_per_step
         rows = self._prompts.select(self._prompt_indices(position, self._prompts_per_step)[self._rank :: self._world_size])
+        per_pair = list(combinations(range(self._n), 2))
+        started: Dict[int, Future] = {}
+
+        def pairs_of(p: int, s: PromptSamples) -> List[Pair]:
+            return [Pair(rows[p]["prompt"], s.completions[i].text, s.completions[j].text) for i, j in per_pair]
+
+        def start(p: int, s: PromptSamples) -> None:
+            started[p] = judging.submit(self._judge.judge_with_usage, pairs_of(p, s))
+
+        per_prompt = self._judge.concurrent_calls
         if samples is None:
-            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._seed, "step", step, self._rank))
-        comparisons = [(p, i, j) for p in range(len(samples)) for i in range(self._n) for j in range(i + 1, self._n)]
-        pairs = [Pair(rows[p]["prompt"], samples[p].completions[i].text, samples[p].completions[j].text) for p, i, j in comparisons]
-        return Draft(step, rows, samples, comparisons, weights_step, judging.submit(self._judge_with_usage, pairs))
+            seed = derive_seed(self._seed, "step", step, self._rank)
+            samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=seed, on_prompt_done=start if per_prompt else None)
+        elif per_prompt:
+            for p, s in enumerate(samples):
+                start(p, s)
+        if per_prompt:
+            judged = [started[p] for p in range(len(samples))]
+        else:
+            judged = [judging.submit(self._judge.judge_with_usage, [pair for p, s in enumerate(samples) for pair in pairs_of(p, s)])]
+        comparisons = [(p, i, j) for p in range(len(samples)) for i, j in per_pair]
+        return Draft(step, rows, samples, comparisons, weights_step, judged)
 
     def _judge_cost(self, max_tokens: int) -> str:
         """The API judge's bill for the rest of the run, before it starts: every step's prompts, each
@@ -438,13 +467,6 @@ class OnlineDPORecipe:
         pairs = [Pair(p, response, response + " ") for p in prompts for _ in range(self._n * (self._n - 1) // 2)]
         return self._judge.estimate(pairs, f"{steps} steps of {self._prompts_per_step} prompts x {self._n} responses "
                                            f"(responses at sampler.max_tokens={max_tokens})")
-
-    def _judge_with_usage(self, pairs: List[Pair]) -> Tuple[List[Judgment], Counter]:
-        """The judgments and what they cost (requests, cache hits); runs on the judging thread,
-        the only caller of the judge, so the difference in its counters is this call's."""
-        before = Counter(self._judge.metrics)
-        judgments = self._judge.judge(pairs)
-        return judgments, Counter(self._judge.metrics) - before
 
     def _sampler_weights(self) -> Dict[str, torch.Tensor]:
         """Full policy weights for the sampler (a collective under FSDP2), LoRA merged in."""
@@ -548,7 +570,7 @@ class Draft:
     samples: List[PromptSamples]
     comparisons: List[Tuple[int, int, int]]  # (prompt, i, j) for every pair of responses
     weights_step: int  # the step whose weights sampled it: staleness = step - weights_step
-    judged: "Future[Tuple[List[Judgment], Counter]]"
+    judged: List["Future[Tuple[List[Judgment], Counter]]"]  # per prompt, in order (or one for the whole step)
 
 
 def _samples_to(samples: List[PromptSamples]) -> List[Dict[str, Any]]:

@@ -7,7 +7,7 @@ so the same prompt reaches vLLM and torchtune as the same token ids.
 import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -88,8 +88,11 @@ class Sampler(abc.ABC):
         top_p: Optional[float] = None,
         max_tokens: Optional[int] = None,
         seed: Optional[int] = None,
+        on_prompt_done: Optional[Callable[[int, PromptSamples], None]] = None,
     ) -> List[PromptSamples]:
-        """n completions for each prompt. Same seed, prompts and weights give the same samples."""
+        """n completions for each prompt. Same seed, prompts and weights give the same samples.
+        `on_prompt_done(i, samples)` is called once per prompt as soon as its completions exist
+        (the vLLM backend: while longer ones still generate), on the calling thread."""
         if len(prompts) == 0:
             raise ValueError("sample() got an empty prompt list; pass at least one prompt")
         if n < 1:
@@ -108,7 +111,11 @@ class Sampler(abc.ABC):
                     f"prompt {i} has {len(p)} tokens; with max_tokens={settings.max_tokens} it exceeds the "
                     f"context of {self.max_model_len}: shorten the prompt or lower max_tokens"
                 )
-        return [PromptSamples(p, c) for p, c in zip(ids, self._generate(ids, n, settings))]
+        def done(i: int, completions: List[Completion]) -> None:
+            if on_prompt_done is not None:
+                on_prompt_done(i, PromptSamples(ids[i], completions))
+
+        return [PromptSamples(p, c) for p, c in zip(ids, self._generate(ids, n, settings, done))]
 
     def encode(self, prompt: Prompt) -> List[int]:
         """Chat messages -> token ids with the checkpoint's chat template (ids pass through)."""
@@ -122,8 +129,11 @@ class Sampler(abc.ABC):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     @abc.abstractmethod
-    def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
-        """Backend work: n completions for each (already checked) prompt."""
+    def _generate(
+        self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings, done: Callable[[int, List[Completion]], None]
+    ) -> List[List[Completion]]:
+        """Backend work: n completions for each (already checked) prompt; `done(i, completions)` as
+        each prompt's are complete."""
 
     def _stop_ids(self, stop_tokens: Sequence[str]) -> List[int]:
         vocab = self.tokenizer.get_vocab()

@@ -4,7 +4,7 @@ With FSDP2 every rank must run the same number of forward passes (each one all-g
 shards), so ranks agree on the number of batches and keep stepping until every rank is done.
 """
 
-from typing import List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -33,7 +33,9 @@ class TorchtuneSampler(Sampler):
         if self.policy is None:
             raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")
 
-    def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
+    def _generate(
+        self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings, done: Callable[[int, List[Completion]], None]
+    ) -> List[List[Completion]]:
         if self.policy is None:
             raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")
         rows = [p for p in prompt_ids for _ in range(n)]
@@ -50,7 +52,10 @@ class TorchtuneSampler(Sampler):
                 flat += out if i < len(batches) else []
         finally:
             self.policy.train(was_training)
-        return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+        out = [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+        for i, completions in enumerate(out):  # batches of rows, not prompts: hand them on at the end
+            done(i, completions)
+        return out
 
     @torch.no_grad()
     def _generate_batch(self, batch: List[List[int]], s: SamplingSettings, rng: torch.Generator) -> List[Completion]:

@@ -3,9 +3,15 @@
 Weights go in through the worker's `reload_weights` (plain `load_weights` fails on vLLM's CPU
 backend, which repacks linear weights after loading), then the prefix cache is reset so no KV
 computed with the old weights is reused.
+
+Requests go through the engine's own step loop (what `LLM.generate` runs), so each prompt is handed
+on the moment all its completions are done, while longer ones still generate: the online loop
+starts judging it then.
 """
 
-from typing import List, Mapping, Optional
+import itertools
+from collections import Counter
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,6 +21,8 @@ from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.models.hf_model import tune_to_hf_state_dict
 from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
 from rlaif_recipes.vllm_engine import close_engine, start_engine
+
+_request_ids = itertools.count()  # unique over every engine of the process
 
 
 class VLLMSampler(Sampler):
@@ -66,9 +74,12 @@ class VLLMSampler(Sampler):
     def close(self) -> None:
         close_engine(self)
 
-    def _generate(self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings) -> List[List[Completion]]:
+    def _generate(
+        self, prompt_ids: List[List[int]], n: int, settings: SamplingSettings, done: Callable[[int, List[Completion]], None]
+    ) -> List[List[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         # vLLM refuses n > 1 with greedy decoding: ask for n copies of the request instead.
         copies, per_request = (n, 1) if settings.temperature == 0 else (1, n)
@@ -81,25 +92,46 @@ class VLLMSampler(Sampler):
                 seed=derive_seed(settings.seed, i),
                 logprobs=0,
                 stop_token_ids=list(settings.stop_token_ids),
+                output_kind=RequestOutputKind.FINAL_ONLY,
             )
             for i in range(len(prompt_ids))
             for _ in range(copies)
         ]
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids for _ in range(copies)]
+        outputs: Dict[int, List[Completion]] = {}
+        left = Counter({i: copies for i in range(len(prompt_ids))})
+        engine = self.llm.llm_engine
+
+        def run(chunk: List[int]) -> None:
+            request_of = {}  # outputs carry the id given here (add_request returns an internal one)
+            for k in chunk:
+                request_id = f"rlaif-{next(_request_ids)}"
+                request_of[request_id] = k
+                engine.add_request(request_id, requests[k], params[k])
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    k = request_of.get(out.request_id)
+                    if k is None or not out.finished:
+                        continue
+                    outputs[k] = [self._completion(c) for c in out.outputs]
+                    prompt = k // copies
+                    left[prompt] -= 1
+                    if left[prompt] == 0:
+                        done(prompt, [c for r in range(prompt * copies, (prompt + 1) * copies) for c in outputs[r]])
+
         # vLLM 0.32's CPU backend fails on a seeded request whose prefill is split across scheduler
         # steps ("CPU Generator does not use offset"): submit chunks whose prefill fits one step.
-        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-        outputs, chunk, used = [], [], 0
+        budget = engine.vllm_config.scheduler_config.max_num_batched_tokens
+        chunk, used = [], 0
         for j, request in enumerate(requests):
             cost = len(request["prompt_token_ids"]) * per_request
             if chunk and used + cost > budget:
-                outputs += self.llm.generate([requests[k] for k in chunk], [params[k] for k in chunk], use_tqdm=False)
+                run(chunk)
                 chunk, used = [], 0
             chunk.append(j)
             used += cost
-        outputs += self.llm.generate([requests[k] for k in chunk], [params[k] for k in chunk], use_tqdm=False)
-        completions = [self._completion(c) for out in outputs for c in out.outputs]
-        return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+        run(chunk)
+        return [[c for r in range(i * copies, (i + 1) * copies) for c in outputs[r]] for i in range(len(prompt_ids))]
 
     def _completion(self, c) -> Completion:
         ids = list(c.token_ids)
