@@ -71,7 +71,7 @@ def run(model_dir: Path, out: Path, a: argparse.Namespace, async_steps: int, jud
         "train_s": sum(m["time/train"] for m in timed) / len(timed),
         "sample_s": sum(m["time/sample"] for m in timed) / len(timed),
         "staleness": timed[-1]["staleness"],
-        "requests": sum(m["judge/requests"] for m in steps),
+        "requests": sum(m["judge/requests"] + m.get("judge/hedged", 0) for m in steps),
     }
 
 
@@ -111,7 +111,7 @@ def main() -> None:
             api = ["judge=openai", f"judge.base_url={url}", f"judge.api_key_env={KEY_ENV}", "judge.structured=none",
                    "judge.logprobs=false", "judge.order=fixed", *extra]
             for async_steps in settings:
-                tag = name.replace(" ", "_").replace(",", "").replace("=", "")
+                tag = name.replace(" ", "_").replace(",", "").replace("=", "").replace(".", "_")
                 rows.append({"judge": f"openai, {name}", "async_steps": async_steps, **run(model_dir, out / f"{tag}-{async_steps}", a, async_steps, api)})
         finally:
             server.terminate()
@@ -120,7 +120,7 @@ def main() -> None:
     print(f"# online_async ({datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, load {', '.join(f'{x:.1f}' for x in loads)})")
     print(f"model {a.model}; {a.steps} steps of {a.prompts} prompts x 2, {a.max_tokens} new tokens; vLLM CPU sampler; "
           "API judge: order=fixed (1 request per pair), max_concurrency 16; overrides: " + (" ".join(a.set) or "none"))
-    print("| judge | async_steps | pairs/s | share of the rule judge's rate (async 0) | judge wait s/step | sample s/step | train s/step | staleness | requests |")
+    print("| judge | async_steps | pairs/s | share of the rule judge's rate (async 0) | judge wait s/step | sample s/step | train s/step | staleness | requests (hedges included) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = r["pairs_per_s"] / rule_rate[0] if rule_rate.get(0) else float("nan")

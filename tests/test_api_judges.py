@@ -349,6 +349,16 @@ def test_hedged_requests_cut_a_slow_tail_and_keep_every_verdict():
     assert plain.hedge_after_s is None and "hedge_after_s" in APIJudge.RUNTIME_SETTINGS  # not in the cache key
 
 
+def test_one_pair_calls_still_take_the_replicas_in_turn():
+    """The online loop asks one prompt at a time: the round robin runs over the judge's life, not
+    within a call, so single-pair calls spread over the replicas too."""
+    with FaultServer() as first, FaultServer() as second:
+        judge = make(OpenAIJudge, first, base_url=[f"{first.url}/v1", f"{second.url}/v1"], order="fixed")
+        for pair in marked_pairs(6):
+            assert judge.judge([pair])[0].verdict is right(pair)
+        assert len(first.log) == len(second.log) == 3
+
+
 def test_cost_estimate_counts_orders_and_cache_and_names_a_short_budget(tmp_path):
     pairs = marked_pairs(10)
     with FaultServer() as server:

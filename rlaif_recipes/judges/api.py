@@ -18,6 +18,7 @@ is never stored in the config, the identity (cache key), logs or error messages.
 import abc
 import asyncio
 import importlib
+import itertools
 import logging
 import os
 import random
@@ -144,6 +145,7 @@ class APIJudge(PairwiseJudge):
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the judge's event loop, from the first call to close()
         self._loop_lock = threading.Lock()
         self._in_flight = {"requests": 0, "tokens": 0, "cost_usd": 0.0}
+        self._turns = itertools.count()  # each pair's first replica, in turn (calls may hold one pair each)
 
     # ---- what each API provides -----------------------------------------------------------
 
@@ -229,7 +231,7 @@ class APIJudge(PairwiseJudge):
 
         async def one(i: int, pair: Pair) -> None:
             async with self._slots:
-                judgment = await self._judge_one(self._clients, self._limiter, pair, i)
+                judgment = await self._judge_one(self._clients, self._limiter, pair)
             record(i, judgment)
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(pairs)))
@@ -273,7 +275,8 @@ class APIJudge(PairwiseJudge):
 
     # ---- one pair: budget, pacing, retries ------------------------------------------------
 
-    async def _judge_one(self, clients: Dict[Optional[str], Any], limiter: RateLimiter, pair: Pair, index: int) -> Judgment:
+    async def _judge_one(self, clients: Dict[Optional[str], Any], limiter: RateLimiter, pair: Pair) -> Judgment:
+        first_turn = next(self._turns)  # round robin over the judge's whole life, not per call
         usage = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
         est_input = self._estimate_input_tokens(pair)
         reserved = {
@@ -292,11 +295,11 @@ class APIJudge(PairwiseJudge):
             self.count("requests", 1)
             for k, v in reserved.items():
                 self._in_flight[k] += v
-            url = self._endpoint(index + attempt)
+            url = self._endpoint(first_turn + attempt)
             if len(self.base_urls) > 1:
                 self.count(f"requests@{url}", 1)
             try:
-                reply = await self._hedged_request(clients, url, pair, index + attempt, reserved, usage)
+                reply = await self._hedged_request(clients, url, pair, first_turn + attempt, reserved, usage)
             except (self.sdk.APIConnectionError, self.sdk.APIStatusError) as e:
                 kind, asked = self._classify(e)
                 self.count(f"errors_{kind}", 1)

@@ -533,7 +533,7 @@ class OnlineDPORecipe:
             "judge/abstain_rate": total["comparisons_abstain"] / compared,
             "judge/requests": total["judge_requests"],
             "judge/cache_hits": total["judge_cache_hits"],
-            **{k: v for k, v in total.items() if k.startswith("judge/requests@")},
+            **{k: v for k, v in total.items() if k.startswith("judge/requests@") or k == "judge/hedged"},
             "response/tokens_mean": total["response_tokens"] / max(total["responses"], 1),
             "response/stop_rate": total["responses_stopped"] / max(total["responses"], 1),
             **pair_metrics(total),
@@ -675,7 +675,7 @@ def _step_stats(samples, picks: Sequence[Pick], judgments: Sequence[Judgment], j
         responses_stopped=sum(c.finish_reason == "stop" for s in samples for c in s.completions),
     )
     stats.update(Counter(f"source_{p.source}" for p in labelled))
-    stats.update({f"judge/{k}": v for k, v in judge_delta.items() if k.startswith("requests@")})  # per API replica
+    stats.update({f"judge/{k}": v for k, v in judge_delta.items() if k.startswith("requests@") or k == "hedged"})  # per API replica; copies sent
     stats.update(train)
     return stats
 
