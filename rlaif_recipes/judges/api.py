@@ -353,6 +353,8 @@ class APIJudge(PairwiseJudge):
         self.count("hedged", 1)
         if len(self.base_urls) > 1:
             self.count(f"requests@{hedge_url}", 1)
+        for k, v in reserved.items():  # the copy is held against the budget like any request in flight
+            self._in_flight[k] += v
         copy = asyncio.ensure_future(self._request(clients[hedge_url], pair))
         pending = {first, copy}
         errors = []
@@ -368,6 +370,8 @@ class APIJudge(PairwiseJudge):
         finally:
             for task in pending:
                 task.cancel()
+            for k, v in reserved.items():
+                self._in_flight[k] -= v
 
     def _judgment(self, reply: Reply, usage: Dict[str, float]) -> Judgment:
         cost = self._cost(reply.input_tokens, reply.output_tokens)
