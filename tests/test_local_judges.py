@@ -109,7 +109,9 @@ def test_a_batch_is_one_engine_call_and_deterministic(llm_judge: LLMJudge) -> No
 @pytest.mark.slow
 def test_cache_hits_skip_the_engine(llm_judge: LLMJudge, tmp_path: Path) -> None:
     llm_judge.cache = JudgmentCache(str(tmp_path / "cache.sqlite"))
-    first = llm_judge.judge(PAIRS)
+    first, usage = llm_judge.judge_with_usage(PAIRS)
+    # what this call cost, as a panel or router over this judge adds it up
+    assert usage["engine_calls"] == 1 and usage["requests"] == 2 * len(PAIRS) and usage["input_tokens"] > 0
     calls = llm_judge.metrics["engine_calls"]
     hits = llm_judge.metrics["cache_hits"]
     again = llm_judge.judge(PAIRS)

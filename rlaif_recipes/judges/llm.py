@@ -128,7 +128,8 @@ class LLMJudge(PairwiseJudge):
         self.count("engine_calls", 1)
         for i, out in zip(todo, outputs):
             usage = {"input_tokens": len(out.prompt_token_ids), "output_tokens": 1}
-            self.metrics.update({"requests": 1, **usage})
+            for key, value in {"requests": 1, **usage}.items():
+                self.count(key, value)
             step = out.outputs[0].logprobs[0] if out.outputs and out.outputs[0].logprobs else {}
             prob_a = prob_a_from_token_logprobs([(lp.decoded_token or "", lp.logprob) for lp in step.values()])
             if prob_a is None:
