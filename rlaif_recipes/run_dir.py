@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
 from rlaif_recipes.config import redacted
+from rlaif_recipes.distributed import is_distributed
 from rlaif_recipes.errors import OutputError
 from rlaif_recipes.files import atomic_write_text
 
@@ -43,8 +45,26 @@ def claim(output_dir: str, recipe: str, identity: Mapping[str, Any], outputs: It
     directory is still free (a run that failed its checks may be corrected and run again).
     fresh: the run starts from nothing (training without resume), so it must find no outputs:
     it would mix them with its own, or overwrite them.
+
+    Under torchrun every rank calls it: rank 0 checks and records, the others wait for its
+    verdict. So no rank writes into the directory (a checkpointer makes its folder there) before
+    rank 0 has looked at it, and every rank stops with the same line when it is refused.
     """
-    out = Path(output_dir)
+    if not is_distributed():
+        return _claim(Path(output_dir), recipe, identity, outputs, fresh)
+    refusal = [None]
+    if dist.get_rank() == 0:
+        try:
+            _claim(Path(output_dir), recipe, identity, outputs, fresh)
+        except OutputError as e:
+            refusal = [str(e)]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise OutputError(refusal[0])
+    return Path(output_dir) / RUN_FILE
+
+
+def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterable[str], fresh: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir={out} is a file, not a directory; choose another output_dir")
     _check_writable(out)

@@ -46,3 +46,10 @@ def run_cli(args: List[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     """Run a console command of this venv (tune, rlaif) as a user would, capturing its output."""
     exe = Path(sys.executable).parent / args[0]
     return subprocess.run([str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def what_failed(result: subprocess.CompletedProcess) -> str:
+    """A failed command's stderr for an assert message: its first error lines, then its tail. Under
+    torchrun the tail is the other ranks being stopped; the first error is the rank that failed."""
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()][:5]
+    return "\n".join(errors) + "\n...\n" + result.stderr[-3000:]

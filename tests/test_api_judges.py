@@ -154,23 +154,23 @@ def test_openai_judge_against_vllm_server(vllm_url, tmp_path):
         max_output_tokens=2,
     )
 
-    fixed = OpenAIJudge(order="fixed", **kw)
-    for j in fixed.judge(pairs):  # one order: the verdict is the sampled letter, P(A) from its logprobs
-        assert j.labelled and 0 < j.prob_a < 1
-        assert (j.verdict is Verdict.A) == (j.prob_a > 0.5)  # greedy: the argmax of the two choices
-        assert j.usage["requests"] == 1 and j.usage["input_tokens"] > 100 and j.model == "tiny-judge"
+    with OpenAIJudge(order="fixed", **kw) as fixed:
+        for j in fixed.judge(pairs):  # one order: the verdict is the sampled letter, P(A) from its logprobs
+            assert j.labelled and 0 < j.prob_a < 1
+            assert (j.verdict is Verdict.A) == (j.prob_a > 0.5)  # greedy: the argmax of the two choices
+            assert j.usage["requests"] == 1 and j.usage["input_tokens"] > 100 and j.model == "tiny-judge"
 
     before = served_requests(vllm_url)
-    judge = OpenAIJudge(order="both", cache_path=str(tmp_path / "cache.sqlite"), **kw)
-    first = judge.judge(pairs)
+    with OpenAIJudge(order="both", cache_path=str(tmp_path / "cache.sqlite"), **kw) as judge:
+        first = judge.judge(pairs)
     assert judge.metrics["requests"] == judge.metrics["queries"] == 2 * len(pairs)  # both orders asked
     assert served_requests(vllm_url) - before == 2 * len(pairs)
     for j in first:
         assert j.verdict in (Verdict.A, Verdict.B, Verdict.TIE) and 0 < j.prob_a < 1
         assert j.usage["requests"] == 2
 
-    again = OpenAIJudge(order="both", cache_path=str(tmp_path / "cache.sqlite"), **kw)
-    second = again.judge(pairs)
+    with OpenAIJudge(order="both", cache_path=str(tmp_path / "cache.sqlite"), **kw) as again:
+        second = again.judge(pairs)
     assert again.metrics["cache_hits"] == 2 * len(pairs) and again.metrics["requests"] == 0
     assert served_requests(vllm_url) - before == 2 * len(pairs)  # nothing new reached the server
     assert [j.to_dict() for j in second] == [j.to_dict() for j in first]
@@ -179,7 +179,7 @@ def test_openai_judge_against_vllm_server(vllm_url, tmp_path):
 @pytest.mark.slow
 def test_garbage_from_a_real_model_abstains(vllm_url):
     """json_schema on the random tiny model runs out of tokens mid-JSON: abstain, never a guess."""
-    judge = OpenAIJudge(
+    with OpenAIJudge(
         base_url=vllm_url,
         model="tiny-judge",
         api_key_env=None,
@@ -187,8 +187,8 @@ def test_garbage_from_a_real_model_abstains(vllm_url):
         structured="json_schema",
         max_output_tokens=6,
         order="fixed",
-    )
-    (j,) = judge.judge([Pair("Hi?", "Hello!", "No.")])
+    ) as judge:
+        (j,) = judge.judge([Pair("Hi?", "Hello!", "No.")])
     assert (
         j.verdict is Verdict.ABSTAIN
         and "unparseable verdict" in j.reason
@@ -481,8 +481,8 @@ def test_unreachable_endpoint(cls):
     start = time.monotonic()
     with pytest.raises(JudgeUnavailableError, match=f"{url}.* is unreachable"):
         cls(base_url=url, **kw).judge(marked_pairs(2))
-    judge = cls(base_url=url, probe=False, **kw)
-    out = judge.judge(marked_pairs(4))
+    with cls(base_url=url, probe=False, **kw) as judge:
+        out = judge.judge(marked_pairs(4))
     assert all(
         j.verdict is Verdict.ABSTAIN and "gave up after 3 attempt(s)" in j.reason and "Connect" in j.reason
         for j in out

@@ -5,18 +5,23 @@ exactly as `tune run` calls it; where a directory is refused, its bytes are chec
 import functools
 import importlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, List, Union
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import run_cli
 from servers import FaultServer
 from test_judge_pairs import write_generated
 
+from rlaif_recipes.errors import OutputError
+from rlaif_recipes.run_dir import claim
 from rlaif_recipes.samplers import VLLMSampler
 
 ONLINE = ["sampler=torchtune", "prompts_per_step=4", "n=2", "sampler.max_tokens=8"]
@@ -150,6 +155,46 @@ def test_online_dpo_into_a_stopped_runs_dir_is_refused(monkeypatch, tmp_path, ti
     assert message == (f"output error: {out} already holds this online_dpo run's output (steps, metrics.jsonl); continue it with "
                        "resume_from_checkpoint=true, or delete it / choose a new output_dir to start over")  # fmt: skip
     assert snapshot(out) == before
+
+
+def _claim_on_two_ranks(rank: int, rendezvous: str, dirs: List[str], answers) -> None:
+    """A rank of a two-process run that claims each of `dirs`, then at once makes its
+    checkpointer folder there (what torchtune's checkpointer does when it is built). Answers
+    (rank, dir, "claimed" or the refusal, when claim returned)."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        for out in dirs:
+            if rank == 0:
+                time.sleep(1.0)  # rank 1 gets there first, as it may when rank 0 is slower to load its data
+            try:
+                claim(out, "dpo", {"seed": 0}, outputs=("checkpoints",), fresh=True)
+                (Path(out) / "checkpoints").mkdir(exist_ok=True)
+                answers.put((rank, out, "claimed", time.time()))
+            except OutputError as e:
+                answers.put((rank, out, str(e), time.time()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_rank_zero_claims_before_any_rank_writes_and_all_ranks_share_a_refusal(tmp_path: Path) -> None:
+    fresh, foreign = tmp_path / "fresh", tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's")
+    ctx = multiprocessing.get_context("fork")
+    answers = ctx.Queue()
+    procs = [ctx.Process(target=_claim_on_two_ranks, args=(r, str(tmp_path / "rendezvous"), [str(fresh), str(foreign)], answers)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted(answers.get(timeout=120) for _ in range(4))
+    for p in procs:
+        p.join(60)
+    refusal = f"{foreign} is not empty (notes.txt) and holds no run.json"
+    assert [(r, Path(out).name, answer == "claimed" if out == str(fresh) else refusal in answer) for r, out, answer, _ in got] == [
+        (0, "foreign", True), (0, "fresh", True), (1, "foreign", True), (1, "fresh", True)]
+    record = json.loads((fresh / "run.json").read_text())
+    rank_one_went_on = next(when for r, out, _, when in got if r == 1 and out == str(fresh))
+    assert record["recipe"] == "dpo" and rank_one_went_on >= record["created"]  # rank 1 waited for rank 0's record
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 
 def test_online_dpo_that_trains_on_nothing_fails(monkeypatch, tmp_path, tiny_model_dir, no_engine):

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, what_failed
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -268,7 +268,7 @@ def test_two_fsdp2_ranks_train_like_one_process(tmp_path, tiny_model_dir):
         ],
         cwd=Path(__file__).parent.parent,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert list(one) == [1, 2, 3] and two == pytest.approx(one, rel=1e-4, abs=1e-5)
     a = hf_weights(tmp_path / "one" / "checkpoints" / "step_0000003")

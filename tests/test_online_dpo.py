@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import load_policy, run_cli
+from conftest import load_policy, run_cli, what_failed
 from safetensors.torch import load_file
 from servers import FaultServer
 
@@ -43,7 +43,7 @@ def online_dpo(cwd: Path, model: Path, out: Path, *extra: str, launcher=()) -> s
     result = run_cli(
         ["tune", "run", *launcher, RECIPE, "--config", "online_dpo", *overrides(model, out, *extra)], cwd=cwd
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     return result
 
 
@@ -311,7 +311,7 @@ def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Pa
                           "judge.logprobs=false", "judge.order=fixed", "judge.max_retries=0", "max_steps_without_pairs=null"],
                          cwd=tmp_path)  # fmt: skip
         faults = sum(entry["fault"] is not None for entry in server.log)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     records = [r for f in sorted((out / "steps").glob("step-*.parquet")) for r in pq.read_table(f).to_pylist()]
     labelled = [r for r in records if r["label"] == "labelled"]
     abstained = [r for r in records if r["label"] == "abstain"]
@@ -372,7 +372,7 @@ def test_torchtunes_tensorboard_logger_is_a_metric_logger_option(tmp_path: Path,
     result = run_cli(["tune", "run", RECIPE, "--config", "online_dpo", *overrides(tiny_model_dir, tmp_path / "run", "max_steps=2"),
                       "sampler=torchtune", "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger",
                       f"metric_logger.log_dir={logs}"], cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     events = EventAccumulator(str(next(logs.rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert {"loss", "judge/win_rate_chosen", "time/judge"} <= set(events.Tags()["tensors"])  # scalars, as TF2 summaries
@@ -390,7 +390,7 @@ def test_torchtunes_wandb_logger_works_offline(tmp_path: Path, tiny_model_dir: P
                       "sampler=torchtune", "metric_logger._component_=torchtune.training.metric_logging.WandBLogger",
                       f"metric_logger.log_dir={logs}", "+metric_logger.project=rlaif-test", "+metric_logger.mode=offline"],
                      cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     history = []
     for data in wandb_records(next(logs.rglob("offline-run-*/run-*.wandb"))):
         record = wandb_internal_pb2.Record()

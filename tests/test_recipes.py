@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, what_failed
 
 from rlaif_recipes.recipes.generate_pairs import load_generated
 
@@ -13,7 +13,7 @@ SMALL = ["data.max_prompts=12", "prompts_per_shard=4", "sampler.max_tokens=12", 
 def generate(tmp_path: Path, out: str, model: Path, *extra: str, launcher=()) -> Path:
     result = run_cli(["tune", "run", *launcher, "rlaif_recipes/recipes/generate_pairs.py", "--config", "generate_pairs",
                       f"checkpoint_dir={model}", f"output_dir={tmp_path / out}", *SMALL, *extra], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     return tmp_path / out
 
 
@@ -67,7 +67,7 @@ def test_vllm_engine_per_rank_under_torchrun(tmp_path: Path, tiny_model_dir: Pat
 def test_rlaif_run_sweep(tmp_path: Path, tiny_model_dir: Path) -> None:
     result = run_cli(["rlaif", "run", "generate_pairs", "-m", "sampler=torchtune", "sampler.temperature=0.7,1.3",
                       f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'sweep'}", *SMALL], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, what_failed(result)
     assert "sweep finished: 2 of 2 runs succeeded" in result.stdout
     a, b = (rows(tmp_path / "sweep" / "sweep" / str(i)) for i in (0, 1))
     assert "temperature: 0.7" in (tmp_path / "sweep" / "sweep" / "0" / "config.yaml").read_text()

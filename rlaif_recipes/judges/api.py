@@ -17,6 +17,7 @@ is never stored in the config, the identity (cache key), logs or error messages.
 
 import abc
 import asyncio
+import contextlib
 import importlib
 import itertools
 import logging
@@ -25,7 +26,7 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from rlaif_recipes.errors import ConfigError, JudgeError
 from rlaif_recipes.judges.api_limits import RateLimiter, backoff_delay, retry_after_seconds
@@ -185,8 +186,8 @@ class APIJudge(PairwiseJudge):
         """Runs on the judge's own event loop (a thread started by the first call, kept until
         `close`): the clients and their open connections, the rate limiter and the concurrency cap
         are shared by every call, also by several calls at once from different threads."""
-        future = asyncio.run_coroutine_threadsafe(self._compare_async(pairs, record, CALL_USAGE.get()), self._event_loop())
-        future.result()
+        loop = self._event_loop()  # first: a failed probe raises before the coroutine exists
+        asyncio.run_coroutine_threadsafe(self._compare_async(pairs, record, CALL_USAGE.get()), loop).result()
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
@@ -291,15 +292,10 @@ class APIJudge(PairwiseJudge):
             await limiter.acquire(reserved["tokens"])
             if self.stopped or self._over_budget(reserved):  # the budget may have run out while waiting
                 return Judgment.abstain(self.stopped, usage=usage)
-            usage["requests"] += 1
-            self.count("requests", 1)
-            for k, v in reserved.items():
-                self._in_flight[k] += v
             url = self._endpoint(first_turn + attempt)
-            if len(self.base_urls) > 1:
-                self.count(f"requests@{url}", 1)
             try:
-                reply = await self._hedged_request(clients, url, pair, first_turn + attempt, reserved, usage)
+                with self._sending(url, reserved, usage):
+                    reply = await self._hedged_request(clients, url, pair, first_turn + attempt, reserved, usage)
             except (self.sdk.APIConnectionError, self.sdk.APIStatusError) as e:
                 kind, asked = self._classify(e)
                 self.count(f"errors_{kind}", 1)
@@ -325,9 +321,6 @@ class APIJudge(PairwiseJudge):
                 log.debug("judge request failed (%s); retry %d in %.2fs", last_error, attempt + 1, wait)
                 await asyncio.sleep(wait)
                 continue
-            finally:
-                for k, v in reserved.items():
-                    self._in_flight[k] -= v
             self._failures[url] = 0
             return self._judgment(reply, usage)
         return Judgment.abstain(
@@ -348,28 +341,37 @@ class APIJudge(PairwiseJudge):
         if done or self.stopped or self._over_budget(reserved):
             return await first
         hedge_url = self._endpoint(turn + 1)
+        self.count("hedged", 1)
+        with self._sending(hedge_url, reserved, usage):
+            copy = asyncio.ensure_future(self._request(clients[hedge_url], pair))
+            pending = {first, copy}
+            errors = []
+            try:
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        if task.exception() is None:
+                            self.count("hedge_wins", task is copy)
+                            return task.result()
+                        errors.append((task is copy, task.exception()))
+                raise sorted(errors, key=lambda e: e[0])[0][1]
+            finally:
+                for task in pending:
+                    task.cancel()
+
+    @contextlib.contextmanager
+    def _sending(self, url: Optional[str], reserved: Dict[str, float], usage: Dict[str, float]) -> Iterator[None]:
+        """One request on the wire: counted when sent, and its estimate held against the budget
+        until it is answered or has failed (not through a retry's backoff)."""
         usage["requests"] += 1
         self.count("requests", 1)
-        self.count("hedged", 1)
         if len(self.base_urls) > 1:
-            self.count(f"requests@{hedge_url}", 1)
-        for k, v in reserved.items():  # the copy is held against the budget like any request in flight
+            self.count(f"requests@{url}", 1)
+        for k, v in reserved.items():
             self._in_flight[k] += v
-        copy = asyncio.ensure_future(self._request(clients[hedge_url], pair))
-        pending = {first, copy}
-        errors = []
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
-                        self.count("hedge_wins", task is copy)
-                        return task.result()
-                    errors.append((task is copy, task.exception()))
-            raise sorted(errors, key=lambda e: e[0])[0][1]
+            yield
         finally:
-            for task in pending:
-                task.cancel()
             for k, v in reserved.items():
                 self._in_flight[k] -= v
 

@@ -252,6 +252,13 @@ class PairwiseJudge(abc.ABC):
         if self.cache is not None:
             self.cache.close()
 
+    def __enter__(self) -> "PairwiseJudge":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """`with judge:` closes it: an API judge's connections and thread, a cache's database."""
+        self.close()
+
     # ---- internals ------------------------------------------------------------------------
 
     def uncached_queries(self, pairs: Sequence[Pair]) -> List[Pair]:

@@ -118,9 +118,8 @@ class DPORecipe:
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         check_optimizer(cfg.optimizer, cfg.lr_scheduler)
         self._world_size, self._rank = utils.get_world_size_and_rank()
-        if self._rank == 0:
-            claim(cfg.output_dir, "dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
-                  outputs=("checkpoints",), fresh=not cfg.resume_from_checkpoint)
+        claim(cfg.output_dir, "dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
+              outputs=("checkpoints",), fresh=not cfg.resume_from_checkpoint)
         self._is_rank_zero = self._rank == 0
         self._output_dir = Path(cfg.output_dir)
         self._batch_size = cfg.batch_size

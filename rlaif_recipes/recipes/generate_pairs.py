@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.prompts import prompts_fingerprint
-from rlaif_recipes.distributed import destroy_process_group, init_process_group, max_over_ranks
+from rlaif_recipes.distributed import destroy_process_group, in_lockstep, init_process_group, max_over_ranks
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.files import atomic_write, weights_stamp
 from rlaif_recipes.models import check_checkpoint_dir
@@ -74,9 +74,9 @@ class GeneratePairsRecipe:
         self._prompts = config.instantiate(cfg.data)
         if len(self._prompts) == 0:
             raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
-        if self._rank == 0:  # before the engine starts: a directory of another run is refused at once
-            claim(cfg.output_dir, "generate_pairs", run_identity(cfg, RUNTIME_KEYS, weights=self._policy_id, prompts=prompts_fingerprint(self._prompts)),
-                  outputs=("data",))
+        # before the engine starts: a directory of another run is refused at once
+        claim(cfg.output_dir, "generate_pairs", run_identity(cfg, RUNTIME_KEYS, weights=self._policy_id, prompts=prompts_fingerprint(self._prompts)),
+              outputs=("data",))
         self._sampler = config.instantiate(cfg.sampler)
         if self._sampler.uses_live_policy:
             checkpoint = config.instantiate(cfg.checkpointer).load_checkpoint()
@@ -93,15 +93,14 @@ class GeneratePairsRecipe:
         mine = list(range(self._rank, num_shards, self._world_size))
         todo = [s for s in mine if not _shard_path(shard_dir, s).exists()]
         log.info(f"rank {self._rank}: {len(mine) - len(todo)} of {len(mine)} shards already done")
-        # Under FSDP every rank must sample the same number of times: pad with repeats, discard.
-        rounds = max_over_ranks(len(todo))
-        bar = tqdm(total=rounds, desc="generate", disable=self._rank != 0, unit="shard")
-        for i in range(rounds):
-            shard = todo[i] if i < len(todo) else (todo or mine or [0])[-1]
+        # Under FSDP every rank must sample the same number of times: a rank with fewer shards
+        # left samples one of its own again and discards it.
+        bar = tqdm(total=max_over_ranks(len(todo)), desc="generate", disable=self._rank != 0, unit="shard")
+        for shard, real in in_lockstep(todo, filler=(todo or mine or [0])[-1]):
             rows = self._prompts.select(range(shard * self._prompts_per_shard, min((shard + 1) * self._prompts_per_shard, len(self._prompts))))
             start = time.perf_counter()
             samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._sampler.defaults["seed"], "shard", shard))
-            if i < len(todo):
+            if real:
                 self._write_shard(_shard_path(shard_dir, shard), rows, samples)
             bar.set_postfix(sec_per_shard=f"{time.perf_counter() - start:.1f}")
             bar.update()

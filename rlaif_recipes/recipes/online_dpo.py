@@ -142,9 +142,8 @@ class OnlineDPORecipe:
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         check_optimizer(cfg.optimizer, cfg.lr_scheduler)
-        if self._is_rank_zero:
-            claim(cfg.output_dir, "online_dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
-                  outputs=OUTPUTS, fresh=not cfg.resume_from_checkpoint)
+        claim(cfg.output_dir, "online_dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
+              outputs=OUTPUTS, fresh=not cfg.resume_from_checkpoint)
         self._output_dir = Path(cfg.output_dir)
         self._seed = cfg.seed
         self._max_steps = cfg.max_steps
