@@ -37,6 +37,7 @@ such steps in a row stop the run with an error, and so does a run that trained n
 import json
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -297,7 +298,9 @@ class OnlineDPORecipe:
             self._optimizer.zero_grad(set_to_none=True)
             train_stats["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
         if self._lr_scheduler is not None:  # every step, pairs or not: the schedule follows the step
-            self._lr_scheduler.step()
+            with warnings.catch_warnings():  # torch's warning for a first step without pairs (no optimizer.step) does not apply
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+                self._lr_scheduler.step()
         times["train"] = time.perf_counter() - start
 
         # 4. Push the new weights into the sampler (full tensors: a collective under FSDP2;
