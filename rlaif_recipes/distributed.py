@@ -1,9 +1,12 @@
-"""Tiny collectives the sampling loops need so that FSDP ranks step in lockstep."""
+"""Tiny collectives the sampling loops need so that FSDP ranks step in lockstep, and the process group."""
 
 from typing import Any, Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+from torchtune import training
+
+from rlaif_recipes.errors import ConfigError
 
 
 def is_distributed() -> bool:
@@ -53,6 +56,13 @@ def gather_from_ranks(obj: Any) -> List[Any]:
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def refuse_torchrun(recipe: str, instead: str) -> None:
+    """A one-process recipe under torchrun would have every rank do (and pay for) the whole job.
+    Read from torchrun's environment: no process group exists in such a recipe."""
+    if training.is_distributed():
+        raise ConfigError(f"{recipe} runs as one process (not under torchrun): {instead}")
 
 
 def init_process_group() -> None:

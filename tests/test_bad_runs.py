@@ -197,6 +197,17 @@ def test_under_torchrun_rank_zero_claims_before_any_rank_writes_and_all_ranks_sh
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("recipe,needs", [("judge_pairs", ["input_dir=."]), ("evaluate", []), ("audit_judge", []), ("train_reward_model", [])])
+def test_one_process_recipes_refuse_torchrun(monkeypatch, tmp_path, recipe, needs):
+    """Under torchrun (its environment; these recipes start no process group) every rank would do,
+    and pay for, the whole job."""
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    message = run(monkeypatch, recipe, f"output_dir={tmp_path / 'out'}", *needs)
+    assert message.startswith(f"config error: {recipe} runs as one process (not under torchrun): ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_online_dpo_that_trains_on_nothing_fails(monkeypatch, tmp_path, tiny_model_dir, no_engine):
     base = [f"checkpoint_dir={tiny_model_dir}", *ONLINE]
     # greedy sampling: both replies identical, found before any engine or model

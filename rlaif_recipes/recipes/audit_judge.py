@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from torchtune import config, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.files import atomic_write_text
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
@@ -62,6 +63,7 @@ class AuditJudgeSettings:
 
 class AuditJudgeRecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        refuse_torchrun("audit_judge", "an API judge sends its requests concurrently, and a big judge model belongs behind `vllm serve` (judge=openai)")
         if cfg.injection_at not in ("end", "start"):
             raise ConfigError(f"injection_at={cfg.injection_at!r}: choose end or start (where the instruction goes in the losing response)")
         if "{letter}" not in cfg.injection:

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.files import atomic_write_text, weights_stamp
 from rlaif_recipes.fluency import FluencyScorer
@@ -75,9 +76,7 @@ class EvaluateSettings:
 class EvaluateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         """Every check that needs no engine: settings, checkpoints, output directory."""
-        if utils.get_world_size_and_rank()[0] > 1:
-            raise ConfigError("evaluate runs as one process (not under torchrun); for a big policy use "
-                              "sampler=vllm_gpu with sampler.tensor_parallel_size=N")
+        refuse_torchrun("evaluate", "for a big policy use sampler=vllm_gpu with sampler.tensor_parallel_size=N")
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         for key, model in (("checkpoint_dir", cfg.model), ("reference_dir", cfg.model), ("fluency.model_dir", None)):
             path = OmegaConf.select(cfg, key)

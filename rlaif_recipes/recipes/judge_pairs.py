@@ -43,6 +43,7 @@ from torchtune import config, utils
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError, JudgeError
 from rlaif_recipes.files import atomic_write, atomic_write_text
 from rlaif_recipes.judges.api import APIJudge
@@ -113,9 +114,7 @@ class JudgePairsSettings:
 class JudgePairsRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         """Every check that needs no judge: settings, input, output directory."""
-        if utils.get_world_size_and_rank()[0] > 1:
-            raise ConfigError("judge_pairs runs as one process (not under torchrun): an API judge sends its requests "
-                              "concurrently, and a big judge model belongs behind `vllm serve` (judge=openai)")
+        refuse_torchrun("judge_pairs", "an API judge sends its requests concurrently, and a big judge model belongs behind `vllm serve` (judge=openai)")
         if cfg.batch_size < 1:
             raise ConfigError(f"batch_size={cfg.batch_size}: the judge needs at least 1 pair per call")
         self._input_shards = _input_shards(Path(cfg.input_dir))

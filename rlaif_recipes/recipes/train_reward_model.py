@@ -40,6 +40,7 @@ from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.sft import opening
+from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_heads
 from rlaif_recipes.policy import check_optimizer
@@ -86,6 +87,7 @@ class TrainRewardModelSettings:
 
 class TrainRewardModelRecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        refuse_torchrun("train_reward_model", "it trains a small head on a frozen encoder's embeddings")
         if cfg.steps < 1:
             raise ConfigError(f"steps={cfg.steps}: train for at least one step")
         check_optimizer(cfg.optimizer)
