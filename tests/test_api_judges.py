@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -314,8 +315,6 @@ def test_concurrent_calls_share_one_loop_and_each_gets_its_own_usage():
     """Several `judge_with_usage` calls at once from threads (the online loop judging steps ahead):
     all are served by the judge's one event loop and capped by its one max_concurrency, and each
     call's usage counts only its own requests."""
-    import threading
-
     batches = [marked_pairs(n, marker="WINNER") for n in (3, 5, 7)]
     results = {}
     with FaultServer(latency_s=0.2) as server:

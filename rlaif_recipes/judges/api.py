@@ -232,7 +232,7 @@ class APIJudge(PairwiseJudge):
 
         async def one(i: int, pair: Pair) -> None:
             async with self._slots:
-                judgment = await self._judge_one(self._clients, self._limiter, pair)
+                judgment = await self._judge_one(pair)
             record(i, judgment)
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(pairs)))
@@ -276,7 +276,7 @@ class APIJudge(PairwiseJudge):
 
     # ---- one pair: budget, pacing, retries ------------------------------------------------
 
-    async def _judge_one(self, clients: Dict[Optional[str], Any], limiter: RateLimiter, pair: Pair) -> Judgment:
+    async def _judge_one(self, pair: Pair) -> Judgment:
         first_turn = next(self._turns)  # round robin over the judge's whole life, not per call
         usage = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
         est_input = self._estimate_input_tokens(pair)
@@ -289,13 +289,13 @@ class APIJudge(PairwiseJudge):
         for attempt in range(self.max_retries + 1):
             if self.stopped or self._over_budget(reserved):
                 return Judgment.abstain(self.stopped, usage=usage)
-            await limiter.acquire(reserved["tokens"])
+            await self._limiter.acquire(reserved["tokens"])
             if self.stopped or self._over_budget(reserved):  # the budget may have run out while waiting
                 return Judgment.abstain(self.stopped, usage=usage)
             url = self._endpoint(first_turn + attempt)
             try:
                 with self._sending(url, reserved, usage):
-                    reply = await self._hedged_request(clients, url, pair, first_turn + attempt, reserved, usage)
+                    reply = await self._hedged_request(url, pair, first_turn + attempt, reserved, usage)
             except (self.sdk.APIConnectionError, self.sdk.APIStatusError) as e:
                 kind, asked = self._classify(e)
                 self.count(f"errors_{kind}", 1)
@@ -311,7 +311,7 @@ class APIJudge(PairwiseJudge):
                     last_error += f"; the server asked to wait {asked:.0f}s, more than judge.backoff_max_s={self.backoff_max_s}"
                     break
                 if kind == "rate_limit" and asked is not None:
-                    limiter.pause(asked)
+                    self._limiter.pause(asked)
                 wait = (
                     asked
                     if asked is not None
@@ -327,14 +327,12 @@ class APIJudge(PairwiseJudge):
             f"{self.name} gave up after {usage['requests']} attempt(s): {last_error}", usage=usage
         )
 
-    async def _hedged_request(
-        self, clients: Dict[Optional[str], Any], url: Optional[str], pair: Pair, turn: int, reserved: Dict[str, float], usage: Dict[str, float]
-    ) -> Reply:
+    async def _hedged_request(self, url: Optional[str], pair: Pair, turn: int, reserved: Dict[str, float], usage: Dict[str, float]) -> Reply:
         """One attempt. With hedge_after_s, a request unanswered by then gets a copy (on the next
         replica, if several) and the first answer wins; the other is cancelled. A heavy latency tail
         then costs about hedge_after_s plus one ordinary request, for a few percent more requests.
         A failed copy waits for the other one; both failing raise the first error."""
-        first = asyncio.ensure_future(self._request(clients[url], pair))
+        first = asyncio.ensure_future(self._request(self._clients[url], pair))
         if self.hedge_after_s is None:
             return await first
         done, _ = await asyncio.wait({first}, timeout=self.hedge_after_s)
@@ -343,7 +341,7 @@ class APIJudge(PairwiseJudge):
         hedge_url = self._endpoint(turn + 1)
         self.count("hedged", 1)
         with self._sending(hedge_url, reserved, usage):
-            copy = asyncio.ensure_future(self._request(clients[hedge_url], pair))
+            copy = asyncio.ensure_future(self._request(self._clients[hedge_url], pair))
             pending = {first, copy}
             errors = []
             try:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.prompts import prompts_fingerprint
-from rlaif_recipes.distributed import destroy_process_group, in_lockstep, init_process_group, max_over_ranks
+from rlaif_recipes.distributed import destroy_process_group, in_lockstep, init_process_group
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.files import atomic_write, weights_stamp
 from rlaif_recipes.models import check_checkpoint_dir
@@ -95,8 +95,9 @@ class GeneratePairsRecipe:
         log.info(f"rank {self._rank}: {len(mine) - len(todo)} of {len(mine)} shards already done")
         # Under FSDP every rank must sample the same number of times: a rank with fewer shards
         # left samples one of its own again and discards it.
-        bar = tqdm(total=max_over_ranks(len(todo)), desc="generate", disable=self._rank != 0, unit="shard")
-        for shard, real in in_lockstep(todo, filler=(todo or mine or [0])[-1]):
+        rounds = list(in_lockstep(todo, filler=(todo or mine or [0])[-1]))
+        bar = tqdm(total=len(rounds), desc="generate", disable=self._rank != 0, unit="shard")
+        for shard, real in rounds:
             rows = self._prompts.select(range(shard * self._prompts_per_shard, min((shard + 1) * self._prompts_per_shard, len(self._prompts))))
             start = time.perf_counter()
             samples = self._sampler.sample(list(rows["messages"]), n=self._n, seed=derive_seed(self._sampler.defaults["seed"], "shard", shard))

@@ -102,6 +102,9 @@ class VLLMSampler(Sampler):
         left = Counter({i: copies for i in range(len(prompt_ids))})
         engine = self.llm.llm_engine
 
+        def completions_of(prompt: int) -> List[Completion]:
+            return [c for r in range(prompt * copies, (prompt + 1) * copies) for c in outputs[r]]
+
         def run(chunk: List[int]) -> None:
             request_of = {}  # outputs carry the id given here (add_request returns an internal one)
             for k in chunk:
@@ -117,7 +120,7 @@ class VLLMSampler(Sampler):
                     prompt = k // copies
                     left[prompt] -= 1
                     if left[prompt] == 0:
-                        done(prompt, [c for r in range(prompt * copies, (prompt + 1) * copies) for c in outputs[r]])
+                        done(prompt, completions_of(prompt))
 
         # vLLM 0.32's CPU backend fails on a seeded request whose prefill is split across scheduler
         # steps ("CPU Generator does not use offset"): submit chunks whose prefill fits one step.
@@ -131,7 +134,7 @@ class VLLMSampler(Sampler):
             chunk.append(j)
             used += cost
         run(chunk)
-        return [[c for r in range(i * copies, (i + 1) * copies) for c in outputs[r]] for i in range(len(prompt_ids))]
+        return [completions_of(i) for i in range(len(prompt_ids))]
 
     def _completion(self, c) -> Completion:
         ids = list(c.token_ids)
