@@ -1,4 +1,5 @@
-"""Tiny collectives the sampling loops need so that FSDP ranks step in lockstep, and the process group."""
+"""Tiny collectives the sampling loops need so that FSDP ranks step in lockstep; the process group;
+the refusal of torchrun by the recipes that run as one process."""
 
 from typing import Any, Iterator, List, Sequence, Tuple, TypeVar
 
