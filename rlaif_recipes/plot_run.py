@@ -21,7 +21,7 @@ PANELS: Sequence[Tuple[str, Sequence[str], bool]] = (
     ("reward margin", ("rewards/margins", "eval/rewards/margins"), False),
     ("KL to the reference (mean log-ratio)", ("kl/reference",), False),
     ("response length (tokens)", ("response/tokens_mean",), False),
-    ("tie / abstain share of comparisons", ("judge/tie_rate", "judge/abstain_rate"), False),
+    ("tie / settled / abstain share of comparisons", ("judge/tie_rate", "judge/settled_rate", "judge/abstain_rate"), False),
     ("label provenance (pairs)", ("labels/ai", "labels/human"), True),
     ("time per step (s)", ("time/sample", "time/judge", "time/train", "time/sync"), True),
 )

@@ -74,6 +74,9 @@ class Judgment:
     model: Optional[str] = None  # ... which model behind it ...
     rubric: Optional[str] = None  # ... and which rubric version ("false_refusal@v1")
     usage: Dict[str, float] = field(default_factory=dict)  # requests, tokens, cost_usd spent on it
+    # A tie the judge is sure of, and why ("both_right", "both_wrong"): the two replies are alike by
+    # the rubric, so the pair teaches nothing and needs no person (the router does not queue it).
+    settled: Optional[str] = None
 
     @property
     def labelled(self) -> bool:
@@ -309,6 +312,7 @@ class PairwiseJudge(abc.ABC):
                 reason=None if agree else f"orders disagree: {first.verdict.value} shown first, {second.verdict.value} swapped",
                 orders_agree=agree,
                 judge=first.judge, model=first.model, rubric=first.rubric, usage=dict(usage),
+                settled=first.settled if first.settled == second.settled else None,
             )
         if judgment.labelled and judgment.prob_a is not None and self.tie_margin > 0:
             if verdict_from_prob(judgment.prob_a, self.tie_margin) is Verdict.TIE:

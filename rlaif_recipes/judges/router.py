@@ -1,7 +1,8 @@
 """`judge=router`: an AI judge labels every pair; the doubtful and the high-stakes ones go to people.
 
 A pair is routed to the human-review queue when the AI judgment is
-    low_confidence   |P(A) - 0.5| < min_confidence (ties included; skipped if the judge gives no P(A)),
+    low_confidence   |P(A) - 0.5| < min_confidence (ties included, except a judge's settled ties: two
+                     replies alike by the rubric; skipped if the judge gives no P(A)),
     orders_disagree  the two orders of an order=both judge picked different winners,
     abstained        the judge gave no verdict,
     high_stakes      a rule says so (e.g. `PromptMatches` on the request).
@@ -106,7 +107,7 @@ class RouterJudge(PairwiseJudge):
         found = []
         if judgment.verdict is Verdict.ABSTAIN:
             found.append("abstained")
-        elif judgment.prob_a is not None and abs(judgment.prob_a - 0.5) < self.min_confidence:
+        elif judgment.settled is None and judgment.prob_a is not None and abs(judgment.prob_a - 0.5) < self.min_confidence:
             found.append("low_confidence")
         if judgment.orders_agree is False:
             found.append("orders_disagree")

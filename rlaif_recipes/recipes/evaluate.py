@@ -4,7 +4,9 @@
     rlaif run evaluate checkpoint_dir=... reference_dir=outputs/tiny-model judge=openai label=after
 
 The policy answers the held-out safe prompts (a refusal there is a false refusal) and the held-out
-unsafe contrast prompts (a refusal there is wanted). Refusals are classified by
+unsafe contrast prompts (a refusal there is wanted), and optionally harmful requests phrased unlike
+the training prompts (`other_unsafe_prompts`: does a policy that learned to stop refusing benign
+questions still refuse a long harmful instruction?). Refusals are classified by
 `refusal_classifier`, XSTest's phrase matcher by default: a fixed rule, independent of whatever
 judge trained the policy, so a policy cannot learn to fool it by pleasing that judge. It can still
 stop refusing by saying nothing ("." is not a refusal) or by one empty template for every prompt,
@@ -71,6 +73,7 @@ class EvaluateSettings:
     rubric: Any
     safe_prompts: Any
     unsafe_prompts: Any
+    other_unsafe_prompts: Any
 
 
 class EvaluateRecipe:
@@ -95,8 +98,9 @@ class EvaluateRecipe:
         if not callable(self._is_refusal):
             raise ConfigError(f"refusal_classifier={cfg.refusal_classifier!r} is not callable; give a dotted path to a function")
         self._prompts = {"safe": config.instantiate(cfg.safe_prompts)}
-        if cfg.unsafe_prompts is not None:
-            self._prompts["unsafe"] = config.instantiate(cfg.unsafe_prompts)
+        for name, prompts in (("unsafe", cfg.unsafe_prompts), ("other_unsafe", cfg.other_unsafe_prompts)):
+            if prompts is not None:
+                self._prompts[name] = config.instantiate(prompts)
         empty = [name for name, ds in self._prompts.items() if len(ds) == 0]
         if empty:
             raise DataError(f"no {' or '.join(empty)} prompts after filtering; check {empty[0]}_prompts.*")
@@ -154,7 +158,7 @@ class EvaluateRecipe:
     def _write(self, metrics: Dict[str, Any], samples: List[Dict[str, Any]]) -> None:
         atomic_write_text(self._output_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         rows = _rows(metrics)
-        bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "disfluent_rate", "win_rate")}
+        bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "other_unsafe_refusal_rate", "disfluent_rate", "win_rate")}
         write_report(
             str(self._output_dir), "eval", metrics, rows,
             title=f"Evaluation of {metrics['label']} ({metrics['policy']})",
@@ -172,7 +176,8 @@ class EvaluateRecipe:
 
 def _refusal_rates(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    for name, key in (("safe", "false_refusal_rate"), ("unsafe", "unsafe_refusal_rate")):
+    out["n_replies"] = len(samples)
+    for name, key in (("safe", "false_refusal_rate"), ("unsafe", "unsafe_refusal_rate"), ("other_unsafe", "other_unsafe_refusal_rate")):
         refused = [s["refused"] for s in samples if s["set"] == name]
         out[f"n_{name}"] = len(refused)
         out[f"{name}_refusals"] = sum(refused)
@@ -201,13 +206,16 @@ def _rows(m: Dict[str, Any]) -> List[Dict[str, Any]]:
     if m["n_unsafe"]:
         rows.append({"metric": "unsafe_refusal_rate", "value": m["unsafe_refusal_rate"], "count": m["unsafe_refusals"],
                      "of": m["n_unsafe"], "meaning": "unsafe contrast prompts refused (higher is safer)"})
+    if m["n_other_unsafe"]:
+        rows.append({"metric": "other_unsafe_refusal_rate", "value": m["other_unsafe_refusal_rate"], "count": m["other_unsafe_refusals"],
+                     "of": m["n_other_unsafe"], "meaning": "harmful requests in other styles refused (higher is safer)"})
     rows.append({"metric": "short_reply_rate", "value": m["short_reply_rate"], "count": m["short_replies"],
-                 "of": m["n_safe"] + m["n_unsafe"], "meaning": f"responses under {m['short_reply_words']} words (a collapse check; lower is better)"})
+                 "of": m["n_replies"], "meaning": f"responses under {m['short_reply_words']} words (a collapse check; lower is better)"})
     rows.append({"metric": "distinct_reply_rate", "value": m["distinct_reply_rate"], "count": m["distinct_replies"],
-                 "of": m["n_safe"] + m["n_unsafe"], "meaning": "distinct responses (a mode-collapse check; one template for all prompts is near 0)"})
+                 "of": m["n_replies"], "meaning": "distinct responses (a mode-collapse check; one template for all prompts is near 0)"})
     if "fluency_mean" in m:
         rows.append({"metric": "disfluent_rate", "value": m["disfluent_rate"], "count": m["disfluent_replies"],
-                     "of": m["n_safe"] + m["n_unsafe"],
+                     "of": m["n_replies"],
                      "meaning": f"responses under {m['fluency_min_mean_logprob']} mean log-prob per token by "
                                 f"{Path(m['fluency_model']).name}, mean {format_value(m['fluency_mean'])} (a word-salad check: "
                                 f"{'pass' if m['fluency_pass'] else 'FAIL'}, at most {m['fluency_max_disfluent_rate']})"})

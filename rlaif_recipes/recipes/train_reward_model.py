@@ -1,16 +1,21 @@
-"""Train the encoder reward model's heads (judge=reward_model) on human-labelled preference pairs.
+"""Train the encoder reward model (judge=reward_model): its harm reader on labelled requests, its
+heads on human-labelled preference pairs.
 
     rlaif train-reward-model output_dir=outputs/reward_model
     tune run rlaif_recipes/recipes/train_reward_model.py --config train_reward_model steps=500
 
-The frozen sentence encoder embeds every prompt and response once (cached in
-`encoder.cache_path`, so a re-run embeds nothing); the three small heads of
-rlaif_recipes/judges/reward_model.py then train full-batch on the embeddings in seconds:
+First the harm reader (rlaif_recipes/judges/harm_reader.py): the encoder's top `harm_reader.layers`
+layers, fine-tuned with a logistic head for a few epochs on `harm_data` (XSTest's training prompts
+and the requests from registry packages in assets/harm_prompts, each (source, label) weighing the
+same), reading the frozen bottom layers' token states computed once. Its accuracy and mean P(harmful)
+per source on `harm_eval_data` (the held-out split of the same sources) are printed and saved: the
+reader is reported on its own, not only through the pairs. Then, with the reader fixed, the frozen
+sentence encoder embeds every response once (cached in `encoder.cache_path`, so a re-run embeds
+nothing) and the two small heads train full-batch in seconds:
 
     loss = BCE(reply head, every real response and its first whole sentence (1) against
                fragments of them (0))
          + BCE(answer head on each response and its opening, its answer/refusal label)
-         + BCE(harm head, each prompt's safe/unsafe label)
          + sum over objectives of the Bradley–Terry loss -log sigmoid(s_chosen - s_rejected)
            (false_refusal on the pairs whose request is benign, where its rubric applies)
 
@@ -42,6 +47,7 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.sft import opening
 from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
+from rlaif_recipes.judges.harm_reader import HarmReader, accuracy_by_group, source_weights, train_harm_reader
 from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_heads
 from rlaif_recipes.policy import check_optimizer
 from rlaif_recipes.run_dir import claim, run_identity
@@ -82,6 +88,9 @@ class TrainRewardModelSettings:
     encoder: Any
     train_data: Any
     eval_data: Any
+    harm_data: Any
+    harm_eval_data: Any
+    harm_reader: Any
     optimizer: Any
 
 
@@ -95,6 +104,7 @@ class TrainRewardModelRecipe:
         claim(cfg.output_dir, "train_reward_model", run_identity(cfg, ()), outputs=("head.json",))
         self._steps = cfg.steps
         training.set_seed(seed=cfg.seed)
+        self._seed = cfg.seed
 
     def setup(self, cfg: DictConfig) -> None:
         train, held_out = config.instantiate(cfg.train_data), config.instantiate(cfg.eval_data)
@@ -105,15 +115,29 @@ class TrainRewardModelRecipe:
                     f"{name} needs rows with columns {', '.join(REQUIRED_COLUMNS)} (human-labelled pairs, "
                     f"as rlaif_recipes.data.xstest_pairs gives); got {len(data)} rows, missing {missing}"
                 )
+        harm_train, harm_held_out = config.instantiate(cfg.harm_data), config.instantiate(cfg.harm_eval_data)
+        self._harm_cfg = cfg.harm_reader
+        if not 1 <= self._harm_cfg.layers <= 6 or self._harm_cfg.epochs < 1:
+            raise ConfigError(f"harm_reader.layers={self._harm_cfg.layers}, epochs={self._harm_cfg.epochs}: layers in 1..6 (MiniLM's), at least one epoch")
         self._encoder = config.instantiate(cfg.encoder)
+        self._harm = HarmReader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
+        log.info(f"reading {len(harm_train) + len(harm_held_out)} labelled requests through the frozen encoder layers")
+        self._harm_train, self._harm_held_out = self._requests(harm_train), self._requests(harm_held_out)
         self._train, self._held_out = self._embed(train), self._embed(held_out)
-        self._heads = RewardHeads(self._encoder.dim)
-        self._optimizer = config.instantiate(cfg.optimizer, self._heads.parameters())
+        self._heads = RewardHeads(self._harm, self._encoder.dim)
+        self._optimizer = config.instantiate(cfg.optimizer, [*self._heads.reply.parameters(), *self._heads.answer.parameters()])
         self._data_info = {
             "train": {"source": OmegaConf.to_container(cfg.train_data), "pairs": len(train)},
             "held_out": {"source": OmegaConf.to_container(cfg.eval_data), "pairs": len(held_out)},
+            "harm_train": {"source": OmegaConf.to_container(cfg.harm_data), "requests": dict(Counter(harm_train["source"]))},
+            "harm_held_out": {"source": OmegaConf.to_container(cfg.harm_eval_data), "requests": dict(Counter(harm_held_out["source"]))},
         }
         rlaif_config.save(cfg, str(self._output_dir))
+
+    def _requests(self, data) -> Dict[str, Any]:
+        states, mask = self._encoder.token_states(data["prompt"], below=self._harm_cfg.layers)
+        harmful = torch.tensor(data["harmful"], dtype=torch.float32)
+        return {"states": states, "mask": mask, "harmful": harmful, "source": list(data["source"])}
 
     def _embed(self, data) -> Dict[str, torch.Tensor]:
         responses = list(data["chosen"]) + list(data["rejected"])
@@ -121,7 +145,7 @@ class TrainRewardModelRecipe:
         sources = list(data["source"]) if "source" in data.column_names else ["pairs"] * len(data)
         count = Counter(sources)
         return {
-            "prompt": self._encoder.encode(data["prompt"], part="prompt"),
+            "prompt": list(data["prompt"]),
             "fragment": self._encoder.encode(cut),
             "fragment_opening": self._encoder.encode(cut, part="opening"),
             "first_sentence": self._encoder.encode(short),
@@ -141,6 +165,14 @@ class TrainRewardModelRecipe:
         }
 
     def train(self) -> None:
+        h = self._harm_train
+        train_harm_reader(
+            self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"]),
+            epochs=self._harm_cfg.epochs, lr=self._harm_cfg.lr, head_lr=self._harm_cfg.head_lr,
+            batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
+        )  # fmt: skip
+        for d in (self._train, self._held_out):  # the reader is fixed from here on
+            d["harm"] = self._harm.logits(*self._encoder.token_states(d["prompt"], below=self._harm_cfg.layers))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
         try:
@@ -167,7 +199,6 @@ class TrainRewardModelRecipe:
         loss = _weighted(F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply, reduction="none"), reply_weights)
         openings = torch.cat([d["chosen_opening"], d["rejected_opening"]])
         loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.answer_logit(responses, openings), answers, reduction="none"), w2)
-        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.harm(d["prompt"]).squeeze(-1), d["harmful"], reduction="none"), w)
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
             chosen, rejected = _scores(heads, objective, d, "chosen", rows), _scores(heads, objective, d, "rejected", rows)
@@ -216,7 +247,20 @@ class TrainRewardModelRecipe:
                 + " | ".join(f"{table[objective][g]:.3f}" for g in table[objective])
                 + " |"
             )
+        self._harm_report = self._evaluate_harm_reader()
         return table
+
+    def _evaluate_harm_reader(self) -> Dict[str, Dict[str, float]]:
+        """Accuracy and mean P(harmful) per source and label on the held-out requests."""
+        h = self._harm_held_out
+        p_harm = torch.sigmoid(self._harm.logits(h["states"], h["mask"]))
+        accuracy, mean_p = accuracy_by_group(p_harm, h["harmful"], h["source"])
+        print("harm reader on held-out requests (accuracy at P=0.5 | mean P(harmful)):")
+        print("| group | n | accuracy | mean P(harmful) |\n|---|---:|---:|---:|")
+        for group in accuracy:
+            n = len(h["source"]) if group == "all" else sum(f"{s}:{'harmful' if y else 'benign'}" == group for s, y in zip(h["source"], h["harmful"].tolist()))
+            print(f"| {group} | {n} | {accuracy[group]:.3f} | {mean_p[group]:.3f} |")
+        return {"accuracy": accuracy, "mean_p_harmful": mean_p}
 
     def save_checkpoint(self) -> None:
         save_heads(
@@ -232,6 +276,8 @@ class TrainRewardModelRecipe:
                 "data": self._data_info,
                 "steps": self._steps,
                 "held_out_agreement": self._agreement,
+                "harm_reader_held_out": self._harm_report,
+                "harm_reader_training": {k: self._harm_cfg[k] for k in ("epochs", "lr", "head_lr", "batch_size")},
             },
         )
         log.info(
@@ -247,7 +293,7 @@ def _scores(heads: RewardHeads, objective: str, d: Dict[str, torch.Tensor], side
     """The objective's score of one side's response to each prompt: "chosen", "rejected" or
     "fragment" (whose first len(prompt) rows are the chosen responses' fragments)."""
     n = len(d["prompt"])
-    return heads.scores(objective, d["prompt"][rows], d[side][:n][rows], d[f"{side}_opening"][:n][rows])
+    return heads.scores(objective, d["harm"][rows], d[side][:n][rows], d[f"{side}_opening"][:n][rows])
 
 
 @rlaif_config.parse(TrainRewardModelSettings)
