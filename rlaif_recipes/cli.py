@@ -84,9 +84,8 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(overrides: List[str]) -> List[List[str]]:
     """Expand `a=1,2 b=x,y` into every combination, as Hydra's basic sweeper does."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parsed = rlaif_config.parse_overrides(overrides)
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 

@@ -2,6 +2,7 @@
 nothing fails, and every expected error is one line (issue 13). Each recipe runs in this process
 exactly as `tune run` calls it; where a directory is refused, its bytes are checked unchanged."""
 
+import base64
 import functools
 import importlib
 import json
@@ -17,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import run_cli
-from servers import FaultServer
+from servers import FaultServer, free_port
 from test_judge_pairs import write_generated
 
 from rlaif_recipes.errors import OutputError
@@ -370,3 +371,55 @@ def test_dry_run_says_what_an_api_judge_will_cost_and_sends_nothing(monkeypatch,
     assert "judge cost estimate for 5 steps of 4 prompts x 2 responses (responses at sampler.max_tokens=8): 20 comparisons -> 40 requests" in caplog.text
     assert "dry_run=true: nothing was judged" in caplog.text and not (tmp_path / "prefs" / "data").exists()
     assert not (tmp_path / "o" / "checkpoints").exists() and not (tmp_path / "o" / "steps").exists()
+
+
+def test_an_unquoted_url_with_a_key_is_one_line_that_says_to_quote_it(monkeypatch, tmp_path, capfd):
+    key = "sk-UNQUOTEDKEY0123456789"
+    message = run(monkeypatch, "judge_pairs", "input_dir=.", f"output_dir={tmp_path / 'prefs'}", "judge=openai",
+                  f"judge.base_url=http://h/v1?api_key={key}")  # fmt: skip
+    assert message.startswith("config error: cannot parse the override of judge.base_url (mismatched input '='")
+    assert "\"judge.base_url='VALUE'\"" in message and key not in message + "".join(capfd.readouterr())
+    assert not (tmp_path / "prefs").exists()
+
+
+def assert_nowhere(secrets: List[str], root: Path, *texts: str) -> None:
+    """None of `secrets` in any file under `root` (configs, run.json, caches, metrics, reports) or in `texts`."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [s for s in secrets if s.encode() in data], f"a secret is in {path}"
+    for text in texts:
+        assert not [s for s in secrets if s in text], f"a secret is in:\n{text[-3000:]}"
+
+
+def test_keys_in_endpoint_urls_and_headers_are_sent_but_never_shown_or_saved(monkeypatch, tmp_path, tiny_model_dir, capfd, caplog):
+    """A key in base_url's query string, another as its userinfo, a third in default_headers: each
+    reaches the server, and none is in any file a run writes (config.yaml, run.json, the judge
+    cache, summary.json, metrics.jsonl with its per-replica keys, the audit reports), in the logs,
+    on the console, or in the one-line error of an unreachable endpoint."""
+    in_query, in_userinfo, in_header = "sk-QUERYKEY0123456789", "pw-USERINFO0123456789", "hdr-HEADERKEY0123456789"
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    with FaultServer() as server, caplog.at_level("DEBUG"):
+        host = server.url.removeprefix("http://")
+        api = ["judge=openai", f"judge.base_url=['http://{host}/v1?api_key={in_query}&api-version=2','http://ana:{in_userinfo}@{host}/v1']",
+               "judge.api_key_env=null", f"judge.default_headers={{api-key:{in_header}}}", "judge.order=fixed"]  # fmt: skip
+        assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'prefs'}", *api) == 0
+        assert run(monkeypatch, "online_dpo", f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'online'}", *ONLINE,
+                   "max_steps=2", *api) == 0  # fmt: skip
+        assert run(monkeypatch, "audit_judge", f"output_dir={tmp_path / 'audit'}", "max_pairs=4", *api) == 0
+        sent = list(server.log)
+        port = free_port()  # nothing listens there
+        unreachable = f"judge.base_url='http://ana:{in_userinfo}@127.0.0.1:{port}/v1?key={in_query}'"
+        message = run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'down'}", *api[:1], unreachable,
+                      *api[2:])  # fmt: skip
+    assert message.startswith(f"judge error: judge endpoint http://***REDACTED***@127.0.0.1:{port}/v1?key=***REDACTED*** is unreachable")
+    basic = "Basic " + base64.b64encode(f"ana:{in_userinfo}".encode()).decode()
+    assert {(e["query"].get("api_key"), e["query"].get("api-version")) for e in sent} == {(in_query, "2"), (None, None)}
+    assert {e["headers"].get("Authorization") for e in sent} == {basic, "Bearer EMPTY"}
+    assert {e["headers"].get("api-key") for e in sent} == {in_header}
+    metrics = json.loads((tmp_path / "online" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"judge/requests@http://***REDACTED***@{host}/v1" in metrics
+    assert f"judge/requests@http://{host}/v1?api_key=***REDACTED***&api-version=2" in metrics
+    assert (tmp_path / "prefs" / "judge_cache.sqlite").is_file() and (tmp_path / "audit" / "audit.json").is_file()
+    console = capfd.readouterr()
+    assert_nowhere([in_query, in_userinfo, in_header, basic], tmp_path, message, console.out, console.err, caplog.text)
