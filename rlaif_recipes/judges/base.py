@@ -38,10 +38,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from rlaif_recipes.redact import SECRET_KEY
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.cache import JudgmentCache, cache_key
 from rlaif_recipes.judges.rubric import Rubric
+from rlaif_recipes.redact import SECRET_KEY
 
 ORDERS = ("both", "random", "fixed")
 # the counter of the `judge_with_usage` call running in this context (None outside one)
