@@ -129,7 +129,8 @@ def parse(schema: Optional[type] = None) -> Callable:
     """Decorator for a recipe's main: like torchtune's `config.parse`, but Hydra-composed.
 
     Config errors exit with one line on stderr before the recipe starts; so does any
-    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`). The `schema` dataclass
+    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`), and a directory the run
+    claimed new is removed again if it holds nothing but the run's record. The `schema` dataclass
     (a recipe's `...Settings`) only checks the config: the recipe gets the DictConfig itself, whose
     nested nodes torchtune's `config.instantiate` builds.
     """
@@ -141,6 +142,9 @@ def parse(schema: Optional[type] = None) -> Callable:
                 config, overrides = split_argv(sys.argv[1:])
                 return recipe_main(load(config, overrides, schema))
             except RecipeError as e:
+                from rlaif_recipes.run_dir import discard_unused_claim  # run_dir imports this module
+
+                discard_unused_claim()  # a refused run leaves no run.json behind to puzzle a later one
                 if debug():
                     raise
                 sys.exit(one_line(e))

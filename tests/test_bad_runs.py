@@ -413,6 +413,7 @@ def test_keys_in_endpoint_urls_and_headers_are_sent_but_never_shown_or_saved(mon
         message = run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'down'}", *api[:1], unreachable,
                       *api[2:])  # fmt: skip
     assert message.startswith(f"judge error: judge endpoint http://***REDACTED***@127.0.0.1:{port}/v1?key=***REDACTED*** is unreachable")
+    assert not (tmp_path / "down").exists()  # refused before any work: nothing left behind
     basic = "Basic " + base64.b64encode(f"ana:{in_userinfo}".encode()).decode()
     assert {(e["query"].get("api_key"), e["query"].get("api-version")) for e in sent} == {(in_query, "2"), (None, None)}
     assert {e["headers"].get("Authorization") for e in sent} == {basic, "Bearer EMPTY"}
@@ -423,3 +424,14 @@ def test_keys_in_endpoint_urls_and_headers_are_sent_but_never_shown_or_saved(mon
     assert (tmp_path / "prefs" / "judge_cache.sqlite").is_file() and (tmp_path / "audit" / "audit.json").is_file()
     console = capfd.readouterr()
     assert_nowhere([in_query, in_userinfo, in_header, basic], tmp_path, message, console.out, console.err, caplog.text)
+
+
+def test_negative_prices_and_budgets_are_refused_and_leave_nothing_behind(monkeypatch, tmp_path):
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    api = [f"input_dir={generated}", "judge=openai", "judge.api_key_env=null"]
+    for out, setting in [(tmp_path / "new" / "prefs", "judge.input_usd_per_mtok=-1"), (empty, "judge.max_cost_usd=-5")]:
+        message = run(monkeypatch, "judge_pairs", *api, f"output_dir={out}", setting)
+        assert message == f"config error: {setting}: prices and budgets must be >= 0 (or null: no price known / no budget)"
+    assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []  # claimed, refused, and put back as found
