@@ -32,9 +32,12 @@ def read_run(run_dir: str) -> Series:
     root = Path(run_dir)
     rows: List[Tuple[int, Dict[str, float]]] = []
     if (root / "metrics.jsonl").is_file():
-        for line in (root / "metrics.jsonl").read_text().splitlines():
+        for n, line in enumerate((root / "metrics.jsonl").read_text().splitlines(), 1):
             if line.strip():
-                m = json.loads(line)
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{root / 'metrics.jsonl'}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
                 rows.append((int(m["step"]), {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}))
     else:
         for log in sorted((root / "logs").glob("log_*.txt")):
