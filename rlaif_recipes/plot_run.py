@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from rlaif_recipes.errors import DataError
+from rlaif_recipes.errors import DataError, OutputError
 from rlaif_recipes.files import atomic_write
 
 Series = Dict[str, List[Tuple[int, float]]]  # key -> [(step, value)]
@@ -83,6 +83,10 @@ def plot_run(run_dir: str, out: str = "") -> Path:
     fig.suptitle(f"{Path(run_dir).resolve().name}: {max(s for v in series.values() for s, _ in v)} steps")
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "run.png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    except OSError as e:  # the temp file beside it is what failed: name the file asked for
+        raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
+    finally:
+        plt.close(fig)
     return path

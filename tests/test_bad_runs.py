@@ -435,3 +435,28 @@ def test_negative_prices_and_budgets_are_refused_and_leave_nothing_behind(monkey
         message = run(monkeypatch, "judge_pairs", *api, f"output_dir={out}", setting)
         assert message == f"config error: {setting}: prices and budgets must be >= 0 (or null: no price known / no budget)"
     assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []  # claimed, refused, and put back as found
+
+
+def test_expected_os_errors_of_get_model_and_plot_are_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n')
+    cases = [
+        (["rlaif", "get-model", "smollm2-135m-instruct", "--out", str(a_file / "model")],
+         f"rlaif: error: cannot write the model to {a_file / 'model'} ("),
+        (["rlaif", "plot", str(run)], f"rlaif: error: {run / 'metrics.jsonl'}: line 2 is not JSON ("),
+        (["rlaif", "plot", str(tmp_path / "missing")], f"rlaif: error: {tmp_path / 'missing'} has no metrics.jsonl"),
+    ]
+    for args, expected in cases:
+        result = run_cli(args, cwd=tmp_path)
+        errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
+        assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    result = run_cli(["rlaif", "plot", str(run), "--out", str(a_file / "run.png")], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [ln for ln in result.stderr.splitlines() if "error" in ln.lower()] == [
+        f"rlaif: error: cannot write {a_file / 'run.png'} (Not a directory); choose another --out"]
+    assert a_file.read_text() == "not a directory" and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
