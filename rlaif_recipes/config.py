@@ -19,6 +19,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -97,6 +98,8 @@ def load(config: str, overrides: List[str], schema: Optional[type] = None) -> Di
         raise ConfigError(_missing_option_message(e, overrides)) from None
     except (ConfigCompositionException, OmegaConfBaseException) as e:
         raise ConfigError(_override_message(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_message(e)) from None
     choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
     with open_dict(cfg):
         del cfg["hydra"]
@@ -398,6 +401,14 @@ def _override_message(e: Exception) -> str:
     if m:
         return f"key '{m.group(1)}' already exists; override it without the leading +"
     return _first_line(e)
+
+
+def _yaml_message(e: "yaml.YAMLError") -> str:
+    """A yaml file that does not parse: where (file, line, column) and what the parser expected."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+    what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or _first_line(e)
+    return f"{where}: not valid yaml ({what}); fix the file there"
 
 
 def _first_line(e: Exception) -> str:

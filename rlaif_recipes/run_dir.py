@@ -38,12 +38,22 @@ SCAFFOLDING = (RUN_FILE, "config.yaml")
 _fresh_claim: Optional[Tuple[Path, Optional[Path]]] = None
 
 
-def run_identity(cfg: DictConfig, runtime_keys: Iterable[str], **facts: Any) -> Dict[str, Any]:
+class RunIdentity(dict):
+    """A run's identity; `derived` names its facts that are no setting (`weights`, `input_run`):
+    a refusal names them, but cannot offer them as a setting to go back to."""
+
+    derived: frozenset = frozenset()
+
+
+def run_identity(cfg: DictConfig, runtime_keys: Iterable[str], **facts: Any) -> RunIdentity:
     """The config minus `runtime_keys` (top level) and each component's RUNTIME_SETTINGS, plus
-    derived `facts` (which weights, which input run) that the settings alone do not pin down."""
+    derived `facts` (which weights, which input run) that the settings alone do not pin down. A
+    fact named like a setting (`input_dir`, resolved) stands for that setting."""
     skip = set(runtime_keys) | {"output_dir", "config_choices"}
     plain = redacted(OmegaConf.create({k: v for k, v in cfg.items() if k not in skip}))
-    return {**_without_runtime(plain), **facts}
+    identity = RunIdentity({**_without_runtime(plain), **facts})
+    identity.derived = frozenset(k for k in facts if k not in cfg)
+    return identity
 
 
 def claim(output_dir: str, recipe: str, identity: Mapping[str, Any], outputs: Iterable[str], *, fresh: bool = False) -> Path:
@@ -76,6 +86,7 @@ def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterabl
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir={out} is a file, not a directory; choose another output_dir")
     _check_writable(out)
+    derived = getattr(identity, "derived", frozenset())
     identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
     record = out / RUN_FILE
     if record.is_file():
@@ -86,9 +97,9 @@ def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterabl
         difference = _first_difference(saved.get("identity", {}), identity) if found else None
         if difference is not None:
             key, before, now = difference
+            back = "" if key.split(".")[0] in derived else f" (or {key}={_show(before)} to continue that run)"
             raise OutputError(
-                f"{out} holds an earlier {recipe} run with {key}={_show(before)}, this run has {key}={_show(now)}; "
-                f"use a new output_dir (or {key}={_show(before)} to continue that run)"
+                f"{out} holds an earlier {recipe} run with {key}={_show(before)}, this run has {key}={_show(now)}; use a new output_dir{back}"
             )
         if found and fresh:
             raise OutputError(

@@ -33,6 +33,11 @@ PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"question {i}?", "responses": [f"a{
 def run(monkeypatch, recipe: str, *overrides: str) -> Union[int, str]:
     """The recipe's main in this process: its exit status, or the one line it exits with."""
     monkeypatch.setattr(sys, "argv", [recipe, "--config", recipe, *overrides])
+    return run_main(monkeypatch, recipe)
+
+
+def run_main(monkeypatch, recipe: str) -> Union[int, str]:
+    """The recipe's main with the sys.argv already set: its exit status, or the one line it exits with."""
     monkeypatch.delenv("RLAIF_DEBUG", raising=False)
     try:
         return importlib.import_module(f"rlaif_recipes.recipes.{recipe}").recipe_main() or 0
@@ -114,7 +119,8 @@ def test_judge_pairs_with_another_judge_or_input_is_refused(monkeypatch, tmp_pat
     assert message.startswith(f"output error: {out} holds an earlier judge_pairs run with judge.rule=rlaif_recipes.judges.rules.shorter, "
                               "this run has judge.rule=rlaif_recipes.judges.rules.answers_instead_of_refusing; use a new output_dir")  # fmt: skip
     message = run(monkeypatch, "judge_pairs", f"input_dir={other}", f"output_dir={out}", SHORTER)
-    assert message.startswith(f"output error: {out} holds an earlier judge_pairs run with input.dir={generated}")
+    assert message == (f"output error: {out} holds an earlier judge_pairs run with input_dir={generated}, this run has input_dir={other}; "
+                       f"use a new output_dir (or input_dir={generated} to continue that run)")  # the key the user typed
     assert snapshot(out) == before
     # settings that do not change a verdict (batching, budgets) may change: the run continues
     assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={out}", SHORTER, "batch_size=1") == 0
@@ -460,3 +466,48 @@ def test_expected_os_errors_of_get_model_and_plot_are_one_line(tmp_path):
     assert [ln for ln in result.stderr.splitlines() if "error" in ln.lower()] == [
         f"rlaif: error: cannot write {a_file / 'run.png'} (Not a directory); choose another --out"]
     assert a_file.read_text() == "not a directory" and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_malformed_config_file_is_one_line_with_file_line_and_column(monkeypatch, tmp_path):
+    bad = tmp_path / "my_run.yaml"
+    bad.write_text("defaults:\n  - judge: rule\nbatch_size: [1, 2\noutput_dir: out\n")
+    monkeypatch.setattr(sys, "argv", ["judge_pairs", "--config", str(bad), "input_dir=."])
+    message = run_main(monkeypatch, "judge_pairs")
+    assert message == (f"config error: {bad}, line 4, column 11: not valid yaml (while parsing a flow sequence: expected ',' or ']', "
+                       "but got ':'); fix the file there")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_run.yaml"]
+
+
+def test_messages_name_the_key_the_user_typed(monkeypatch, tmp_path, tiny_model_dir, pairs_file, no_engine):
+    message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "keep_last_checkpoints=0"))
+    assert message == "config error: keep_last_checkpoints=0: keep at least 1 checkpoint, or null for all"
+    missing = tmp_path / "no_model"
+    message = run(monkeypatch, "evaluate", f"checkpoint_dir={tiny_model_dir}", f"reference_dir={missing}", f"output_dir={tmp_path / 'e'}")
+    assert message == f"checkpoint error: no config.json in {missing} (the directory does not exist); point reference_dir at an HF model directory"
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("model.lora_rank=0", "model.lora_rank=0: the adapter rank must be >= 1 (e.g. 8)"),
+    ("model.lora_alpha=0", "model.lora_alpha=0: the adapter scale must be > 0 (e.g. 2 x lora_rank)"),
+    ("model.lora_dropout=1.0", "model.lora_dropout=1.0: dropout must be in [0, 1) (0: none)"),
+])  # fmt: skip
+def test_lora_settings_are_checked_before_the_model_is_built(monkeypatch, tmp_path, tiny_model_dir, pairs_file, setting, expected):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before its LoRA settings were checked")
+
+    monkeypatch.setattr("rlaif_recipes.recipes.dpo.build_policy", no_build)
+    monkeypatch.setattr("rlaif_recipes.recipes.online_dpo.build_policy", no_build)
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "model=hf_lora", setting)) == f"config error: {expected}"
+    online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "model=hf_lora", setting]
+    assert run(monkeypatch, "online_dpo", *online) == f"config error: {expected}"
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "o").exists()
+
+
+def test_every_judge_base_url_entry_is_checked_with_the_config(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "judge=openai", "judge.api_key_env=null",
+              "judge.base_url=[http://127.0.0.1:1/v1,localhost:8000/v1]"]  # fmt: skip
+    assert run(monkeypatch, "online_dpo", *online) == (
+        "config error: judge.base_url[1]=localhost:8000/v1 is not an http(s) URL with a host; write it as http://HOST:PORT/v1 (or https://...)"
+    )
+    assert not (tmp_path / "o").exists()
