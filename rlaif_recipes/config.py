@@ -141,16 +141,18 @@ def parse(schema: Optional[type] = None) -> Callable:
     def decorator(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(recipe_main)
         def wrapper() -> Any:
+            from rlaif_recipes import run_dir  # it imports this module
+
             try:
                 config, overrides = split_argv(sys.argv[1:])
                 return recipe_main(load(config, overrides, schema))
             except RecipeError as e:
-                from rlaif_recipes.run_dir import discard_unused_claim  # run_dir imports this module
-
-                discard_unused_claim()  # a refused run leaves no run.json behind to puzzle a later one
+                run_dir.discard_unused_claim()  # a refused run leaves no run.json behind to puzzle a later one
                 if debug():
                     raise
                 sys.exit(one_line(e))
+            finally:
+                run_dir.forget_claim()
 
         return wrapper
 

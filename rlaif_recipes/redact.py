@@ -56,8 +56,11 @@ def url_secrets(url: str) -> List[str]:
     return found
 
 
+MIN_SECRET = 6  # shorter values (a routing header's "1") would shred every message they occur in
+
+
 def mask(text: str, secrets: Iterable[str]) -> str:
     """`text` with every URL redacted and each of `secrets` (longest first) replaced."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET}, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return redact_text(text)

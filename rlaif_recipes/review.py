@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from rlaif_recipes.errors import DataError, OutputError
-from rlaif_recipes.judges.router import last_byte, read_human_labels, read_queue
+from rlaif_recipes.judges.router import QUEUE_FIELDS, last_byte, read_human_labels, read_queue
 
 KEYS = "[1] first  [2] second  [t] tie  [s] skip  [q] quit"
 
@@ -41,7 +41,7 @@ def queue_and_labels(target: str, labels: Optional[str] = None) -> Tuple[Path, P
 
 def load_queue(queue: Path) -> List[Dict[str, Any]]:
     """The queue's entries; a line that is not one is named on stderr, not dropped in silence."""
-    entries, bad = read_queue(queue)
+    entries, bad = read_queue(queue, QUEUE_FIELDS)
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         print(f"warning: {queue}: line(s) {shown} are not queue entries (not JSON, or no pair_id, prompt, response_a and "
@@ -55,16 +55,21 @@ def pending(entries: List[Dict[str, Any]], labels: Path) -> List[Dict[str, Any]]
 
 
 def check_writable(labels: Path) -> None:
-    """Before the first pair shows: an answer that cannot be written would be lost. A file this
-    check creates goes again, so a refusal leaves nothing behind."""
-    existed = labels.exists()
-    try:
-        with open(labels, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise OutputError(f"cannot write human labels to {labels} ({e.strerror}); fix its permissions or pass --labels PATH") from None
-    if not existed:
-        labels.unlink()
+    """Before the first pair shows: an answer that cannot be written would be lost. Nothing is
+    created (someone else's session may be writing the file at this moment)."""
+    why = None
+    if labels.exists():
+        try:
+            with open(labels, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            why = e.strerror
+    elif not labels.parent.is_dir():
+        why = f"{labels.parent} is not a directory"
+    elif not os.access(labels.parent, os.W_OK | os.X_OK):
+        why = f"{labels.parent} is not writable"
+    if why:
+        raise OutputError(f"cannot write human labels to {labels} ({why}); fix its permissions or pass --labels PATH")
 
 
 class Leases:

@@ -122,15 +122,21 @@ def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterabl
     return record
 
 
+def forget_claim() -> None:
+    """The run ended: a later run in this process (tests, sweeps) must not discard this one's directory."""
+    global _fresh_claim
+    _fresh_claim = None
+
+
 def discard_unused_claim() -> None:
-    """After a refusal: the directory this process claimed fresh goes back to how it was found
+    """After a refusal: the directory this run claimed fresh goes back to how it was found
     (gone, or empty) if it holds only what a run writes before its work starts (run.json,
     config.yaml, empty folders, a judge cache without a judgment). Anything else is kept."""
     global _fresh_claim
     if _fresh_claim is None:
         return
     out, created = _fresh_claim
-    _fresh_claim = None
+    forget_claim()
     if not out.is_dir() or not all(_unused(p) for p in out.rglob("*")):
         return
     for path in sorted(out.iterdir()):

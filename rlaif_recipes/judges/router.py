@@ -199,13 +199,13 @@ class ReviewQueue:
 QUEUE_FIELDS = ("pair_id", "prompt", "response_a", "response_b")
 
 
-def read_queue(path: Path) -> Tuple[List[Dict[str, Any]], List[int]]:
-    """(entries, numbers of the lines that are not an entry): a line torn by a crash, or edited by
-    hand, is left out, and the caller says so."""
+def read_queue(path: Path, fields: Sequence[str] = ("pair_id",)) -> Tuple[List[Dict[str, Any]], List[int]]:
+    """(entries, numbers of the lines that are not an entry with these text `fields`): a line torn
+    by a crash, or edited by hand, is left out, and the caller says so."""
     bad: List[int] = []
     entries = []
     for n, row in _read_jsonl(Path(path), strict=False, bad=bad):
-        if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in QUEUE_FIELDS):
+        if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in fields):
             entries.append(row)
         else:
             bad.append(n)
