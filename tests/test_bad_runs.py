@@ -350,7 +350,7 @@ def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(monkeypatch, t
 
 
 def test_errors_reach_the_console_as_one_line_and_the_readme_form_works(tmp_path, tiny_model_dir):
-    """Through the real command line: `rlaif run RECIPE --config FILE ...` (the README's form)."""
+    """Through the real command line: `rlaif run RECIPE --config FILE ...` (the form docs/recipes.md shows)."""
     copy = tmp_path / "my_run.yaml"
     assert run_cli(["rlaif", "cp", "online_dpo", str(copy)], cwd=tmp_path).returncode == 0
     result = run_cli(["rlaif", "run", "online_dpo", "--config", str(copy), f"checkpoint_dir={tiny_model_dir}", "sync_every=0"], cwd=tmp_path)
