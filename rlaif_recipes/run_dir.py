@@ -132,7 +132,6 @@ def discard_unused_claim() -> None:
     """After a refusal: the directory this run claimed fresh goes back to how it was found
     (gone, or empty) if it holds only what a run writes before its work starts (run.json,
     config.yaml, empty folders, a judge cache without a judgment). Anything else is kept."""
-    global _fresh_claim
     if _fresh_claim is None:
         return
     out, created = _fresh_claim

@@ -223,7 +223,7 @@ class APIJudge(PairwiseJudge):
         """Plus the endpoint: a run may move to another server (base_url is a RUNTIME_SETTING), but
         a served name such as vLLM's "judge" says nothing about the model, so the cache keeps the
         verdicts of different endpoints apart."""
-        shown = [_shown(url) for url in self.base_urls]
+        shown = [redact_url(url) if url else url for url in self.base_urls]
         return {**super().identity(), "base_url": shown[0] if len(shown) == 1 else sorted(shown)}
 
     def answer_instruction(self) -> str:
