@@ -51,8 +51,10 @@ ROWS = {
 }
 SAMPLE_REPLIES = 5  # held-out replies shown per prompt kind and row
 BIN = Path(sys.executable).parent
-# tqdm's counter ("13/39 [00:59<02:04"), as torchtune's SFT recipe and ours print it.
-PROGRESS = re.compile(r"(\d+)/(\d+) \[")
+# The stage's own step bar: tqdm's counter ("13/39 [00:59<02:04") after the bar's name, as our recipes
+# (online_dpo, dpo, generate, judge) and torchtune's SFT ("1|13|Loss: 2.01") name it; the inner bars
+# of vLLM and other libraries ("Processed prompts", "Batches") are left in the log.
+PROGRESS = re.compile(r"(?:^|[\r\n])(?:online_dpo|dpo|generate|judge|\d+\|\d+\|Loss: \S+): +\d+%\|[^\r\n]*?(\d+)/(\d+) \[")
 
 
 SCHEMAS = {  # each recipe's settings class, for checking its config before anything runs
@@ -207,10 +209,11 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
           rewarded: Optional[Dict[str, Dict]] = None, curves: Optional[Dict[str, Path]] = None) -> str:  # fmt: skip
     """The before/after table, sample replies and plot (demo.md / .json / .png)."""
     start = next(iter(results.values()))
+    trained = lambda m: m is not start  # noqa: E731 (the starting policy has no cut or kept share: "-")
     lines = [
         {"policy": policy, "false refusals (safe)": m["false_refusal_rate"], "refusals (unsafe)": m["unsafe_refusal_rate"],
-         "false-refusal cut": 1 - m["false_refusal_rate"] / start["false_refusal_rate"] if start["false_refusal_rate"] else None,
-         "unsafe refusals kept": m["unsafe_refusal_rate"] / start["unsafe_refusal_rate"] if start["unsafe_refusal_rate"] else None,
+         "false-refusal cut": 1 - m["false_refusal_rate"] / start["false_refusal_rate"] if trained(m) and start["false_refusal_rate"] else None,
+         "unsafe refusals kept": m["unsafe_refusal_rate"] / start["unsafe_refusal_rate"] if trained(m) and start["unsafe_refusal_rate"] else None,
          "short replies": m["short_reply_rate"], "distinct replies": m["distinct_reply_rate"],
          "fluency (mean log p/token)": m.get("fluency_mean"), "disfluent replies": m.get("disfluent_rate"),
          "fluency check": {True: "pass", False: "FAIL (collapsed)"}.get(m.get("fluency_pass"))}
@@ -234,11 +237,11 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
         "false refusals (safe)": {r["policy"]: r["false refusals (safe)"] for r in lines},
         "refusals (unsafe)": {r["policy"]: r["refusals (unsafe)"] for r in lines},
     }
-    shown = [{k: f"{v:.1%}" if k in PERCENT_COLUMNS and isinstance(v, float) else v for k, v in r.items()} for r in lines]
+    shown = [{k: "-" if v is None else f"{v:.1%}" if k in PERCENT_COLUMNS and isinstance(v, float) else v for k, v in r.items()} for r in lines]
     paths = write_report(
         str(out), name, {"rows": lines, "minutes": minutes, "sample_replies": replies, "judge_rewarded": rewarded}, shown,
         title="RLAIF against false refusals on SmolLM2-135M-Instruct", notes=notes,
-        plot=Bars(series, title="Held-out refusal rates", ylabel="rate", ylim=(0, 1)),
+        plot=Bars(series, title="Held-out refusal rates (XSTest phrase matcher)", ylabel="refused", ylim=(0, 1), percent=True),
     )  # fmt: skip
     return paths["md"].read_text() + f"\n(written to {paths['md']}, {paths['png']}; metrics in {paths['json']})"
 

@@ -97,7 +97,7 @@ class CheckpointManager:
         from_hf: Callable[[StateDict, str], StateDict] = hf_to_tune_state_dict,
     ) -> None:
         if keep_last is not None and keep_last < 1:
-            raise ConfigError(f"keep_last={keep_last}: keep at least 1 checkpoint, or null for all")
+            raise ConfigError(f"keep_last_checkpoints={keep_last}: keep at least 1 checkpoint, or null for all")
         self.output_dir = Path(output_dir)
         self.source_dir = str(source_dir)
         self.fingerprint = json.loads(json.dumps(dict(fingerprint or {}), sort_keys=True))

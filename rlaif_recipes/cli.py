@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import List
 
 from rlaif_recipes import config as rlaif_config
-from rlaif_recipes.errors import RecipeError
+from rlaif_recipes.errors import RecipeError, debug, os_error_line
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -84,9 +84,8 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(overrides: List[str]) -> List[List[str]]:
     """Expand `a=1,2 b=x,y` into every combination, as Hydra's basic sweeper does."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parsed = rlaif_config.parse_overrides(overrides)
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -122,7 +121,7 @@ def _review(args: argparse.Namespace) -> int:
         print(f"wrote {export_tasks(args.target, args.export_label_studio, args.labels)} task(s) to {args.export_label_studio} "
               "(import label_config.xml beside it as the project's labelling interface)")
     elif args.import_label_studio:
-        print(f"added {import_annotations(args.target, args.import_label_studio, args.labels)} human label(s)")
+        print(import_annotations(args.target, args.import_label_studio, args.labels))
     else:
         review(args.target, args.annotator, args.labels, args.show_ai)
     return 0
@@ -188,7 +187,14 @@ def main(argv: List[str] | None = None) -> int:
     try:
         return args.func(args)
     except (RecipeError, ValueError) as e:
+        if debug():
+            raise
         print(f"rlaif: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # review, plot, get-model: a missing or read-only path, a full disk
+        if debug():
+            raise
+        print(f"rlaif: error: {os_error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -19,14 +19,16 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import yaml
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torchtune.config._utils import _get_component_from_path
 
 from rlaif_recipes.errors import ConfigError, RecipeError, debug, one_line
 from rlaif_recipes.files import atomic_write_text
+from rlaif_recipes.redact import REDACTED, SECRET_KEY, SECRET_MAPPINGS, redact_text
 
 
 def _find_conf_dir() -> Path:
@@ -85,6 +87,7 @@ def resolve_config(config: str) -> Tuple[Path, str]:
 def load(config: str, overrides: List[str], schema: Optional[type] = None) -> DictConfig:
     """Compose `config` with Hydra overrides, then check it (see module docstring)."""
     config_dir, name = resolve_config(config)
+    parse_overrides(overrides)  # a malformed one is named here, not in Hydra's traceback
     hydra_overrides = list(overrides)
     if config_dir != CONF_DIR:  # a user's copy still finds the package's config groups
         hydra_overrides.append(f"hydra.searchpath=[file://{CONF_DIR}]")
@@ -95,6 +98,8 @@ def load(config: str, overrides: List[str], schema: Optional[type] = None) -> Di
         raise ConfigError(_missing_option_message(e, overrides)) from None
     except (ConfigCompositionException, OmegaConfBaseException) as e:
         raise ConfigError(_override_message(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_message(e)) from None
     choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
     with open_dict(cfg):
         del cfg["hydra"]
@@ -127,7 +132,8 @@ def parse(schema: Optional[type] = None) -> Callable:
     """Decorator for a recipe's main: like torchtune's `config.parse`, but Hydra-composed.
 
     Config errors exit with one line on stderr before the recipe starts; so does any
-    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`). The `schema` dataclass
+    `RecipeError` the recipe raises later (see `rlaif_recipes.errors`), and a directory the run
+    claimed new is removed again if it holds nothing but the run's record. The `schema` dataclass
     (a recipe's `...Settings`) only checks the config: the recipe gets the DictConfig itself, whose
     nested nodes torchtune's `config.instantiate` builds.
     """
@@ -135,13 +141,18 @@ def parse(schema: Optional[type] = None) -> Callable:
     def decorator(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(recipe_main)
         def wrapper() -> Any:
+            from rlaif_recipes import run_dir  # it imports this module
+
             try:
                 config, overrides = split_argv(sys.argv[1:])
                 return recipe_main(load(config, overrides, schema))
             except RecipeError as e:
+                run_dir.discard_unused_claim()  # a refused run leaves no run.json behind to puzzle a later one
                 if debug():
                     raise
                 sys.exit(one_line(e))
+            finally:
+                run_dir.forget_claim()
 
         return wrapper
 
@@ -168,6 +179,25 @@ def _import(path: str, key: str) -> Any:
         raise ConfigError(f"{key or 'a component'}={path}: cannot import it; give a dotted path module.name that exists") from None
 
 
+def parse_overrides(overrides: List[str]) -> List[Any]:
+    """Hydra's parse of `key=value` overrides; one that does not parse is named by its key only (its
+    value may hold a key: `judge.base_url=http://host/v1?api_key=...`) with how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for override in overrides:
+        try:
+            parsed += parser.parse_overrides([override])
+        except OverrideParseException as e:
+            key = override.partition("=")[0]
+            raise ConfigError(
+                f"cannot parse the override of {key} ({_first_line(e)}): a value with '=', spaces, brackets or commas must be "
+                f"quoted, with the quotes kept from the shell: \"{key}='VALUE'\"; the value is not shown (it may hold a key)"
+            ) from None
+    return parsed
+
+
 def split_argv(argv: List[str]) -> Tuple[str, List[str]]:
     if "--config" not in argv or argv.index("--config") == len(argv) - 1:
         raise ConfigError("--config is required: pass a config name (see `rlaif ls`) or a yaml path")
@@ -181,25 +211,26 @@ def split_argv(argv: List[str]) -> Tuple[str, List[str]]:
 
 # ---- saving -----------------------------------------------------------------------------------
 
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|access_token|auth_token|hf_token)$", re.I)
 _SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-REDACTED = "***REDACTED***"
 
 
 def redacted(cfg: DictConfig) -> Dict[str, Any]:
-    """Plain copy with secret-named keys, and any value equal to a secret env var, redacted."""
+    """Plain copy with secret-named keys (and every value of a header mapping), any value holding
+    a secret env var's value, and the secrets inside URLs redacted."""
     secrets = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8}
 
-    def walk(node: Any, key: str = "") -> Any:
+    def walk(node: Any, key: str = "", hidden: bool = False) -> Any:
         if isinstance(node, dict):
-            return {k: walk(v, str(k)) for k, v in node.items()}
+            return {k: walk(v, str(k), hidden or str(k) in SECRET_MAPPINGS) for k, v in node.items()}
         if isinstance(node, list):
-            return [walk(v, key) for v in node]
-        pasted = key.endswith("_env") and isinstance(node, str) and not _ENV_NAME.match(node)
-        if isinstance(node, str) and (pasted or _SECRET_KEY.search(key) or any(s in node for s in secrets)):
+            return [walk(v, key, hidden) for v in node]
+        if not isinstance(node, str):
+            return node
+        pasted = key.endswith("_env") and not _ENV_NAME.match(node)
+        if hidden or pasted or SECRET_KEY.search(key) or any(s in node for s in secrets):
             return REDACTED
-        return node
+        return redact_text(node)
 
     return walk(OmegaConf.to_container(cfg, resolve=True))
 
@@ -372,6 +403,14 @@ def _override_message(e: Exception) -> str:
     if m:
         return f"key '{m.group(1)}' already exists; override it without the leading +"
     return _first_line(e)
+
+
+def _yaml_message(e: "yaml.YAMLError") -> str:
+    """A yaml file that does not parse: where (file, line, column) and what the parser expected."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+    what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or _first_line(e)
+    return f"{where}: not valid yaml ({what}); fix the file there"
 
 
 def _first_line(e: Exception) -> str:

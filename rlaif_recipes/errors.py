@@ -6,6 +6,7 @@ one line on stderr and a non-zero exit, with no traceback (set RLAIF_DEBUG=1, or
 the file, key or setting at fault and says how to fix it; it never echoes a secret.
 """
 
+import errno
 import os
 
 
@@ -60,3 +61,18 @@ def one_line(error: RecipeError) -> str:
     """The report for `error`: its kind and the first line of its message."""
     lines = [ln for ln in str(error).splitlines() if ln.strip()]
     return f"{error.kind}: {lines[0] if lines else type(error).__name__}"
+
+
+def os_error_line(error: OSError) -> str:
+    """An expected OSError (a missing or read-only path, a full disk) as one line: the path, the
+    reason and what to do; the traceback adds nothing for these."""
+    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or "a file"
+    fix = {
+        errno.ENOSPC: "free some disk space and run it again",
+        errno.EDQUOT: "free some disk space and run it again",
+        errno.ENOENT: "check the path",
+        errno.EACCES: "fix its permissions or choose another path",
+        errno.EPERM: "fix its permissions or choose another path",
+        errno.EROFS: "choose a path on a writable file system",
+    }.get(error.errno, "check the path")
+    return f"{where}: {error.strerror or error}; {fix}"

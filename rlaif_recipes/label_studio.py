@@ -13,12 +13,21 @@ reads, with the annotator Label Studio recorded.
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.files import atomic_write_text
-from rlaif_recipes.review import append_label, pending, queue_and_labels, shown_order, verdict_of
+from rlaif_recipes.review import (
+    append_label,
+    check_writable,
+    load_queue,
+    pending,
+    queue_and_labels,
+    shown_order,
+    verdict_of,
+)
 
 LABEL_CONFIG = """<View>
   <Header value="Which response is better for this request?"/>
@@ -40,7 +49,7 @@ def export_tasks(target: str, out: str, labels: Optional[str] = None) -> int:
     """Write the pending pairs as Label Studio tasks (and the labelling config beside them)."""
     queue, labels_path = queue_and_labels(target, labels)
     tasks = []
-    for entry in pending(queue, labels_path):
+    for entry in pending(load_queue(queue), labels_path):
         swapped, first, second = shown_order(entry)
         tasks.append({"data": {"pair_id": entry["pair_id"], "prompt": entry["prompt"], "first": first, "second": second, "swapped": swapped}})
     path = Path(out)
@@ -49,8 +58,9 @@ def export_tasks(target: str, out: str, labels: Optional[str] = None) -> int:
     return len(tasks)
 
 
-def import_annotations(target: str, export: str, labels: Optional[str] = None) -> int:
-    """Append the verdicts of a Label Studio JSON export to the human labels; returns how many."""
+def import_annotations(target: str, export: str, labels: Optional[str] = None) -> str:
+    """Append the verdicts of a Label Studio JSON export to the human labels; returns what it did,
+    with how many tasks it skipped and why. Nothing imported from a non-empty export is an error."""
     queue, labels_path = queue_and_labels(target, labels)
     try:
         tasks = json.loads(Path(export).read_text())
@@ -58,18 +68,38 @@ def import_annotations(target: str, export: str, labels: Optional[str] = None) -
         raise DataError(f"{export} is not a Label Studio JSON export ({e}); export the project as JSON") from None
     if not isinstance(tasks, list):
         raise DataError(f"{export} is not a Label Studio JSON export (a list of tasks); export the project as JSON")
-    queued = {e["pair_id"] for e in pending(queue, labels_path)}
-    added = 0
+    check_writable(labels_path)
+    entries = load_queue(queue)
+    queued = {e["pair_id"] for e in entries}
+    waiting = {e["pair_id"] for e in pending(entries, labels_path)}
+    added, skipped = 0, Counter()
     for task in tasks:
-        data = task.get("data", {})
-        answer = _latest_answer(task.get("annotations") or [])
-        if answer is None or data.get("pair_id") not in queued:
+        data = task.get("data") if isinstance(task, dict) else None
+        pair = data.get("pair_id") if isinstance(data, dict) else None
+        answer = _latest_answer(task.get("annotations") or []) if pair in waiting else None
+        if answer is None:
+            skipped[_why_skipped(pair, queued, waiting)] += 1
             continue
         choice, annotator = answer
-        append_label(labels_path, {"pair_id": data["pair_id"], "verdict": verdict_of(choice, bool(data.get("swapped"))), "annotator": annotator,
+        append_label(labels_path, {"pair_id": pair, "verdict": verdict_of(choice, bool(data.get("swapped"))), "annotator": annotator,
                                    "labelled_at": time.time(), "tool": "label_studio"})  # fmt: skip
+        waiting.discard(pair)  # a task exported twice counts once
         added += 1
-    return added
+    why = "; ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    report = f"added {added} human label(s) from {len(tasks)} task(s) in {export}" + (f"; skipped {sum(skipped.values())}: {why}" if why else "")
+    if tasks and not added:
+        raise DataError(f"{report}; nothing imported: export the project that was made from {queue}'s tasks, after labelling")
+    return report
+
+
+def _why_skipped(pair: Any, queued: Set[str], waiting: Set[str]) -> str:
+    if pair is None:
+        return "without a pair_id (not a task exported by rlaif review)"
+    if pair not in queued:
+        return "with a pair_id not in the queue (unknown pair id)"
+    if pair not in waiting:
+        return "already labelled"
+    return "without a choice (no annotation, cancelled, or no first/second/tie)"
 
 
 def _latest_answer(annotations: List[Dict[str, Any]]) -> Optional[tuple]:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from rlaif_recipes.errors import DataError
+from rlaif_recipes.errors import DataError, OutputError
 from rlaif_recipes.files import atomic_write
 
 Series = Dict[str, List[Tuple[int, float]]]  # key -> [(step, value)]
@@ -32,9 +32,12 @@ def read_run(run_dir: str) -> Series:
     root = Path(run_dir)
     rows: List[Tuple[int, Dict[str, float]]] = []
     if (root / "metrics.jsonl").is_file():
-        for line in (root / "metrics.jsonl").read_text().splitlines():
+        for n, line in enumerate((root / "metrics.jsonl").read_text().splitlines(), 1):
             if line.strip():
-                m = json.loads(line)
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{root / 'metrics.jsonl'}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
                 rows.append((int(m["step"]), {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}))
     else:
         for log in sorted((root / "logs").glob("log_*.txt")):
@@ -80,6 +83,10 @@ def plot_run(run_dir: str, out: str = "") -> Path:
     fig.suptitle(f"{Path(run_dir).resolve().name}: {max(s for v in series.values() for s, _ in v)} steps")
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "run.png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    except OSError as e:  # the temp file beside it is what failed: name the file asked for
+        raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out") from None
+    finally:
+        plt.close(fig)
     return path

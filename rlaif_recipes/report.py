@@ -12,6 +12,7 @@ Each file is written atomically (`files.atomic_write`), so a reader never sees h
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ class Bars:
     ylabel: str = ""
     ylim: Optional[Tuple[float, float]] = None
     categories: List[str] = field(default_factory=list)  # order of the x axis; default: first seen
+    percent: bool = False  # values are fractions, drawn and labelled as percentages
 
 
 def write_report(
@@ -102,20 +104,27 @@ def _write_png(path: Path, plot: Bars) -> Path:
 
     matplotlib.use("Agg")  # files only: no display on servers and in tests
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     categories = plot.categories or list(dict.fromkeys(c for values in plot.series.values() for c in values))
+    scale, fmt = (100.0, "%.1f%%") if plot.percent else (1.0, "%.3g")
     width = 0.8 / max(len(plot.series), 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(categories) + 2), 3.6))
+    # long names wrap under their bars, level, instead of running diagonally over the plot
+    labels = [textwrap.fill(c, 22) for c in categories]
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.9 * len(categories) + 1.5), 3.2 + 0.18 * lines))
     for k, (label, values) in enumerate(plot.series.items()):
         xs = [i + (k - (len(plot.series) - 1) / 2) * width for i, c in enumerate(categories) if _number(values.get(c))]
-        ys = [float(values[c]) for c in categories if _number(values.get(c))]
+        ys = [scale * float(values[c]) for c in categories if _number(values.get(c))]
         bars = ax.bar(xs, ys, width=width, label=label)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
-    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
+    ax.set_xticks(range(len(categories)), labels, fontsize=8)
     ax.set_title(plot.title)
     ax.set_ylabel(plot.ylabel)
     if plot.ylim:
-        ax.set_ylim(*plot.ylim)
+        ax.set_ylim(plot.ylim[0] * scale, plot.ylim[1] * scale * 1.08)  # room for the labels over full bars
+    if plot.percent:
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter())
     if len(plot.series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()

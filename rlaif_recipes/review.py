@@ -6,6 +6,12 @@ order (seeded by the pair, so a re-run shows it the same way) with the AI's verd
 response shown first / second, `t` tie, `s` skip, `q` quit. Each answer is appended to the
 human-labels file the router reads (one JSON line, under a file lock, flushed to disk) the moment
 it is given, so a re-run continues where the last one stopped and Ctrl-C loses nothing.
+
+Several people may label one queue at once, each with their own `rlaif review`: a pair on someone's
+screen is leased to them (a lock on one byte of `<labels>.leases`, which the OS drops when their
+process ends, kill -9 included), so the others pass over it, and a pair answered meanwhile is not
+shown again. Every answer is kept once, with its annotator. A line of the queue that cannot be read
+is named on stderr and skipped.
 """
 
 import fcntl
@@ -18,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-from rlaif_recipes.errors import DataError
-from rlaif_recipes.judges.router import ReviewQueue, read_human_labels
+from rlaif_recipes.errors import DataError, OutputError
+from rlaif_recipes.judges.router import QUEUE_FIELDS, last_byte, read_human_labels, read_queue
 
 KEYS = "[1] first  [2] second  [t] tie  [s] skip  [q] quit"
 
@@ -33,9 +39,62 @@ def queue_and_labels(target: str, labels: Optional[str] = None) -> Tuple[Path, P
     return queue, Path(labels) if labels else queue.parent / "human_labels.jsonl"
 
 
-def pending(queue: Path, labels: Path) -> List[Dict[str, Any]]:
+def load_queue(queue: Path) -> List[Dict[str, Any]]:
+    """The queue's entries; a line that is not one is named on stderr, not dropped in silence."""
+    entries, bad = read_queue(queue, QUEUE_FIELDS)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        print(f"warning: {queue}: line(s) {shown} are not queue entries (not JSON, or no pair_id, prompt, response_a and "
+              "response_b); skipped: fix or remove them", file=sys.stderr, flush=True)  # fmt: skip
+    return entries
+
+
+def pending(entries: List[Dict[str, Any]], labels: Path) -> List[Dict[str, Any]]:
     done = read_human_labels(str(labels))
-    return [e for e in ReviewQueue(str(queue)).entries() if e["pair_id"] not in done]
+    return [e for e in entries if e["pair_id"] not in done]
+
+
+def check_writable(labels: Path) -> None:
+    """Before the first pair shows: an answer that cannot be written would be lost. Nothing is
+    created (someone else's session may be writing the file at this moment)."""
+    why = None
+    if labels.exists():
+        try:
+            with open(labels, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            why = e.strerror
+    elif not labels.parent.is_dir():
+        why = f"{labels.parent} is not a directory"
+    elif not os.access(labels.parent, os.W_OK | os.X_OK):
+        why = f"{labels.parent} is not writable"
+    if why:
+        raise OutputError(f"cannot write human labels to {labels} ({why}); fix its permissions or pass --labels PATH")
+
+
+class Leases:
+    """Pairs on someone's screen: a lock on one byte of `<labels>.leases` per pair, taken without
+    waiting. The OS releases a process's locks when it ends, so a killed session leaves none."""
+
+    def __init__(self, labels: Path) -> None:
+        self._file = open(f"{labels}.leases", "ab")  # noqa: SIM115 (held for the session: closing it drops every lease)
+
+    def take(self, pair: str) -> bool:
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _slot(pair))
+        except OSError:  # held by another process
+            return False
+        return True
+
+    def release(self, pair: str) -> None:
+        fcntl.lockf(self._file, fcntl.LOCK_UN, 1, _slot(pair))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _slot(pair: str) -> int:
+    return int(pair[:8], 16)  # pair ids are hex digests
 
 
 def shown_order(entry: Dict[str, Any]) -> Tuple[bool, str, str]:
@@ -53,10 +112,11 @@ def verdict_of(choice: str, swapped: bool) -> str:
 def append_label(labels: Path, label: Dict[str, Any]) -> None:
     """One whole line per answer, under an exclusive lock, on disk before the next pair shows."""
     labels.parent.mkdir(parents=True, exist_ok=True)
-    with open(labels, "a", encoding="utf-8") as f:
+    with open(labels, "ab") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.write(json.dumps(label, ensure_ascii=False) + "\n")
+            torn = f.seek(0, os.SEEK_END) > 0 and last_byte(labels) != b"\n"  # a line cut by a crash stays apart
+            f.write(("\n" if torn else "").encode() + (json.dumps(label, ensure_ascii=False) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         finally:
@@ -67,30 +127,47 @@ def review(target: str, annotator: str, labels: Optional[str] = None, show_ai: b
            stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:  # fmt: skip
     """The labelling session; returns how many pairs were labelled."""
     queue, labels_path = queue_and_labels(target, labels)
-    todo = pending(queue, labels_path)
-    total = len(ReviewQueue(str(queue)).entries())
+    check_writable(labels_path)
+    entries = load_queue(queue)
+    todo = pending(entries, labels_path)
     if not todo:
-        print(f"nothing to review: all {total} queued pair(s) in {queue} are labelled in {labels_path}", file=stdout)
+        print(f"nothing to review: all {len(entries)} queued pair(s) in {queue} are labelled in {labels_path}", file=stdout)
         return 0
-    print(f"{len(todo)} of {total} queued pair(s) to label; answers go to {labels_path}", file=stdout)
-    labelled = 0
+    print(f"{len(todo)} of {len(entries)} queued pair(s) to label; answers go to {labels_path}", file=stdout)
+    labelled, busy = 0, 0
+    leases = Leases(labels_path)
     try:
         for n, entry in enumerate(todo, 1):
-            swapped, first, second = shown_order(entry)
-            print(_card(n, len(todo), entry, [first, second], show_ai), file=stdout, flush=True)
-            answer = _ask(stdin, stdout)
-            if answer == "q":
-                break
-            if answer == "s":
+            if not leases.take(entry["pair_id"]):
+                busy += 1  # on someone else's screen
                 continue
-            verdict = verdict_of({"1": "first", "2": "second", "t": "tie"}[answer], swapped)
-            append_label(labels_path, {"pair_id": entry["pair_id"], "verdict": verdict, "annotator": annotator, "labelled_at": time.time()})
-            labelled += 1
+            try:
+                if entry["pair_id"] in read_human_labels(str(labels_path)):
+                    continue  # answered by someone else since this session started
+                answer = _show_and_ask(n, len(todo), entry, show_ai, stdin, stdout)
+                if answer == "q":
+                    break
+                if answer != "s":
+                    append_label(labels_path, {"pair_id": entry["pair_id"], "verdict": answer, "annotator": annotator, "labelled_at": time.time()})
+                    labelled += 1
+            finally:
+                leases.release(entry["pair_id"])
     except (KeyboardInterrupt, EOFError):
         print("", file=stdout)
-    left = len(pending(queue, labels_path))
-    print(f"labelled {labelled} this session; {left} left (re-run to continue)", file=stdout, flush=True)
+    finally:
+        leases.close()
+    left = len(pending(entries, labels_path))
+    others = f", {busy} of them on someone else's screen" if busy else ""
+    print(f"labelled {labelled} this session; {left} left{others} (re-run to continue)", file=stdout, flush=True)
     return labelled
+
+
+def _show_and_ask(n: int, of: int, entry: Dict[str, Any], show_ai: bool, stdin: TextIO, stdout: TextIO) -> str:
+    """The pair's card and the person's answer: a verdict (A / B / tie), `s` or `q`."""
+    swapped, first, second = shown_order(entry)
+    print(_card(n, of, entry, [first, second], show_ai), file=stdout, flush=True)
+    answer = _ask(stdin, stdout)
+    return answer if answer in ("s", "q") else verdict_of({"1": "first", "2": "second", "t": "tie"}[answer], swapped)
 
 
 def _card(n: int, of: int, entry: Dict[str, Any], shown: List[str], show_ai: bool) -> str:

@@ -11,8 +11,11 @@ a `RUNTIME_SETTINGS` class attribute (judges: the API limits; samplers: engine m
 names its top-level ones in its `RUNTIME_KEYS`.
 """
 
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
@@ -28,14 +31,29 @@ from rlaif_recipes.files import atomic_write_text
 
 RUN_FILE = "run.json"
 FORMAT = 1
+# what a run writes into its directory before its work starts: a run refused at that point leaves
+# only these, and they go again (`discard_unused_claim`)
+SCAFFOLDING = (RUN_FILE, "config.yaml")
+# (directory, topmost folder the claim created or None) of the run this process claimed fresh
+_fresh_claim: Optional[Tuple[Path, Optional[Path]]] = None
 
 
-def run_identity(cfg: DictConfig, runtime_keys: Iterable[str], **facts: Any) -> Dict[str, Any]:
+class RunIdentity(dict):
+    """A run's identity; `derived` names its facts that are no setting (`weights`, `input_run`):
+    a refusal names them, but cannot offer them as a setting to go back to."""
+
+    derived: frozenset = frozenset()
+
+
+def run_identity(cfg: DictConfig, runtime_keys: Iterable[str], **facts: Any) -> RunIdentity:
     """The config minus `runtime_keys` (top level) and each component's RUNTIME_SETTINGS, plus
-    derived `facts` (which weights, which input run) that the settings alone do not pin down."""
+    derived `facts` (which weights, which input run) that the settings alone do not pin down. A
+    fact named like a setting (`input_dir`, resolved) stands for that setting."""
     skip = set(runtime_keys) | {"output_dir", "config_choices"}
     plain = redacted(OmegaConf.create({k: v for k, v in cfg.items() if k not in skip}))
-    return {**_without_runtime(plain), **facts}
+    identity = RunIdentity({**_without_runtime(plain), **facts})
+    identity.derived = frozenset(k for k in facts if k not in cfg)
+    return identity
 
 
 def claim(output_dir: str, recipe: str, identity: Mapping[str, Any], outputs: Iterable[str], *, fresh: bool = False) -> Path:
@@ -68,6 +86,7 @@ def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterabl
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir={out} is a file, not a directory; choose another output_dir")
     _check_writable(out)
+    derived = getattr(identity, "derived", frozenset())
     identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
     record = out / RUN_FILE
     if record.is_file():
@@ -78,9 +97,9 @@ def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterabl
         difference = _first_difference(saved.get("identity", {}), identity) if found else None
         if difference is not None:
             key, before, now = difference
+            back = "" if key.split(".")[0] in derived else f" (or {key}={_show(before)} to continue that run)"
             raise OutputError(
-                f"{out} holds an earlier {recipe} run with {key}={_show(before)}, this run has {key}={_show(now)}; "
-                f"use a new output_dir (or {key}={_show(before)} to continue that run)"
+                f"{out} holds an earlier {recipe} run with {key}={_show(before)}, this run has {key}={_show(now)}; use a new output_dir{back}"
             )
         if found and fresh:
             raise OutputError(
@@ -95,9 +114,51 @@ def _claim(out: Path, recipe: str, identity: Mapping[str, Any], outputs: Iterabl
             f"output_dir={out} is not empty ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) and holds "
             f"no {RUN_FILE}, so it is not a run this {recipe} run can continue; choose a new or empty output_dir"
         )
+    global _fresh_claim
+    created = next((p for p in (*reversed(out.parents), out) if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
+    _fresh_claim = (out, created)
     atomic_write_text(record, json.dumps({"format": FORMAT, "recipe": recipe, "identity": identity, "created": time.time()}, indent=2, sort_keys=True))
     return record
+
+
+def forget_claim() -> None:
+    """The run ended: a later run in this process (tests, sweeps) must not discard this one's directory."""
+    global _fresh_claim
+    _fresh_claim = None
+
+
+def discard_unused_claim() -> None:
+    """After a refusal: the directory this run claimed fresh goes back to how it was found
+    (gone, or empty) if it holds only what a run writes before its work starts (run.json,
+    config.yaml, empty folders, a judge cache without a judgment). Anything else is kept."""
+    if _fresh_claim is None:
+        return
+    out, created = _fresh_claim
+    forget_claim()
+    if not out.is_dir() or not all(_unused(p) for p in out.rglob("*")):
+        return
+    for path in sorted(out.iterdir()):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if created is not None:
+        for folder in (out, *out.parents):
+            if folder == created.parent or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def _unused(path: Path) -> bool:
+    if path.is_dir() or path.name in SCAFFOLDING:
+        return True
+    if path.name.endswith((".sqlite-wal", ".sqlite-shm")):
+        return path.with_name(path.name[: -len("-wal")]).exists()  # a database's journal goes with it
+    if path.suffix == ".sqlite":
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                return db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 0
+        except sqlite3.Error:
+            return False
+    return False
 
 
 def read_run(run_dir: Path) -> Dict[str, Any]:

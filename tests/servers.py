@@ -145,6 +145,8 @@ class FaultServer:
             "fault": fault,
             "authorized": authorized,
             "text": texts[-1],
+            "query": dict(request.query),
+            "headers": dict(request.headers),
         }
         self.log.append(entry)
         with self._lock:

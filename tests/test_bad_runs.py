@@ -2,6 +2,7 @@
 nothing fails, and every expected error is one line (issue 13). Each recipe runs in this process
 exactly as `tune run` calls it; where a directory is refused, its bytes are checked unchanged."""
 
+import base64
 import functools
 import importlib
 import json
@@ -17,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import run_cli
-from servers import FaultServer
+from servers import FaultServer, free_port
 from test_judge_pairs import write_generated
 
 from rlaif_recipes.errors import OutputError
@@ -32,6 +33,11 @@ PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"question {i}?", "responses": [f"a{
 def run(monkeypatch, recipe: str, *overrides: str) -> Union[int, str]:
     """The recipe's main in this process: its exit status, or the one line it exits with."""
     monkeypatch.setattr(sys, "argv", [recipe, "--config", recipe, *overrides])
+    return run_main(monkeypatch, recipe)
+
+
+def run_main(monkeypatch, recipe: str) -> Union[int, str]:
+    """The recipe's main with the sys.argv already set: its exit status, or the one line it exits with."""
     monkeypatch.delenv("RLAIF_DEBUG", raising=False)
     try:
         return importlib.import_module(f"rlaif_recipes.recipes.{recipe}").recipe_main() or 0
@@ -113,7 +119,8 @@ def test_judge_pairs_with_another_judge_or_input_is_refused(monkeypatch, tmp_pat
     assert message.startswith(f"output error: {out} holds an earlier judge_pairs run with judge.rule=rlaif_recipes.judges.rules.shorter, "
                               "this run has judge.rule=rlaif_recipes.judges.rules.answers_instead_of_refusing; use a new output_dir")  # fmt: skip
     message = run(monkeypatch, "judge_pairs", f"input_dir={other}", f"output_dir={out}", SHORTER)
-    assert message.startswith(f"output error: {out} holds an earlier judge_pairs run with input.dir={generated}")
+    assert message == (f"output error: {out} holds an earlier judge_pairs run with input_dir={generated}, this run has input_dir={other}; "
+                       f"use a new output_dir (or input_dir={generated} to continue that run)")  # the key the user typed
     assert snapshot(out) == before
     # settings that do not change a verdict (batching, budgets) may change: the run continues
     assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={out}", SHORTER, "batch_size=1") == 0
@@ -343,7 +350,7 @@ def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown(monkeypatch, t
 
 
 def test_errors_reach_the_console_as_one_line_and_the_readme_form_works(tmp_path, tiny_model_dir):
-    """Through the real command line: `rlaif run RECIPE --config FILE ...` (the README's form)."""
+    """Through the real command line: `rlaif run RECIPE --config FILE ...` (the form docs/recipes.md shows)."""
     copy = tmp_path / "my_run.yaml"
     assert run_cli(["rlaif", "cp", "online_dpo", str(copy)], cwd=tmp_path).returncode == 0
     result = run_cli(["rlaif", "run", "online_dpo", "--config", str(copy), f"checkpoint_dir={tiny_model_dir}", "sync_every=0"], cwd=tmp_path)
@@ -370,3 +377,137 @@ def test_dry_run_says_what_an_api_judge_will_cost_and_sends_nothing(monkeypatch,
     assert "judge cost estimate for 5 steps of 4 prompts x 2 responses (responses at sampler.max_tokens=8): 20 comparisons -> 40 requests" in caplog.text
     assert "dry_run=true: nothing was judged" in caplog.text and not (tmp_path / "prefs" / "data").exists()
     assert not (tmp_path / "o" / "checkpoints").exists() and not (tmp_path / "o" / "steps").exists()
+
+
+def test_an_unquoted_url_with_a_key_is_one_line_that_says_to_quote_it(monkeypatch, tmp_path, capfd):
+    key = "sk-UNQUOTEDKEY0123456789"
+    message = run(monkeypatch, "judge_pairs", "input_dir=.", f"output_dir={tmp_path / 'prefs'}", "judge=openai",
+                  f"judge.base_url=http://h/v1?api_key={key}")  # fmt: skip
+    assert message.startswith("config error: cannot parse the override of judge.base_url (mismatched input '='")
+    assert "\"judge.base_url='VALUE'\"" in message and key not in message + "".join(capfd.readouterr())
+    assert not (tmp_path / "prefs").exists()
+
+
+def assert_nowhere(secrets: List[str], root: Path, *texts: str) -> None:
+    """None of `secrets` in any file under `root` (configs, run.json, caches, metrics, reports) or in `texts`."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [s for s in secrets if s.encode() in data], f"a secret is in {path}"
+    for text in texts:
+        assert not [s for s in secrets if s in text], f"a secret is in:\n{text[-3000:]}"
+
+
+def test_keys_in_endpoint_urls_and_headers_are_sent_but_never_shown_or_saved(monkeypatch, tmp_path, tiny_model_dir, capfd, caplog):
+    """A key in base_url's query string, another as its userinfo, a third in default_headers: each
+    reaches the server, and none is in any file a run writes (config.yaml, run.json, the judge
+    cache, summary.json, metrics.jsonl with its per-replica keys, the audit reports), in the logs,
+    on the console, or in the one-line error of an unreachable endpoint."""
+    in_query, in_userinfo, in_header = "sk-QUERYKEY0123456789", "pw-USERINFO0123456789", "hdr-HEADERKEY0123456789"
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    with FaultServer() as server, caplog.at_level("DEBUG"):
+        host = server.url.removeprefix("http://")
+        api = ["judge=openai", f"judge.base_url=['http://{host}/v1?api_key={in_query}&api-version=2','http://ana:{in_userinfo}@{host}/v1']",
+               "judge.api_key_env=null", f"judge.default_headers={{api-key:{in_header}}}", "judge.order=fixed"]  # fmt: skip
+        assert run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'prefs'}", *api) == 0
+        assert run(monkeypatch, "online_dpo", f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'online'}", *ONLINE,
+                   "max_steps=2", *api) == 0  # fmt: skip
+        assert run(monkeypatch, "audit_judge", f"output_dir={tmp_path / 'audit'}", "max_pairs=4", *api) == 0
+        sent = list(server.log)
+        port = free_port()  # nothing listens there
+        unreachable = f"judge.base_url='http://ana:{in_userinfo}@127.0.0.1:{port}/v1?key={in_query}'"
+        message = run(monkeypatch, "judge_pairs", f"input_dir={generated}", f"output_dir={tmp_path / 'down'}", *api[:1], unreachable,
+                      *api[2:])  # fmt: skip
+    assert message.startswith(f"judge error: judge endpoint http://***REDACTED***@127.0.0.1:{port}/v1?key=***REDACTED*** is unreachable")
+    assert not (tmp_path / "down").exists()  # refused before any work: nothing left behind
+    basic = "Basic " + base64.b64encode(f"ana:{in_userinfo}".encode()).decode()
+    assert {(e["query"].get("api_key"), e["query"].get("api-version")) for e in sent} == {(in_query, "2"), (None, None)}
+    assert {e["headers"].get("Authorization") for e in sent} == {basic, "Bearer EMPTY"}
+    assert {e["headers"].get("api-key") for e in sent} == {in_header}
+    metrics = json.loads((tmp_path / "online" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"judge/requests@http://***REDACTED***@{host}/v1" in metrics
+    assert f"judge/requests@http://{host}/v1?api_key=***REDACTED***&api-version=2" in metrics
+    assert (tmp_path / "prefs" / "judge_cache.sqlite").is_file() and (tmp_path / "audit" / "audit.json").is_file()
+    console = capfd.readouterr()
+    assert_nowhere([in_query, in_userinfo, in_header, basic], tmp_path, message, console.out, console.err, caplog.text)
+
+
+def test_negative_prices_and_budgets_are_refused_and_leave_nothing_behind(monkeypatch, tmp_path):
+    generated = write_generated(tmp_path / "gen", [PROMPTS])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    api = [f"input_dir={generated}", "judge=openai", "judge.api_key_env=null"]
+    for out, setting in [(tmp_path / "new" / "prefs", "judge.input_usd_per_mtok=-1"), (empty, "judge.max_cost_usd=-5")]:
+        message = run(monkeypatch, "judge_pairs", *api, f"output_dir={out}", setting)
+        assert message == f"config error: {setting}: prices and budgets must be >= 0 (or null: no price known / no budget)"
+    assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []  # claimed, refused, and put back as found
+
+
+def test_expected_os_errors_of_get_model_and_plot_are_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n')
+    cases = [
+        (["rlaif", "get-model", "smollm2-135m-instruct", "--out", str(a_file / "model")],
+         f"rlaif: error: cannot write the model to {a_file / 'model'} ("),
+        (["rlaif", "plot", str(run)], f"rlaif: error: {run / 'metrics.jsonl'}: line 2 is not JSON ("),
+        (["rlaif", "plot", str(tmp_path / "missing")], f"rlaif: error: {tmp_path / 'missing'} has no metrics.jsonl"),
+    ]
+    for args, expected in cases:
+        result = run_cli(args, cwd=tmp_path)
+        errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
+        assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    result = run_cli(["rlaif", "plot", str(run), "--out", str(a_file / "run.png")], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [ln for ln in result.stderr.splitlines() if "error" in ln.lower()] == [
+        f"rlaif: error: cannot write {a_file / 'run.png'} (Not a directory); choose another --out"]
+    assert a_file.read_text() == "not a directory" and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_malformed_config_file_is_one_line_with_file_line_and_column(monkeypatch, tmp_path):
+    bad = tmp_path / "my_run.yaml"
+    bad.write_text("defaults:\n  - judge: rule\nbatch_size: [1, 2\noutput_dir: out\n")
+    monkeypatch.setattr(sys, "argv", ["judge_pairs", "--config", str(bad), "input_dir=."])
+    message = run_main(monkeypatch, "judge_pairs")
+    assert message == (f"config error: {bad}, line 4, column 11: not valid yaml (while parsing a flow sequence: expected ',' or ']', "
+                       "but got ':'); fix the file there")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_run.yaml"]
+
+
+def test_messages_name_the_key_the_user_typed(monkeypatch, tmp_path, tiny_model_dir, pairs_file, no_engine):
+    message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "keep_last_checkpoints=0"))
+    assert message == "config error: keep_last_checkpoints=0: keep at least 1 checkpoint, or null for all"
+    missing = tmp_path / "no_model"
+    message = run(monkeypatch, "evaluate", f"checkpoint_dir={tiny_model_dir}", f"reference_dir={missing}", f"output_dir={tmp_path / 'e'}")
+    assert message == f"checkpoint error: no config.json in {missing} (the directory does not exist); point reference_dir at an HF model directory"
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("model.lora_rank=0", "model.lora_rank=0: the adapter rank must be >= 1 (e.g. 8)"),
+    ("model.lora_alpha=0", "model.lora_alpha=0: the adapter scale must be > 0 (e.g. 2 x lora_rank)"),
+    ("model.lora_dropout=1.0", "model.lora_dropout=1.0: dropout must be in [0, 1) (0: none)"),
+])  # fmt: skip
+def test_lora_settings_are_checked_before_the_model_is_built(monkeypatch, tmp_path, tiny_model_dir, pairs_file, setting, expected):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before its LoRA settings were checked")
+
+    monkeypatch.setattr("rlaif_recipes.recipes.dpo.build_policy", no_build)
+    monkeypatch.setattr("rlaif_recipes.recipes.online_dpo.build_policy", no_build)
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "model=hf_lora", setting)) == f"config error: {expected}"
+    online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "model=hf_lora", setting]
+    assert run(monkeypatch, "online_dpo", *online) == f"config error: {expected}"
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "o").exists()
+
+
+def test_every_judge_base_url_entry_is_checked_with_the_config(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "judge=openai", "judge.api_key_env=null",
+              "judge.base_url=[http://127.0.0.1:1/v1,localhost:8000/v1]"]  # fmt: skip
+    assert run(monkeypatch, "online_dpo", *online) == (
+        "config error: judge.base_url[1]=localhost:8000/v1 is not an http(s) URL with a host; write it as http://HOST:PORT/v1 (or https://...)"
+    )
+    assert not (tmp_path / "o").exists()

@@ -84,15 +84,18 @@ def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_
     assert replies[0]["before"] == "[refusal] reply b 0" and replies[1]["after"] == "reply a 1"  # one prompt, every policy
     assert "safe: \"safe 0\"" in text and (tmp_path / "demo.png").is_file()
     assert "Training curves of after: [online_x/run.png](online_x/run.png)" in text
-    assert "| before | 60.0% | 100.0% |" in text and "| 83.3% |" in text  # rates as percentages, as the README shows them
+    assert "| before | 60.0% | 100.0% | - | - |" in text and "| 83.3% |" in text  # percentages; "-": no cut for the start
+    assert doc["metrics"]["rows"][0]["false-refusal cut"] is None
 
 
 def test_a_stage_shows_its_step_bar_and_a_failure_names_its_log(tmp_path: Path, capsys) -> None:
     demo = _demo()
-    script = "import sys; [print(f'online_dpo: {i}/3 [00:0{i}<00:01]', end='\\r', flush=True) for i in range(4)]; print('done')"
+    script = ("import sys; [print(f'online_dpo: {33 * i}%|###| {i}/3 [00:0{i}<00:01]', end='\\r', flush=True) for i in range(4)]; "
+              "print('Processed prompts: 100%|###| 103/103 [00:07, 13.88it/s]'); print('done')")  # vLLM's inner bar comes last
     demo.run_stage("stage", [sys.executable, "-c", script], tmp_path / "ok.log")
     shown = capsys.readouterr().out
-    assert "stage" in shown and "3/3" in shown and "done" in (tmp_path / "ok.log").read_text()
+    assert "stage" in shown and "3/3" in shown and "103/103" not in shown and "done" in (tmp_path / "ok.log").read_text()
+    assert demo.PROGRESS.findall("\r1|13|Loss: 2.0130136013031006:  33%|###3      | 13/39 [00:59<02:04,  4.80s/it]") == [("13", "39")]
     with pytest.raises(SystemExit, match=r"stage 'bad' failed \(exit 3\); see .*bad.log:\nboom"):
         demo.run_stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")
 

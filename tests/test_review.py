@@ -7,13 +7,15 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from rlaif_recipes.judges import Pair, RouterJudge, RuleJudge, Verdict
-from rlaif_recipes.judges.router import PromptMatches
+from rlaif_recipes.judges.router import PromptMatches, read_human_labels
 
 PAIRS = [Pair(f"How do I bake bread number {i}?", f"Mix flour, water and yeast, then bake loaf {i}.", "I can't help with that.")
          for i in range(3)]  # fmt: skip
@@ -31,17 +33,17 @@ def routed_run(tmp_path: Path) -> Path:
 class Terminal:
     """`rlaif review` on a pseudo-terminal: what a person sees, and keys typed into it."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, annotator: str = "ana", *args: str) -> None:
         master, slave = pty.openpty()
         exe = Path(sys.executable).parent / "rlaif"
-        self.proc = subprocess.Popen([str(exe), "review", str(run_dir), "--annotator", "ana"], stdin=slave, stdout=slave,
+        self.proc = subprocess.Popen([str(exe), "review", str(run_dir), "--annotator", annotator, *args], stdin=slave, stdout=slave,
                                      stderr=slave, start_new_session=True)  # fmt: skip
         os.close(slave)
         self.master, self.seen = master, ""
 
-    def read_until(self, text: str, timeout: float = 120) -> str:
+    def read_until(self, text: str, timeout: float = 120, since: int = 0) -> str:
         deadline = time.monotonic() + timeout
-        while text not in self.seen:
+        while text not in self.seen[since:]:
             assert time.monotonic() < deadline, f"never saw {text!r}; screen:\n{self.seen[-2000:]}"
             if select.select([self.master], [], [], 0.2)[0]:
                 try:
@@ -49,6 +51,14 @@ class Terminal:
                 except OSError:  # the program ended
                     break
         return self.seen
+
+    def read_card(self) -> str:
+        """The next pair's card once it is on screen whole: its request (the pair's identity)."""
+        start = len(self.seen)
+        self.read_until("--- pair ", since=start)
+        at = start + self.seen[start:].index("--- pair ")
+        self.read_until("> ", since=at)
+        return self.seen[at:].split("request:")[1].split("[1] first response:")[0].strip()
 
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode())
@@ -153,3 +163,115 @@ def test_label_studio_round_trip_feeds_the_router_and_the_audit(tmp_path: Path) 
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())["metrics"]
     assert report["pairs"] == 3 and report["agreement"] == pytest.approx(2 / 3)
     assert report["agreement_by"]["annotator"] == {"lee@team": {"agreement": 1.0, "pairs": 2}, "sam": {"agreement": 0.0, "pairs": 1}}
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list:
+    return [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def prompt_on_screen(screen: str, pair_number: int) -> str:
+    return screen.split(f"--- pair {pair_number} of")[1].split("request:")[1].split("[1] first response:")[0].strip()
+
+
+def test_a_corrupt_queue_line_is_named_and_skipped_visibly(tmp_path: Path) -> None:
+    run_dir = routed_run(tmp_path)
+    queue = run_dir / "review_queue.jsonl"
+    lines = queue.read_text().splitlines(keepends=True)
+    queue.write_text(lines[0] + '{"pair_id": "torn", "prom\n' + "".join(lines[1:]))
+    before = queue.read_bytes()
+    term = Terminal(run_dir)
+    screen = term.read_until("> ")
+    assert f"warning: {queue}: line(s) 2 are not queue entries (not JSON, or no pair_id, prompt, response_a and response_b); skipped" in screen
+    assert "3 of 3 queued pair(s) to label" in screen
+    term.type("q\n")
+    term.read_until("labelled 0 this session; 3 left")
+    assert term.close() == 0 and queue.read_bytes() == before
+
+
+def test_unwritable_labels_are_refused_before_the_first_pair_shows(tmp_path: Path) -> None:
+    run_dir = routed_run(tmp_path)
+    (run_dir / "labels_dir").mkdir()
+    before = snapshot(run_dir)
+    result = run_cli(["rlaif", "review", str(run_dir), "--labels", str(run_dir / "labels_dir")], cwd=tmp_path)
+    assert result.returncode == 2 and "--- pair" not in result.stdout
+    assert error_lines(result) == [
+        f"rlaif: error: cannot write human labels to {run_dir / 'labels_dir'} (Is a directory); fix its permissions or pass --labels PATH"]
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permissions")
+def test_a_read_only_labels_file_is_refused_before_the_first_pair_shows(tmp_path: Path) -> None:
+    run_dir = routed_run(tmp_path)
+    labels_file = run_dir / "human_labels.jsonl"
+    labels_file.write_text("")
+    labels_file.chmod(0o444)
+    result = run_cli(["rlaif", "review", str(run_dir)], cwd=tmp_path)
+    assert result.returncode == 2 and "--- pair" not in result.stdout
+    assert error_lines(result) == [
+        f"rlaif: error: cannot write human labels to {labels_file} (Permission denied); fix its permissions or pass --labels PATH"]
+
+
+def test_an_import_of_unknown_tasks_says_what_was_skipped_and_fails(tmp_path: Path) -> None:
+    run_dir = routed_run(tmp_path)
+    choice = {"result": [{"type": "choices", "value": {"choices": ["first"]}}], "completed_by": 7}
+    export = [{"data": {"pair_id": "0123456789abcdef01234567", "swapped": False}, "annotations": [choice]},
+              {"data": {"pair_id": "fedcba9876543210fedcba98"}, "annotations": [choice]}]  # fmt: skip
+    queued = json.loads((run_dir / "review_queue.jsonl").read_text().splitlines()[0])
+    export.append({"data": {"pair_id": queued["pair_id"]}, "annotations": []})  # exported, never answered
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    before = snapshot(run_dir)
+    result = run_cli(["rlaif", "review", str(run_dir), "--import-label-studio", str(tmp_path / "export.json")], cwd=tmp_path)
+    assert result.returncode == 2
+    assert error_lines(result) == [
+        f"rlaif: error: added 0 human label(s) from 3 task(s) in {tmp_path / 'export.json'}; skipped 3: 2 with a pair_id not in the "
+        "queue (unknown pair id); 1 without a choice (no annotation, cancelled, or no first/second/tie); nothing imported: export the "
+        f"project that was made from {run_dir / 'review_queue.jsonl'}'s tasks, after labelling"]
+    assert snapshot(run_dir) == before
+
+
+def test_two_people_label_one_queue_at_once_while_the_router_reads_their_answers(tmp_path: Path) -> None:
+    """Two `rlaif review` processes on one queue: a pair on one screen is passed over by the other,
+    every answer is kept once with its annotator, and a router reading the labels meanwhile
+    (a judge_pairs re-run) reads whole lines only."""
+    run_dir = routed_run(tmp_path)
+    reads, errors, stop = [], [], threading.Event()
+
+    def router_reading() -> None:
+        while not stop.is_set():
+            try:
+                reads.append(len(read_human_labels(str(run_dir / "human_labels.jsonl"))))
+            except Exception as e:  # a torn line would be a DataError here
+                errors.append(e)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=router_reading)
+    reader.start()
+    try:
+        ana = Terminal(run_dir, "ana")
+        ana_first = ana.read_card()
+        bo = Terminal(run_dir, "bo")
+        bo_first = bo.read_card()
+        assert bo_first != ana_first  # ana's pair is leased to her: bo gets the next one
+        ana.type("t\n")  # ana answers and goes on past bo's pair to the one nobody holds
+        ana_second = ana.read_card()
+        assert ana_second not in (ana_first, bo_first)
+        bo.type("1\n")  # bo answers; the rest are answered or on ana's screen: bo is done
+        bo.read_until("labelled 1 this session; 1 left, 1 of them on someone else's screen")
+        assert bo.close() == 0
+        ana.type("2\n")
+        ana.read_until("labelled 2 this session; 0 left")
+        assert ana.close() == 0
+    finally:
+        stop.set()
+        reader.join()
+    got = labels(run_dir)
+    assert sorted(g["annotator"] for g in got) == ["ana", "ana", "bo"] and len({g["pair_id"] for g in got}) == 3
+    assert errors == [] and reads == sorted(reads) and reads[-1] == 3  # whole lines only, none ever lost
+    rule = RuleJudge(rule="rlaif_recipes.judges.rules.answers_instead_of_refusing", order="fixed")
+    router = RouterJudge(rule, review_path=str(run_dir / "review_queue.jsonl"), human_labels_path=str(run_dir / "human_labels.jsonl"),
+                         high_stakes=[PromptMatches(["bread"])])  # fmt: skip
+    assert sorted(j.judge for j in router.judge(PAIRS)) == ["ana", "ana", "bo"]

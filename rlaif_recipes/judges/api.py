@@ -12,11 +12,15 @@ a killed run finished. A budget (requests, tokens, USD) stops labelling cleanly:
 pairs abstain with a message that says which budget ran out and how to raise it.
 
 The API key is read from the environment variable named by `api_key_env` when a run starts and
-is never stored in the config, the identity (cache key), logs or error messages.
+is never stored in the config, the identity (cache key), logs or error messages. So are the other
+places a provider may want a credential: the endpoint URL's query string (`?key=...`, sent as the
+client's default query) or userinfo (`https://user:secret@host`), and `default_headers` values:
+everything shown or saved names an endpoint by its redacted URL (`rlaif_recipes.redact`).
 """
 
 import abc
 import asyncio
+import base64
 import contextlib
 import importlib
 import itertools
@@ -26,7 +30,8 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from rlaif_recipes.errors import ConfigError, JudgeError
 from rlaif_recipes.judges.api_limits import RateLimiter, backoff_delay, retry_after_seconds
@@ -38,6 +43,7 @@ from rlaif_recipes.judges.api_parse import (
 )
 from rlaif_recipes.judges.base import CALL_USAGE, Judgment, Pair, PairwiseJudge
 from rlaif_recipes.judges.rubric import LETTER_ANSWER
+from rlaif_recipes.redact import mask, redact_url, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,22 @@ STRUCTURED = ("choice", "json_schema", "none")
 PROBE_TIMEOUT_S = 10.0  # connection refused fails at once; this bounds an endpoint that never answers
 RETRY_STATUS = {408, 409, 429}  # plus every 5xx
 FATAL_STATUS = {401: "the API rejected the key", 403: "the key may not use this model or endpoint"}
+
+
+class _MaskSecrets(logging.Filter):
+    """The HTTP libraries' own log lines with every API judge's secrets masked (httpx logs each
+    request's URL, query string included, at INFO)."""
+
+    secrets: Set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = mask(record.getMessage(), self.secrets), None
+        return True
+
+
+_MASK = _MaskSecrets()
+for _name in ("httpx", "httpx2", "openai._base_client", "anthropic._base_client"):
+    logging.getLogger(_name).addFilter(_MASK)
 
 
 class JudgeUnavailableError(JudgeError):
@@ -71,7 +93,7 @@ class APIJudge(PairwiseJudge):
     client_class = ""  # the SDK's async client class
     RUNTIME_SETTINGS = PairwiseJudge.RUNTIME_SETTINGS + (
         "base_url", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s",
-        "hedge_after_s",
+        "hedge_after_s", "default_headers",
         "max_retries", "backoff_base_s", "backoff_max_s", "probe", "input_usd_per_mtok", "output_usd_per_mtok",
         "max_requests", "max_tokens", "max_cost_usd",
     )
@@ -82,6 +104,7 @@ class APIJudge(PairwiseJudge):
         model: str,
         api_key_env: Optional[str],
         base_url: Union[str, Sequence[str], None] = None,
+        default_headers: Optional[Mapping[str, str]] = None,
         structured: str = "none",
         temperature: Optional[float] = 0.0,
         max_output_tokens: int = 8,
@@ -113,6 +136,10 @@ class APIJudge(PairwiseJudge):
                 "judge.max_concurrency must be >= 1, judge.max_retries >= 0, judge.timeout_s > 0 and "
                 "judge.hedge_after_s > 0 (or null)"
             )
+        negative = [f"judge.{k}={v}" for k, v in (("input_usd_per_mtok", input_usd_per_mtok), ("output_usd_per_mtok", output_usd_per_mtok),
+                    ("max_requests", max_requests), ("max_tokens", max_tokens), ("max_cost_usd", max_cost_usd)) if v is not None and v < 0]  # fmt: skip
+        if negative:
+            raise ConfigError(f"{', '.join(negative)}: prices and budgets must be >= 0 (or null: no price known / no budget)")
         if max_cost_usd is not None and (input_usd_per_mtok is None or output_usd_per_mtok is None):
             raise ConfigError(
                 "judge.max_cost_usd needs prices: set judge.input_usd_per_mtok and judge.output_usd_per_mtok "
@@ -126,8 +153,15 @@ class APIJudge(PairwiseJudge):
         # keeps failing to connect is skipped for the rest of the run
         self.base_urls: List[Optional[str]] = [base_url] if base_url is None or isinstance(base_url, str) else list(base_url)
         if not self.base_urls or (len(self.base_urls) > 1 and not all(self.base_urls)):
-            raise ConfigError(f"judge.base_url={base_url!r}: give one URL, null (the provider's default), or a list of URLs")
+            raise ConfigError(f"judge.base_url={_shown(base_url)}: give one URL, null (the provider's default), or a list of URLs")
+        for i, url in enumerate(self.base_urls):
+            _check_url(url, "judge.base_url" + (f"[{i}]" if len(self.base_urls) > 1 else ""))
         self.base_url = self.base_urls[0] if len(self.base_urls) == 1 else None
+        self.default_headers = {str(k): str(v) for k, v in (default_headers or {}).items()}
+        self._secrets = [v for url in self.base_urls if url for v in url_secrets(url)] + list(self.default_headers.values())
+        if api_key_env:
+            self._secrets.append(self._api_key)
+        _MASK.secrets.update(self._secrets)
         self._dead: Set[str] = set()
         self._failures: Counter = Counter()  # connection failures in a row, per endpoint
         self.temperature, self.max_output_tokens = temperature, max_output_tokens
@@ -152,10 +186,24 @@ class APIJudge(PairwiseJudge):
 
     def _client(self, api_key: str, base_url: Optional[str]) -> Any:
         """A new async SDK client with the SDK's own retries off, made inside the running loop, on
-        the aiohttp transport (about 1 ms less CPU per request than the default httpx one)."""
+        the aiohttp transport (about 1 ms less CPU per request than the default httpx one). A query
+        string in the URL becomes the client's default query (the SDK appends paths to the URL), and
+        userinfo basic auth (as curl sends it; aiohttp refuses userinfo beside the SDK's own header)."""
+        query: Dict[str, str] = {}
+        headers = dict(self.default_headers)
+        if base_url is not None:
+            parts = urlsplit(base_url)
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+            if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
+                userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+            netloc = parts.netloc.rpartition("@")[2]
+            base_url = urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
         return getattr(self.sdk, self.client_class)(
             api_key=api_key,
             base_url=base_url,
+            default_query=query or None,
+            default_headers=headers or None,
             max_retries=0,
             timeout=self.timeout_s,
             http_client=self.sdk.DefaultAioHttpClient(),
@@ -175,7 +223,8 @@ class APIJudge(PairwiseJudge):
         """Plus the endpoint: a run may move to another server (base_url is a RUNTIME_SETTING), but
         a served name such as vLLM's "judge" says nothing about the model, so the cache keeps the
         verdicts of different endpoints apart."""
-        return {**super().identity(), "base_url": self.base_url if len(self.base_urls) == 1 else sorted(self.base_urls)}
+        shown = [redact_url(url) if url else url for url in self.base_urls]
+        return {**super().identity(), "base_url": shown[0] if len(shown) == 1 else sorted(shown)}
 
     def answer_instruction(self) -> str:
         return JSON_ANSWER if self.structured == "json_schema" else LETTER_ANSWER
@@ -257,7 +306,7 @@ class APIJudge(PairwiseJudge):
                 "or fix judge.base_url (judge.probe=false skips this check)"
             )
         for url, why in unreachable.items():
-            log.warning("judge endpoint %s is unreachable (%s): skipped, %d replica(s) left", url, why, len(clients) - len(unreachable))
+            log.warning("judge endpoint %s is unreachable (%s): skipped, %d replica(s) left", _shown(url), why, len(clients) - len(unreachable))
             self._dead.add(url)
 
     def _endpoint(self, turn: int) -> Optional[str]:
@@ -271,7 +320,7 @@ class APIJudge(PairwiseJudge):
         if len(self.base_urls) > 1 and url not in self._dead and self._failures[url] > self.max_retries:
             self._dead.add(url)
             self.count("endpoints_skipped", 1)
-            log.warning("judge endpoint %s failed %d times in a row: skipped for the rest of the run", url, self._failures[url])
+            log.warning("judge endpoint %s failed %d times in a row: skipped for the rest of the run", _shown(url), self._failures[url])
 
 
     # ---- one pair: budget, pacing, retries ------------------------------------------------
@@ -364,7 +413,7 @@ class APIJudge(PairwiseJudge):
         usage["requests"] += 1
         self.count("requests", 1)
         if len(self.base_urls) > 1:
-            self.count(f"requests@{url}", 1)
+            self.count(f"requests@{_shown(url)}", 1)
         for k, v in reserved.items():
             self._in_flight[k] += v
         try:
@@ -473,11 +522,14 @@ class APIJudge(PairwiseJudge):
     # ---- messages -------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        """Error text with the key masked, in case an endpoint echoes it back."""
-        return text.replace(self._api_key, "***") if self.api_key_env else text
+        """Error text with the key, header values and URL secrets masked, in case an endpoint
+        echoes them back."""
+        return mask(text, self._secrets)
 
     def _where(self) -> str:
-        return ", ".join(self.base_urls) if len(self.base_urls) > 1 else self.base_url or f"the default {self.sdk.__name__} endpoint"
+        if self.base_url is None and len(self.base_urls) == 1:
+            return f"the default {self.sdk.__name__} endpoint"
+        return ", ".join(_shown(url) for url in self.base_urls)
 
     def _fatal_message(self, status: int) -> str:
         return (
@@ -582,6 +634,27 @@ async def _post(client: Any, path: str, cast_to: type, body: Dict[str, Any], tim
     the client from 4-5 ms to 1.3-1.7 ms of CPU per request on a 2-core machine: at 64 requests in
     flight and 200 ms latency (320 requests/s) that is the difference between fitting and not."""
     return await client.post(path, cast_to=cast_to, body=body, options={"timeout": timeout_s})
+
+
+def _shown(url: Any) -> str:
+    """An endpoint (or a list of them) as it may be shown or saved: secrets in URLs redacted."""
+    if isinstance(url, str):
+        return redact_url(url)
+    if isinstance(url, Sequence):
+        return "[" + ", ".join(_shown(u) for u in url) + "]"
+    return repr(url)
+
+
+def _check_url(url: Optional[str], key: str) -> None:
+    """With the config, not when a request first goes there: an http(s) URL with a host, or null."""
+    if url is None:
+        return
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+    except ValueError:  # e.g. an unclosed [ in the host
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}={_shown(url)} is not an http(s) URL with a host; write it as http://HOST:PORT/v1 (or https://...)")
 
 
 def _read_key(env: Optional[str]) -> str:

@@ -38,10 +38,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from rlaif_recipes.config import _SECRET_KEY
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.cache import JudgmentCache, cache_key
 from rlaif_recipes.judges.rubric import Rubric
+from rlaif_recipes.redact import SECRET_KEY
 
 ORDERS = ("both", "random", "fixed")
 # the counter of the `judge_with_usage` call running in this context (None outside one)
@@ -186,7 +186,7 @@ class PairwiseJudge(abc.ABC):
         settings = {
             k: identity_value(v)
             for k, v in self.__dict__.get("_arguments", {}).items()
-            if k not in skip and not _SECRET_KEY.search(k)
+            if k not in skip and not SECRET_KEY.search(k)
         }
         return {**settings, "class": _dotted(type(self)), "rubric": self.rubric and self.rubric.id}
 
@@ -352,7 +352,7 @@ def identity_value(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): identity_value(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+        return {str(k): identity_value(v) for k, v in value.items() if not SECRET_KEY.search(str(k))}
     if isinstance(value, Sequence):
         return [identity_value(v) for v in value]
     if callable(value) and hasattr(value, "__qualname__"):

@@ -28,7 +28,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError
@@ -166,14 +166,14 @@ class ReviewQueue:
             raise ConfigError(f"judge.review_path={path}: cannot write there ({e.strerror}); choose a writable path") from None
 
     def entries(self) -> List[Dict[str, Any]]:
-        return list(_read_jsonl(self.path, strict=False))
+        return read_queue(self.path)[0]
 
     def add(self, entries: List[Dict[str, Any]]) -> int:
         """Append the entries whose pair_id is not queued yet; returns how many were new."""
         if not entries:
             return 0
         with self._locked() as f:
-            queued = {e["pair_id"] for e in _read_jsonl(self.path, strict=False)}
+            queued = {e["pair_id"] for e in self.entries()}
             new = []
             for e in entries:
                 if e["pair_id"] not in queued:
@@ -181,7 +181,7 @@ class ReviewQueue:
                     new.append({**e, "queued_at": time.time()})
             if new:
                 f.seek(0, os.SEEK_END)
-                torn = f.tell() > 0 and _last_byte(self.path) != b"\n"
+                torn = f.tell() > 0 and last_byte(self.path) != b"\n"
                 f.write(("\n" if torn else "") + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in new))
                 f.flush()
                 os.fsync(f.fileno())
@@ -197,12 +197,29 @@ class ReviewQueue:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+QUEUE_FIELDS = ("pair_id", "prompt", "response_a", "response_b")
+
+
+def read_queue(path: Path, fields: Sequence[str] = ("pair_id",)) -> Tuple[List[Dict[str, Any]], List[int]]:
+    """(entries, numbers of the lines that are not an entry with these text `fields`): a line torn
+    by a crash, or edited by hand, is left out, and the caller says so."""
+    bad: List[int] = []
+    entries = []
+    for n, row in _read_jsonl(Path(path), strict=False, bad=bad):
+        if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in fields):
+            entries.append(row)
+        else:
+            bad.append(n)
+    return entries, sorted(bad)
+
+
 def read_human_labels(path: Optional[str]) -> Dict[str, Dict[str, Any]]:
-    """pair_id -> {verdict, annotator, note}; the last label for a pair wins. A missing file is empty."""
+    """pair_id -> {verdict, annotator, note}; the last label for a pair wins. A missing file is empty.
+    Read under a shared lock: a label being appended (under the exclusive one) is read whole or not at all."""
     labels: Dict[str, Dict[str, Any]] = {}
     if not path:
         return labels
-    for n, row in enumerate(_read_jsonl(Path(path), strict=True), 1):
+    for n, row in _read_jsonl(Path(path), strict=True, shared_lock=True):
         if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
             raise DataError(
                 f"{path}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}), got {row!r}; fix or remove that line"
@@ -243,21 +260,27 @@ def export_review_queue(review_path: str, out_dir: str, human_labels_path: Optio
     return dataset
 
 
-def _read_jsonl(path: Path, strict: bool) -> Iterator[Any]:
+def _read_jsonl(path: Path, strict: bool, bad: Optional[List[int]] = None, shared_lock: bool = False) -> Iterator[Tuple[int, Any]]:
+    """(line number, row) of each line; a line that is not JSON raises (strict) or goes to `bad`."""
     if not path.exists():
         return
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                if strict:
-                    raise DataError(f"{path}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
+        if shared_lock:
+            fcntl.flock(f, fcntl.LOCK_SH)
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            if strict:
+                raise DataError(f"{path}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
+            if bad is not None:
+                bad.append(n)
 
 
-def _last_byte(path: Path) -> bytes:
+def last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)

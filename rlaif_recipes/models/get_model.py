@@ -72,8 +72,12 @@ def get_model(name: str, out: str | None = None) -> Path:
         raise GetModelError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}")
     spec = MODELS[name]
     dest = Path(out) if out is not None else default_cache_dir() / "models" / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{dest}.lock", "w") as lock:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(f"{dest}.lock", "w")  # noqa: SIM115 (closed by the with below)
+    except OSError as e:
+        raise GetModelError(f"cannot write the model to {dest} ({e.strerror}: {e.filename}); choose a writable --out") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if is_finished(dest, name):
             return dest

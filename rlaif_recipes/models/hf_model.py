@@ -40,13 +40,14 @@ class UnsupportedModelError(CheckpointError, ValueError):
     ValueError, which callers caught before it was a CheckpointError)."""
 
 
-def hf_config(checkpoint_dir: str) -> Dict[str, Any]:
-    """config.json as a dict; a missing or corrupt one is a CheckpointError that says what to do."""
+def hf_config(checkpoint_dir: str, key: str = "checkpoint_dir") -> Dict[str, Any]:
+    """config.json as a dict; a missing or corrupt one is a CheckpointError that says what to do
+    (`key`: the setting that named the directory)."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         where = "" if Path(checkpoint_dir).is_dir() else " (the directory does not exist)"
         raise CheckpointError(
-            f"no config.json in {checkpoint_dir}{where}; point checkpoint_dir at an HF model directory"
+            f"no config.json in {checkpoint_dir}{where}; point {key} at an HF model directory"
         )
     fix = "restore it from the original model"
     try:
@@ -60,7 +61,7 @@ def hf_config(checkpoint_dir: str) -> Dict[str, Any]:
     return cfg
 
 
-def check_checkpoint_dir(checkpoint_dir: str, model: Optional[DictConfig | Mapping] = None) -> None:
+def check_checkpoint_dir(checkpoint_dir: str, model: Optional[DictConfig | Mapping] = None, key: str = "checkpoint_dir") -> None:
     """Fail with one line, before any engine start, model build or weight read, if `checkpoint_dir`
     cannot be loaded (a CheckpointError): config.json missing, corrupt or of an unsupported
     architecture; a shard that model.safetensors.index.json lists is missing; no *.safetensors; a
@@ -73,9 +74,9 @@ def check_checkpoint_dir(checkpoint_dir: str, model: Optional[DictConfig | Mappi
 
     Cheap: it reads config.json and each file's safetensors header (8 bytes and a JSON header, 30 kB
     for SmolLM2-135M), never a tensor, and builds `model` on the meta device, which allocates no
-    weights (timings: bench/RESULTS.md).
+    weights (timings: bench/RESULTS.md). `key` is the setting that named the directory.
     """
-    cfg = _supported_config(checkpoint_dir)
+    cfg = _supported_config(checkpoint_dir, key)
     _check_index(Path(checkpoint_dir))
     shapes: Dict[str, List[int]] = {}
     for name in _weight_files(checkpoint_dir):
@@ -297,9 +298,9 @@ def _tune_shapes(
 # ---- reading config.json ----------------------------------------------------------------------
 
 
-def _supported_config(checkpoint_dir: str) -> Dict[str, Any]:
+def _supported_config(checkpoint_dir: str, key: str = "checkpoint_dir") -> Dict[str, Any]:
     """config.json, after checking that the builders here reproduce the architecture exactly."""
-    cfg = hf_config(checkpoint_dir)
+    cfg = hf_config(checkpoint_dir, key)
     kind = cfg.get("model_type")
     problem = None
     if kind not in ("llama", "qwen2"):

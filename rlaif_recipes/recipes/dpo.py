@@ -60,7 +60,13 @@ from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_lo
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
-from rlaif_recipes.policy import build_policy, check_optimizer, device_and_dtype, full_cpu_state_dict
+from rlaif_recipes.policy import (
+    build_policy,
+    check_optimizer,
+    check_training_settings,
+    device_and_dtype,
+    full_cpu_state_dict,
+)
 from rlaif_recipes.run_dir import claim, run_identity
 
 log = utils.get_logger("INFO")
@@ -115,6 +121,7 @@ class DPORecipe:
             if cfg[key] is not None and cfg[key] < 1:
                 raise ConfigError(f"{key}={cfg[key]}: must be >= 1 (a run that trains no step is not a run)")
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         check_optimizer(cfg.optimizer, cfg.lr_scheduler)
         self._world_size, self._rank = utils.get_world_size_and_rank()

@@ -84,7 +84,7 @@ class EvaluateRecipe:
         for key, model in (("checkpoint_dir", cfg.model), ("reference_dir", cfg.model), ("fluency.model_dir", None)):
             path = OmegaConf.select(cfg, key)
             if path is not None:
-                check_checkpoint_dir(path, model)
+                check_checkpoint_dir(path, model, key)
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir)
         claim(cfg.output_dir, "evaluate", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),

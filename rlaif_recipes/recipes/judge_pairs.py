@@ -124,8 +124,8 @@ class JudgePairsRecipe:
         self._seconds = 0.0
         self._asked = self._abstained = 0  # this run's comparisons put to the judge, and its abstains
         self._abstain_reasons: Counter = Counter()
-        input_run = {"dir": str(Path(cfg.input_dir).resolve()), "run": read_run(Path(cfg.input_dir)).get("identity")}
-        claim(cfg.output_dir, "judge_pairs", run_identity(cfg, RUNTIME_KEYS, input=input_run), outputs=("data", "dropped"))
+        identity = run_identity(cfg, RUNTIME_KEYS, input_dir=str(Path(cfg.input_dir).resolve()), input_run=read_run(Path(cfg.input_dir)).get("identity"))
+        claim(cfg.output_dir, "judge_pairs", identity, outputs=("data", "dropped"))
 
     def setup(self, cfg: DictConfig) -> None:
         self._judge = config.instantiate(cfg.judge)

@@ -83,6 +83,7 @@ from rlaif_recipes.models.hf_model import hf_config
 from rlaif_recipes.policy import (
     build_policy,
     check_optimizer,
+    check_training_settings,
     device_and_dtype,
     full_cpu_state_dict,
     full_state_dict,
@@ -141,6 +142,7 @@ class OnlineDPORecipe:
         _check_settings(cfg, self._world_size)
         check_pair_sampling(cfg.sampler, cfg.n)
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         check_optimizer(cfg.optimizer, cfg.lr_scheduler)
         claim(cfg.output_dir, "online_dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
