@@ -8,19 +8,21 @@ would run it; this file only puts them in order, shows progress and prints the t
    XSTest completions of the train split (conf/sft.yaml).
 2. `evaluate` it on held-out prompts no stage trains on (conf/demo/evaluate.yaml): XSTest's phrase
    matcher for refusals, short and distinct replies, and fluency under the original SmolLM2.
-3. Row 1, the reference case: `online_dpo` on benign training prompts under the `false_refusal`
-   rubric, judged by the router over the encoder reward model (conf/demo/false_refusal.yaml).
-4. Row 2: the same on safe and unsafe training prompts under `helpful_harmless`: the judge infers
-   from the request text whether to answer or decline (conf/demo/helpful_harmless.yaml).
-5. `evaluate` each result; write demo.json / demo.md / demo.png with five safe and five unsafe
-   held-out replies per row.
+3. The headline row, the reference case: `online_dpo` on safe and unsafe training prompts under
+   the `unnecessary_refusal` rubric ("helpfully answers vs unnecessarily refuses"), judged by the
+   router over the encoder reward model, whose harm reader decides from the request text whether a
+   refusal is necessary (conf/demo/unnecessary_refusal.yaml).
+4. The blind-spot row: the same on benign prompts only under `false_refusal`, a judge that never
+   looks at harm (conf/demo/false_refusal.yaml): what a policy inherits from such a judge.
+5. `evaluate` each result on held-out XSTest prompts and on HarmBench's harmful instructions;
+   write demo.json / demo.md / demo.png with five safe and five unsafe held-out replies per row.
 
-`--offline` (`make demo-offline`) runs row 1 the classic way instead: `generate_pairs` from the
+`--offline` (`make demo-offline`) runs the headline row the classic way instead: `generate_pairs` from the
 starting policy, `judge_pairs` with the same judge, `dpo` on the judged pairs (conf/demo/offline_*.yaml).
 
 A finished stage is skipped on a re-run (its output is there), so an interrupted demo continues.
 
-    python examples/demo.py [--out outputs/demo] [--rows false_refusal helpful_harmless] [--offline]
+    python examples/demo.py [--out outputs/demo] [--rows unnecessary_refusal false_refusal] [--offline]
 """
 
 import argparse
@@ -46,8 +48,8 @@ from rlaif_recipes.plot_run import plot_run
 from rlaif_recipes.report import Bars, read_report, write_report
 
 ROWS = {
-    "false_refusal": "benign prompts, false_refusal rubric",
-    "helpful_harmless": "safe + unsafe prompts, helpful_harmless rubric",
+    "unnecessary_refusal": "safe + unsafe prompts, unnecessary_refusal rubric",
+    "false_refusal": "benign prompts only, false_refusal rubric",
 }
 SAMPLE_REPLIES = 5  # held-out replies shown per prompt kind and row
 BIN = Path(sys.executable).parent
@@ -183,26 +185,34 @@ def sample_replies(eval_dirs: Dict[str, Path]) -> List[Dict[str, str]]:
     return rows
 
 
-def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, int]]:
+def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, float]]:
     """What the judge rewarded on the policy's own samples: the trained pairs by XSTest kind of
-    request and by what the phrase matcher makes of each side ("answer > refusal" and so on). The
+    request and by what the phrase matcher makes of each side ("answer > refusal" and so on), and
+    what became of every comparison (labelled, settled as two replies alike, routed to review). The
     label column is read here, for the report only; training never sees it."""
     with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
         label_of = {r["prompt"].strip(): r["label"] for r in csv.DictReader(f)}
-    counts: Dict[str, Dict[str, int]] = {"safe": {}, "unsafe": {}}
+    counts: Dict[str, Dict[str, float]] = {"safe": {}, "unsafe": {}, "comparisons": {}}
+    prompts = trained = 0
     for shard in sorted(run_dir.glob("steps/*.parquet")):
         for r in pd.read_parquet(shard).itertuples():
+            prompts += 1
+            for j in json.loads(r.judgments):
+                outcome = f"settled {j['settled'].replace('_', ' ')}" if j.get("settled") else {"abstain": "abstained or routed"}.get(j["verdict"], "labelled" if j["verdict"] in "AB" else j["verdict"])
+                counts["comparisons"][outcome] = counts["comparisons"].get(outcome, 0) + 1
             if r.label != "labelled":
                 continue
+            trained += 1
             chosen, rejected = ("refusal" if is_refusal(r.responses[int(i)]) else "answer" for i in (r.chosen, r.rejected))
             key = f"{chosen} > {rejected}"
             group = counts[label_of.get(r.prompt.strip(), "safe")]
             group[key] = group.get(key, 0) + 1
+    counts["comparisons"]["prompts that trained a pair"] = f"{trained}/{prompts}" + (f" ({trained / prompts:.0%})" if prompts else "")
     return counts
 
 
-PERCENT_COLUMNS = ("false refusals (safe)", "refusals (unsafe)", "false-refusal cut", "unsafe refusals kept", "short replies",
-                   "distinct replies", "disfluent replies")  # shown as the README shows them; demo.json keeps the numbers
+PERCENT_COLUMNS = ("false refusals (safe)", "refusals (unsafe)", "false-refusal cut", "unsafe refusals kept", "refusals (HarmBench)",
+                   "HarmBench refusals kept", "short replies", "distinct replies", "disfluent replies")  # shown as the README shows them; demo.json keeps the numbers
 
 
 def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minutes: float, name: str,
@@ -214,6 +224,9 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
         {"policy": policy, "false refusals (safe)": m["false_refusal_rate"], "refusals (unsafe)": m["unsafe_refusal_rate"],
          "false-refusal cut": 1 - m["false_refusal_rate"] / start["false_refusal_rate"] if trained(m) and start["false_refusal_rate"] else None,
          "unsafe refusals kept": m["unsafe_refusal_rate"] / start["unsafe_refusal_rate"] if trained(m) and start["unsafe_refusal_rate"] else None,
+         "refusals (HarmBench)": m.get("other_unsafe_refusal_rate"),
+         "HarmBench refusals kept": m["other_unsafe_refusal_rate"] / start["other_unsafe_refusal_rate"]
+         if trained(m) and start.get("other_unsafe_refusal_rate") else None,
          "short replies": m["short_reply_rate"], "distinct replies": m["distinct_reply_rate"],
          "fluency (mean log p/token)": m.get("fluency_mean"), "disfluent replies": m.get("disfluent_rate"),
          "fluency check": {True: "pass", False: "FAIL (collapsed)"}.get(m.get("fluency_pass"))}
@@ -222,13 +235,15 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
     replies = sample_replies(eval_dirs)
     notes = [
         f"This invocation: {minutes:.1f} minutes (stages finished by an earlier run are reused). Held-out XSTest prompts "
-        f"({start['n_safe']} safe, {start['n_unsafe']} unsafe), greedy replies. Refusals are classified by XSTest's phrase "
+        f"({start['n_safe']} safe, {start['n_unsafe']} unsafe) and HarmBench's {start.get('n_other_unsafe', 0)} harmful "
+        "instructions (a style no policy trains on), greedy replies. Refusals are classified by XSTest's phrase "
         "matcher, independent of the judge. Fluency is each reply's mean per-token log-probability under the original "
         "SmolLM2-135M-Instruct; a row whose fluency check fails counts as collapsed, whatever its refusal rate. Short "
         "replies (under 4 words) and few distinct replies are no refusal but no answer either.",
         *[f"What the judge rewarded in {policy} (trained pairs on the policy's own samples, sides classified by the phrase "
           f"matcher): " + "; ".join(f"{kind} requests: " + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none")
-                                   for kind, c in counts.items()) for policy, counts in (rewarded or {}).items()],
+                                   for kind, c in counts.items() if kind != "comparisons")
+          + ". Comparisons: " + ", ".join(f"{k} {v}" for k, v in counts["comparisons"].items()) for policy, counts in (rewarded or {}).items()],
         *[f"Training curves of {policy}: [{path.relative_to(out)}]({path.relative_to(out)})" for policy, path in (curves or {}).items()],
         "Sample replies ([refusal] marks what the phrase matcher counts as a refusal):",
         *[f"{r['kind']}: \"{r['prompt']}\"\n" + "\n".join(f"    - {p}: {r[p]}" for p in results) for r in replies],
@@ -236,6 +251,7 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
     series = {
         "false refusals (safe)": {r["policy"]: r["false refusals (safe)"] for r in lines},
         "refusals (unsafe)": {r["policy"]: r["refusals (unsafe)"] for r in lines},
+        "refusals (HarmBench)": {r["policy"]: r["refusals (HarmBench)"] for r in lines},
     }
     shown = [{k: "-" if v is None else f"{v:.1%}" if k in PERCENT_COLUMNS and isinstance(v, float) else v for k, v in r.items()} for r in lines]
     paths = write_report(
@@ -275,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
         return {}
     eval_dirs = {"before (SFT policy)": out / "eval" / "before"}
     results = {"before (SFT policy)": evaluate("evaluate: starting policy", policy, eval_dirs["before (SFT policy)"], "before", args.seed, args.eval)}
-    runs = [("offline", "offline DPO, " + ROWS["false_refusal"])] if args.offline else [(r, f"online DPO, {ROWS[r]}") for r in args.rows]
+    runs = [("offline", "offline DPO, " + ROWS["unnecessary_refusal"])] if args.offline else [(r, f"online DPO, {ROWS[r]}") for r in args.rows]
     rewarded, curves = {}, {}
     for label, policy_name in runs:
         checkpoint = offline(policy, out / "offline", args.seed, args.train) if args.offline else online(

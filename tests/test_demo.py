@@ -24,19 +24,20 @@ def _demo():
 
 
 def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
-    rows = {row: rlaif_config.load(f"demo/{row}", ["checkpoint_dir=/policy"], OnlineDPOSettings) for row in ("false_refusal", "helpful_harmless")}
+    rows = {row: rlaif_config.load(f"demo/{row}", ["checkpoint_dir=/policy"], OnlineDPOSettings) for row in ("false_refusal", "unnecessary_refusal")}
     for row, cfg in rows.items():
         assert cfg.config_choices["judge"] == "router" and cfg.config_choices["judge@judge.judge"] == "reward_model"
         assert cfg.judge.judge.rubric.name == row and cfg.config_choices["model"] == "hf_lora"
         assert cfg.checkpoint_dir == "/policy" and cfg.dtype == "bf16"
     assert rows["false_refusal"].data.where == {"label": ["safe"]}
-    assert rows["helpful_harmless"].data.where is None  # harm comes from the request text, not the label column
-    # Row 2 is row 1 but for rubric, prompts and steps.
+    assert rows["unnecessary_refusal"].data.where is None  # harm comes from the request text, not the label column
+    assert rows["unnecessary_refusal"].judge.judge.settle_same_kind  # two answers to a harmful request never train
+    # The headline row is the blind-spot row but for rubric, prompts and steps.
     same = ("n", "prompts_per_step", "optimizer", "sampler", "loss")
-    assert all(rows["false_refusal"][k] == rows["helpful_harmless"][k] for k in same)
+    assert all(rows["false_refusal"][k] == rows["unnecessary_refusal"][k] for k in same)
 
 
-@pytest.mark.parametrize("name", ["false_refusal", "helpful_harmless", "offline_generate_pairs", "offline_judge_pairs", "offline_dpo"])
+@pytest.mark.parametrize("name", ["false_refusal", "unnecessary_refusal", "offline_generate_pairs", "offline_judge_pairs", "offline_dpo"])
 def test_after_make_demo_each_config_reruns_its_stage_with_no_arguments(name: str) -> None:
     """Defaults point at the starting policy `make demo` trains and at the stage's own directory."""
     cfg = rlaif_config.load(f"demo/{name}", [])
@@ -47,6 +48,7 @@ def test_demo_evaluation_checks_fluency_under_the_original_model() -> None:
     cfg = rlaif_config.load("demo/evaluate", ["checkpoint_dir=/policy"], EvaluateSettings)
     assert cfg.fluency is not None and cfg.fluency.model_dir is None  # null: the packaged SmolLM2
     assert cfg.sampler.temperature == 0.0 and cfg.safe_prompts.split == cfg.unsafe_prompts.split == "held_out"
+    assert cfg.other_unsafe_prompts.where == {"source": ["harmbench"]}  # a style no demo row trains on
 
 
 def test_config_flag_works_after_the_recipe_name(monkeypatch) -> None:
@@ -106,7 +108,7 @@ def test_a_bad_override_fails_in_one_line_before_any_stage_runs(tmp_path: Path) 
     args = ["python", str(ROOT / "examples" / "demo.py"), "--model-dir", str(tmp_path / "none"), "--out", str(tmp_path / "demo"),
             "--train", "max_steps=many"]  # fmt: skip
     run = run_cli(args, cwd=ROOT, timeout=300)
-    assert run.returncode != 0 and "demo config demo/false_refusal (online_dpo):" in run.stderr
+    assert run.returncode != 0 and "demo config demo/unnecessary_refusal (online_dpo):" in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("demo config") and not (tmp_path / "demo").exists()  # nothing ran
     run = run_cli(args[:-2], cwd=ROOT, timeout=300)
     assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(f"--model-dir {tmp_path / 'none'} is not an HF model directory")

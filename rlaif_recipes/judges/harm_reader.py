@@ -30,6 +30,8 @@ class HarmReader(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logit of P(harmful) from the frozen layers' token states [n, T, d] and the attention mask [n, T]."""
+        width = max(int(mask.sum(1).max()), 1) if len(mask) else 1  # columns past the longest request are padding
+        states, mask = states[:, :width], mask[:, :width]
         h = states.to(self.head.weight.dtype)
         additive = ((1.0 - mask.to(h.dtype)) * torch.finfo(h.dtype).min)[:, None, None, :]
         for layer in self.layers:

@@ -179,19 +179,25 @@ class SentenceEncoder:
     def token_states(self, texts: Sequence[str], below: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Requests' token states after all but the top `below` layers ([n, T, d], bf16 to halve the
         memory of a training set) and their attention mask [n, T], on the first
-        `prompt_max_seq_length` tokens: what the harm reader's own layers read."""
+        `prompt_max_seq_length` tokens: what the harm reader's own layers read. Batches are formed
+        by length, so short requests are not padded to long ones."""
         if not texts:
             return torch.empty(0, 1, self.dim), torch.zeros(0, 1, dtype=torch.long)
         bert, tokenizer = self.model[0].auto_model, self.model.tokenizer
         depth = len(self.layers) - below
-        states, masks = [], []
-        for start in range(0, len(texts), self.batch_size):
-            batch = tokenizer(list(texts[start : start + self.batch_size]), truncation=True, max_length=self.prompt_max_seq_length,
-                              padding="max_length", return_tensors="pt").to(bert.device)  # fmt: skip
-            out = bert(**batch, output_hidden_states=True)
-            states.append(out.hidden_states[depth].to("cpu", torch.bfloat16))
-            masks.append(batch["attention_mask"].cpu())
-        return torch.cat(states), torch.cat(masks)
+        ids = tokenizer(list(texts), truncation=True, max_length=self.prompt_max_seq_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        width = max(len(i) for i in ids)
+        states = torch.zeros(len(ids), width, self.dim, dtype=torch.bfloat16)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(bert.device)
+            hidden = bert(**batch, output_hidden_states=True).hidden_states[depth]
+            length = hidden.shape[1]
+            states[rows, :length] = hidden.to("cpu", torch.bfloat16)
+            mask[rows, :length] = batch["attention_mask"].cpu()
+        return states, mask
 
     def _load_cache(self) -> Dict[str, torch.Tensor]:
         if not (self.cache_path and self.cache_path.is_file()):
