@@ -1,7 +1,7 @@
 """Build the trainable policy from config, on one process or sharded with FSDP2 across ranks, and
 check the settings it is built with before anything heavy starts."""
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -88,4 +88,12 @@ def full_cpu_state_dict(model: nn.Module, is_rank_zero: bool, device: torch.devi
 
 def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Unsharded weights on every rank (a collective under FSDP2: all ranks must call it)."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    return dict(streamed_state_dict(model))
+
+
+def streamed_state_dict(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The unsharded weights one at a time, on every rank: under FSDP2 each is an all-gather that
+    all ranks run in the same order. A consumer done with each weight before it asks for the next
+    (vLLM's reload) never holds a second copy of the model, only one full weight beside the shards."""
+    for name, value in model.state_dict().items():
+        yield name, value.full_tensor() if isinstance(value, DTensor) else value

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -348,6 +349,38 @@ def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_mode
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(weights(out, 2)["lm_head.weight"], initial)
     assert not torch.equal(weights(out, 3)["lm_head.weight"], weights(out, 2)["lm_head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_llm_judge_under_torchrun_runs_an_engine_per_rank_and_a_resume_never_pays_twice(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """judge=llm beside the vLLM sampler on 2 ranks: both engines of each rank start on vLLM's
+    external_launcher backend, and each rank caches its judgments in a file of its own, so a run
+    resumed from step 1 judges step 2 again from those files alone."""
+    out = tmp_path / "llm"
+    args = ["tune", "run", "--nproc_per_node", "2", RECIPE, "--config", "online_dpo", f"checkpoint_dir={tiny_model_dir}",
+            f"output_dir={out}", "max_steps=2", "prompts_per_step=4", "save_every_n_steps=1", "sampler.max_tokens=8",
+            "judge=llm", "judge.order=fixed", "judge.kv_cache_memory_bytes=100000000", "sampler.kv_cache_memory_bytes=100000000"]  # fmt: skip
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, what_failed(first)
+    assert (first.stdout + first.stderr).count("Using external launcher") == 4  # sampler and judge, on each rank
+    shutil.rmtree(out / "checkpoints" / "step_0000002")
+    resumed = run_cli([*args, "resume_from_checkpoint=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, what_failed(resumed)
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2] and logged[0]["judge/requests"] == 4
+    assert logged[1]["judge/requests"] == 0 and logged[1]["judge/cache_hits"] == 4
+    assert sorted(p.name for p in out.glob("judge_cache*")) == ["judge_cache.rank-0.sqlite", "judge_cache.rank-1.sqlite"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_engines_under_torchrun_are_refused_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path) -> None:
+    result = run_cli(["tune", "run", "--nproc_per_node", "2", RECIPE, "--config", "online_dpo",
+                      *overrides(tiny_model_dir, tmp_path / "tp", "sampler.tensor_parallel_size=2")], cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "sampler.tensor_parallel_size=2 under torchrun (2 ranks): each rank runs its own engine" in result.stderr
+    assert not (tmp_path / "tp" / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ A checkpoint holds the steps sampled ahead, so a resumed run judges the same sam
 the cache where the killed run's judgments arrived) and ends with the same weights.
 
 Under torchrun every rank takes every world_size-th prompt of the step, samples with its own
-sampler, judges its own share (all ranks share the SQLite judgment cache), and the update is
+sampler, judges its own share (each rank caches its judgments in a SQLite file of its own), and the update is
 data-parallel with FSDP2: the loss is scaled so that the averaged gradient is the mean over all
 ranks' pairs. Everything a run produces lands under output_dir: run.json (what produced it),
 config.yaml, metrics.jsonl, steps/step-XXXXX.parquet (prompts, responses, every judgment, the pair
@@ -43,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,7 +77,7 @@ from rlaif_recipes.files import atomic_write, atomic_write_text, weights_stamp
 from rlaif_recipes.judges import Judgment, Pair, Verdict
 from rlaif_recipes.judges.api import APIJudge
 from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
-from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
+from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merge_adapters, merged_weights
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
 from rlaif_recipes.policy import (
@@ -85,10 +85,11 @@ from rlaif_recipes.policy import (
     check_optimizer,
     device_and_dtype,
     full_cpu_state_dict,
-    full_state_dict,
+    streamed_state_dict,
 )
 from rlaif_recipes.run_dir import claim, run_identity
 from rlaif_recipes.samplers.base import Completion, PromptSamples, check_pair_sampling, derive_seed
+from rlaif_recipes.vllm_engine import check_engine_settings
 
 log = utils.get_logger("INFO")
 
@@ -140,6 +141,7 @@ class OnlineDPORecipe:
         self._is_rank_zero = self._rank == 0
         _check_settings(cfg, self._world_size)
         check_pair_sampling(cfg.sampler, cfg.n)
+        check_engine_settings("sampler", cfg.sampler)
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
         check_optimizer(cfg.optimizer, cfg.lr_scheduler)
@@ -470,10 +472,11 @@ class OnlineDPORecipe:
         return self._judge.estimate(pairs, f"{steps} steps of {self._prompts_per_step} prompts x {self._n} responses "
                                            f"(responses at sampler.max_tokens={max_tokens})")
 
-    def _sampler_weights(self) -> Dict[str, torch.Tensor]:
-        """Full policy weights for the sampler (a collective under FSDP2), LoRA merged in."""
-        weights = full_state_dict(self._model)
-        return merged_weights(self._model, weights) if self._lora else weights
+    def _sampler_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The policy's weights for the sampler as a stream, one full weight at a time (each an
+        all-gather under FSDP2), LoRA merged in module by module."""
+        weights = streamed_state_dict(self._model)
+        return merge_adapters(self._model, weights) if self._lora else weights
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PairBatch) -> PairLogprobs:

@@ -4,7 +4,7 @@ With FSDP2 every rank must run the same number of forward passes (each one all-g
 shards), so ranks agree on the number of batches and keep stepping until every rank is done.
 """
 
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules.common_utils import local_kv_cache
 
 from rlaif_recipes.distributed import all_ranks, max_over_ranks
-from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, Weights
 
 
 class TorchtuneSampler(Sampler):
@@ -28,7 +28,7 @@ class TorchtuneSampler(Sampler):
     def bind_policy(self, policy: nn.Module) -> None:
         self.policy = policy
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, weights: Weights) -> None:
         """Nothing to copy: sampling runs on the bound training model, which is always current."""
         if self.policy is None:
             raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")

@@ -14,12 +14,10 @@ from collections import Counter
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 
-from rlaif_recipes.distributed import is_distributed
 from rlaif_recipes.errors import ConfigError
-from rlaif_recipes.models.hf_model import tune_to_hf_state_dict
-from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
+from rlaif_recipes.models.hf_model import tune_to_hf_stream
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, Weights, derive_seed
 from rlaif_recipes.vllm_engine import close_engine, start_engine
 
 _request_ids = itertools.count()  # unique over every engine of the process
@@ -46,8 +44,6 @@ class VLLMSampler(Sampler):
                 f"sampler.gpu_memory_utilization={gpu_memory_utilization}: it is the share of (GPU, or on "
                 "CPU host) memory vLLM reserves and must be in (0, 1]; 0.05 suits small CPU runs"
             )
-        distributed = is_distributed()
-        extra = {"distributed_executor_backend": "external_launcher"} if distributed else {}  # one engine per rank
         self.llm = start_engine(
             "sampler",
             model=self.checkpoint_dir,
@@ -57,15 +53,17 @@ class VLLMSampler(Sampler):
             max_model_len=self.max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
-            seed=self.defaults["seed"] + (dist.get_rank() if distributed else 0),
-            **extra,
+            seed=self.defaults["seed"],
         )
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        pairs = list(tune_to_hf_state_dict(dict(state_dict), self.checkpoint_dir).items())
+    def update_weights(self, weights: Weights) -> None:
+        """Streamed: each weight is renamed and handed to vLLM's in-place reload as the reload asks
+        for it, so a stream (`streamed_state_dict`) is never held whole."""
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        hf_weights = tune_to_hf_stream(items, self.checkpoint_dir)
 
         def reload(worker) -> None:
-            worker.model_runner.reload_weights(weights_iterator=iter(pairs))
+            worker.model_runner.reload_weights(weights_iterator=hf_weights)
             _repack_tied_head(worker.model_runner.model)
 
         self.llm.collective_rpc(reload)
