@@ -1,15 +1,19 @@
 """Build the trainable policy from config, on one process or sharded with FSDP2 across ranks, and
 check the settings it is built with before anything heavy starts."""
 
+import contextlib
+import functools
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 
 from rlaif_recipes.errors import ConfigError
+from rlaif_recipes.logprobs import training_attention
 
 
 def device_and_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
@@ -59,7 +63,11 @@ def build_policy(
     with training.set_default_dtype(dtype), torch.device("meta" if distributed else device):
         model = config.instantiate(cfg_model)
     if activation_checkpointing:
-        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        # the recompute in backward must run the attention backend the forward ran (saved tensors differ by backend)
+        recompute = functools.partial(checkpoint_wrapper, context_fn=lambda: (contextlib.nullcontext(), training_attention(device)))
+        training.set_activation_checkpointing(
+            model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}, checkpoint_wrapper_fn=recompute
+        )
     if not distributed:
         model.load_state_dict(state_dict)
         return model

@@ -32,8 +32,8 @@ def start_engine(
     **engine_args: Any,
 ) -> Any:
     """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge")."""
+    check_engine_settings(key, {"tensor_parallel_size": tensor_parallel_size, "sleep_between_steps": engine_args.get("enable_sleep_mode")})
     world_size, rank = training.get_world_size_and_rank()
-    check_tensor_parallel(key, tensor_parallel_size, world_size)
     if world_size > 1:
         engine_args["distributed_executor_backend"] = "external_launcher"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -63,20 +63,22 @@ def start_engine(
             torch.cuda.set_device(device)
 
 
-def check_tensor_parallel(key: str, tensor_parallel_size: int, world_size: int) -> None:
-    """Under torchrun each rank samples its own prompts with its own engine; a tensor-parallel
-    group spanning ranks would have them feed one engine different requests."""
+def check_engine_settings(key: str, settings: Mapping[str, Any]) -> None:
+    """Engine settings that cannot work here, refused from the config alone: recipes call it before
+    any model loads (start_engine again). Under torchrun each rank samples its own prompts with its
+    own engine, so a tensor-parallel group spanning ranks would feed one engine different requests;
+    sleep mode frees GPU memory and exists only on CUDA."""
+    world_size, _ = training.get_world_size_and_rank()
+    tensor_parallel_size = int(settings.get("tensor_parallel_size") or 1)
     if tensor_parallel_size > 1 and world_size > 1:
         raise ConfigError(
             f"{key}.tensor_parallel_size={tensor_parallel_size} under torchrun ({world_size} ranks): each rank runs its "
             f"own engine on its own GPU; use {key}.tensor_parallel_size=1, or run without torchrun to shard one engine"
         )
-
-
-def check_engine_settings(key: str, settings: Mapping[str, Any]) -> None:
-    """The engine checks a recipe can make from its config alone, before any model loads."""
-    world_size, _ = training.get_world_size_and_rank()
-    check_tensor_parallel(key, int(settings.get("tensor_parallel_size") or 1), world_size)
+    if settings.get("sleep_between_steps") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{key}.sleep_between_steps=true needs CUDA (vLLM's sleep mode frees GPU memory); set {key}.sleep_between_steps=false"
+        )
 
 
 def close_engine(owner: Any) -> None:

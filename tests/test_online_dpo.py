@@ -1,6 +1,7 @@
 """online_dpo: pair choice, exact resume after kill -9, checkpoint errors, learning, FSDP2 under torchrun."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -227,6 +228,26 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path: Path, tiny_model_dir
         recipe_for(tiny_model_dir, tmp_path, "sync_every=2", "save_every_n_steps=3")
     with pytest.raises(ConfigError, match="n=1: a preference pair needs at least 2"):
         recipe_for(tiny_model_dir, tmp_path, "n=1")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sampler.sleep_between_steps=true needs CUDA"):
+            recipe_for(tiny_model_dir, tmp_path, "sampler.sleep_between_steps=true")
+
+
+def test_activation_checkpointing_wraps_the_policys_layers_and_it_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    out = tmp_path / "ac"
+    recipe, cfg = recipe_for(tiny_model_dir, out, "sampler=torchtune", "enable_activation_checkpointing=true", "max_steps=2")
+    recipe.setup(cfg)
+    try:
+        assert sum(isinstance(m, CheckpointWrapper) for m in recipe._model.modules()) == 2  # the tiny model's 2 layers
+        assert not any(isinstance(m, CheckpointWrapper) for m in recipe._ref_model.modules())  # no backward there
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    logged = metrics(out)
+    assert sum(m["pairs/trained"] for m in logged) > 0
+    assert all(m["tokens/trained"] >= 2 * m["pairs/trained"] for m in logged) and logged[0]["loss"] == pytest.approx(math.log(2))
 
 
 # ---- it learns what the judge prefers ----------------------------------------------------------

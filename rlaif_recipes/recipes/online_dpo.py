@@ -97,6 +97,7 @@ log = utils.get_logger("INFO")
 RUNTIME_KEYS = (
     "device", "checkpointer", "max_steps", "micro_batch_size", "save_every_n_steps", "keep_last_checkpoints",
     "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger", "dry_run",
+    "enable_activation_checkpointing",
 )
 OUTPUTS = ("checkpoints", "steps", "metrics.jsonl")  # what a run writes, and a fresh run must not find
 
@@ -117,6 +118,7 @@ class OnlineDPOSettings:
     keep_last_checkpoints: Optional[int]
     resume_from_checkpoint: bool
     clip_grad_norm: Optional[float]
+    enable_activation_checkpointing: bool
     save_steps: bool
     max_steps_without_pairs: Optional[int]
     async_steps: int
@@ -200,12 +202,14 @@ class OnlineDPORecipe:
         initial = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         if self._lora:  # the policy is base + adapters; the reference is the same model, adapters off
             adapters = resume.state["adapter"] if resume else fresh_adapters(self._lora, self._seed)
-            self._model = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype)
+            self._model = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype,
+                                       activation_checkpointing=cfg.enable_activation_checkpointing)
             set_trainable_params(self._model, get_adapter_params(self._model))
             self._ref_model = None
         else:
             weights = resume.model if resume else initial
-            self._model = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
+            self._model = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype,
+                                       activation_checkpointing=cfg.enable_activation_checkpointing)
             self._ref_model = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
             self._ref_model.eval().requires_grad_(False)
         training.disable_dropout(self._model)
@@ -255,6 +259,7 @@ class OnlineDPORecipe:
         start = time.perf_counter()
         while len(self._ahead) <= self._async_steps and step + len(self._ahead) < self._max_steps:
             self._ahead.append(self._draft(step + len(self._ahead), judging, self._sampler_step))
+        self._sampler.sleep()  # vLLM on CUDA: the engine's memory goes to training until the push
         times["sample"] = time.perf_counter() - start
 
         # 2. This step's judgments (asked while earlier steps trained, when async_steps > 0); the
@@ -295,6 +300,7 @@ class OnlineDPORecipe:
                 (losses.sum() * scale).backward()
                 if real:
                     train_stats.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
+                    train_stats["tokens"] += batch.input_ids.numel()  # padded rows, as throughput counts them
             grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
@@ -547,6 +553,7 @@ class OnlineDPORecipe:
             **{f"time/{k}": v for k, v in times.items()},
             "time/step": step_seconds,
             "pairs_per_second": pairs / step_seconds if step_seconds else 0.0,
+            "tokens/trained": total["tokens"],  # chosen + rejected rows, padded, all ranks: tokens / time/train is training throughput
         }
         return metrics
 

@@ -78,6 +78,10 @@ class Sampler(abc.ABC):
         """Load full (unsharded) torchtune-named weights, a dict or a stream of (name, tensor)
         pairs, into the sampling copy of the policy."""
 
+    def sleep(self) -> None:
+        """Give back the memory the sampler holds until it is next used (vLLM's sleep mode on CUDA,
+        when `sleep_between_steps` is set); a no-op otherwise."""
+
     def close(self) -> None:
         """Free the engine; the sampler cannot be used afterwards."""
 
