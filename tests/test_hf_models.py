@@ -100,6 +100,27 @@ def test_weights_map_to_hf_names_and_back_exactly(checkpoint: Path, tmp_path: Pa
     assert all(torch.equal(reread[k], hf[k]) for k in hf)
 
 
+def test_a_resume_maps_the_checkpoint_instead_of_reading_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Every rank loads the checkpoint it resumes from, but only rank 0 uses the optimizer state and
+    each rank only its shards: both files are memory-mapped, so pages a rank never touches are never read."""
+    manager = CheckpointManager(str(tmp_path), source_dir=str(tiny_model_dir))
+    path = manager.save(1, full_state_dict(load_policy(tiny_model_dir)), {"optimizer": {"exp_avg": torch.randn(1000, 100)}})
+    ckpt = manager.load()
+    assert mapped_from(ckpt.state["optimizer"]["exp_avg"], path / "training_state.pt")
+    assert mapped_from(ckpt.model["tok_embeddings.weight"], path / "model.safetensors")
+
+
+def mapped_from(tensor: torch.Tensor, file: Path) -> bool:
+    """Whether `tensor`'s data lies in a memory mapping of `file` (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(file.resolve()):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= tensor.data_ptr() < high:
+                return True
+    return False
+
+
 def test_lora_builder_loads_the_base_weights(checkpoint: Path) -> None:
     """The LoRA decoder holds the same base weights under the same names, plus adapters."""
     lora = lora_decoder_from_hf_dir(str(checkpoint), ["q_proj", "v_proj"], apply_lora_to_mlp=True)
