@@ -14,7 +14,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import torch
-from torchtune import training
+from torchtune import utils
 
 from rlaif_recipes.errors import ConfigError
 
@@ -33,7 +33,7 @@ def start_engine(
 ) -> Any:
     """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge")."""
     check_engine_settings(key, {"tensor_parallel_size": tensor_parallel_size, "sleep_between_steps": engine_args.get("enable_sleep_mode")})
-    world_size, rank = training.get_world_size_and_rank()
+    world_size, rank = utils.get_world_size_and_rank()
     if world_size > 1:
         engine_args["distributed_executor_backend"] = "external_launcher"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -68,7 +68,7 @@ def check_engine_settings(key: str, settings: Mapping[str, Any]) -> None:
     any model loads (start_engine again). Under torchrun each rank samples its own prompts with its
     own engine, so a tensor-parallel group spanning ranks would feed one engine different requests;
     sleep mode frees GPU memory and exists only on CUDA."""
-    world_size, _ = training.get_world_size_and_rank()
+    world_size, _ = utils.get_world_size_and_rank()
     tensor_parallel_size = int(settings.get("tensor_parallel_size") or 1)
     if tensor_parallel_size > 1 and world_size > 1:
         raise ConfigError(

@@ -554,6 +554,7 @@ class OnlineDPORecipe:
             "time/step": step_seconds,
             "pairs_per_second": pairs / step_seconds if step_seconds else 0.0,
             "tokens/trained": total["tokens"],  # chosen + rejected rows, padded, all ranks: tokens / time/train is training throughput
+            **({"memory/peak_gib": torch.cuda.max_memory_allocated(self._device) / 2**30} if self._device.type == "cuda" else {}),
         }
         return metrics
 
