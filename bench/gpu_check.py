@@ -351,6 +351,9 @@ def dpo_offline() -> str:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    # no network there: nothing may wait on a hub; caches in the scratch folder, whatever HOME is
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ.setdefault("HF_HOME", str(SCRATCH / "hf_home"))
     print(f"[gpu_check] DEVICE={DEVICE} dtype={DTYPE} steps={STEPS} budget={BUDGET:.0f} s, summary and logs in {OUT}, "
           f"models and runs in {SCRATCH}", flush=True)
     tiny, smol = SCRATCH / "models" / "tiny", SCRATCH / "models" / "smollm2-shape"
