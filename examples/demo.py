@@ -273,7 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     parser.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for conf/sft.yaml")
     parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the online (or offline dpo) runs")
     parser.add_argument("--eval", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for conf/demo/evaluate.yaml")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: SFT and training on the GPU, sampling with vLLM's GPU settings (sampler=vllm_gpu)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":  # the user's own overrides come after, and win
+        args.sft = ["device=cuda", *args.sft]
+        args.train = ["device=cuda", "sampler=vllm_gpu", *args.train]
+        args.eval = ["device=cuda", "sampler=vllm_gpu", *args.eval]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out, start = Path(args.out), time.perf_counter()
     trained = ["dpo"] if args.offline else ["online_dpo"]

@@ -5,7 +5,7 @@ Shared by the `dpo` and `online_dpo` recipes. Stable API:
     ckpt = CheckpointManager(output_dir, source_dir=checkpoint_dir, fingerprint={...}, keep_last=2)
     ckpt.save(step, model_state, training_state)  # one rank (rank 0); returns the directory
     ckpt.latest()                                 # newest *complete* checkpoint dir, or None
-    ckpt.load(path=None)                          # -> Checkpoint(path, step, model, state, manifest)
+    ckpt.load(path=None)                          # -> Checkpoint(path, step, model, state, manifest), memory-mapped
     rng_state() / set_rng_state(state)            # python, numpy, torch (CPU + CUDA) generators
     restore_rng_state(states, rank, world_size)   # this rank's, from a checkpoint's list of every rank's
     gather_optimizer_state(model, opt)            # full optimizer state (FSDP2 or not; rank 0)
@@ -172,8 +172,10 @@ class CheckpointManager:
                     f"{key}={now}; resume with the same setting or use a new output_dir"
                 )
         try:
+            # memory-mapped, both: every rank loads the checkpoint, but only rank 0 uses the optimizer
+            # state and each rank its own shards of the weights; pages nobody touches are never read
             hf = load_file(str(path / WEIGHTS))
-            state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+            state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # safetensors / pickle errors are long: name the file instead
             raise CheckpointError(
                 f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "

@@ -33,15 +33,6 @@ def in_lockstep(items: Sequence[T], filler: T) -> Iterator[Tuple[T, bool]]:
         yield (items[k], True) if k < len(items) else (filler, False)
 
 
-def all_ranks(flag: bool) -> bool:
-    """True only when `flag` is true on every rank."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor(int(flag))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t)
-
-
 def sum_over_ranks(value: int) -> int:
     if not is_distributed():
         return value

@@ -123,7 +123,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.
     Works for any torchtune `TransformerDecoder`, sharded with FSDP2 or not, LoRA or not.
     """
     mask = targets != IGNORE_INDEX
-    with _project_only(model, mask), _training_attention(input_ids.device):
+    with _project_only(model, mask), training_attention(input_ids.device):
         logits = model(input_ids)  # (N, V): one row per response token, in row-major order
     picked = targets[mask]
     token_logps = logits.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -140,10 +140,11 @@ def pair_logprobs(model: nn.Module, batch: PairBatch) -> PairLogprobs:
     return PairLogprobs(sums[:b], sums[b:], counts[:b], counts[b:])
 
 
-def _training_attention(device: torch.device) -> contextlib.AbstractContextManager:
+def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
     """On CPU, plain (math) attention: PyTorch's CPU flash-attention backward is slow on these
     short training sequences (SmolLM2, bf16, 16 x 86 tokens: backward 4.4 s with it, 3.1 s without;
-    bench/RESULTS.md, "Online DPO on SmolLM2"). The backend chosen in the forward also runs the backward."""
+    bench/RESULTS.md, "Online DPO on SmolLM2"). The backend chosen in the forward also runs the
+    backward; activation checkpointing recomputes under this context too (`policy.build_policy`)."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
 
 

@@ -6,15 +6,17 @@ trainer (vLLM weight pushes, HF checkpoints) holds the adapters merged into the 
 """
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Iterator, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torchtune import config
 from torchtune.modules.peft import LoRALinear, get_adapter_params, get_merged_lora_ckpt
 
 AdapterShapes = Dict[str, Tuple[int, ...]]
+_LORA_PARTS = (".weight", ".lora_a.weight", ".lora_b.weight")  # a LoRALinear's tensors (a bias passes as it is)
 
 
 def adapter_shapes(cfg_model: DictConfig) -> AdapterShapes:
@@ -39,7 +41,22 @@ def fresh_adapters(shapes: AdapterShapes, seed: int) -> Dict[str, torch.Tensor]:
 def merged_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """`state_dict` (full tensors of `model`) with every adapter merged into its base weight and
     removed; only the merged weights are copied, so the live model is never written to."""
-    lora = next(m for m in model.modules() if isinstance(m, LoRALinear))
-    modules = {k[: -len(".lora_a.weight")] for k in state_dict if k.endswith(".lora_a.weight")}
-    out = {k: v.clone() if k[: -len(".weight")] in modules else v for k, v in state_dict.items()}
-    return get_merged_lora_ckpt(out, rank=lora.rank, alpha=lora.alpha)
+    return dict(merge_adapters(model, state_dict.items()))
+
+
+def merge_adapters(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """`weights` (full tensors of `model`, in state-dict order) with each LoRA module's adapters
+    merged into a copy of its base weight as soon as its three tensors have passed: a stream holds
+    one module's tensors at a time, never the model's."""
+    lora = {name.replace(_CHECKPOINT_PREFIX, ""): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    held: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, value in weights:
+        module = next((name[: -len(s)] for s in _LORA_PARTS if name.endswith(s) and name[: -len(s)] in lora), None)
+        if module is None:
+            yield name, value
+            continue
+        parts = held.setdefault(module, {})
+        parts[name] = value.clone() if name == f"{module}.weight" else value  # merged in place below
+        if len(parts) == len(_LORA_PARTS):
+            del held[module]
+            yield from get_merged_lora_ckpt(parts, rank=lora[module].rank, alpha=lora[module].alpha).items()

@@ -1,15 +1,19 @@
 """Build the trainable policy from config, on one process or sharded with FSDP2 across ranks, and
 check the settings it is built with before anything heavy starts."""
 
-from typing import Any, Dict, Optional, Tuple
+import contextlib
+import functools
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 
 from rlaif_recipes.errors import ConfigError
+from rlaif_recipes.logprobs import training_attention
 
 
 def device_and_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
@@ -80,7 +84,11 @@ def build_policy(
     with training.set_default_dtype(dtype), torch.device("meta" if distributed else device):
         model = config.instantiate(cfg_model)
     if activation_checkpointing:
-        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        # the recompute in backward must run the attention backend the forward ran (saved tensors differ by backend)
+        recompute = functools.partial(checkpoint_wrapper, context_fn=lambda: (contextlib.nullcontext(), training_attention(device)))
+        training.set_activation_checkpointing(
+            model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}, checkpoint_wrapper_fn=recompute
+        )
     if not distributed:
         model.load_state_dict(state_dict)
         return model
@@ -109,4 +117,12 @@ def full_cpu_state_dict(model: nn.Module, is_rank_zero: bool, device: torch.devi
 
 def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Unsharded weights on every rank (a collective under FSDP2: all ranks must call it)."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    return dict(streamed_state_dict(model))
+
+
+def streamed_state_dict(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The unsharded weights one at a time, on every rank: under FSDP2 each is an all-gather that
+    all ranks run in the same order. A consumer done with each weight before it asks for the next
+    (vLLM's reload) never holds a second copy of the model, only one full weight beside the shards."""
+    for name, value in model.state_dict().items():
+        yield name, value.full_tensor() if isinstance(value, DTensor) else value

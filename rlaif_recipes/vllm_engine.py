@@ -3,12 +3,18 @@
 In-process (no engine-core subprocess): weight pushes are plain function calls, nothing is pickled
 across processes. A start that fails is one ConfigError naming the settings under the caller's
 config key (`sampler.*` or `judge.*`), with vLLM's own error chained for the details.
+
+Under torchrun every engine (the sampler's and the judge's alike) is one per rank on vLLM's
+`external_launcher` backend, seeded by rank, on the rank's own GPU; vLLM sets the current CUDA
+device while it starts, so the rank's device is put back afterwards (FSDP2 places shards there).
+Tensor parallelism across torchrun ranks is refused: the ranks sample different prompts.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
+from torchtune import utils
 
 from rlaif_recipes.errors import ConfigError
 
@@ -21,18 +27,27 @@ def start_engine(
     gpu_memory_utilization: float,
     kv_cache_memory_bytes: Optional[int],
     max_model_len: Optional[int],
+    seed: int,
+    tensor_parallel_size: int = 1,
     **engine_args: Any,
 ) -> Any:
     """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge")."""
+    check_engine_settings(key, {"tensor_parallel_size": tensor_parallel_size, "sleep_between_steps": engine_args.get("enable_sleep_mode")})
+    world_size, rank = utils.get_world_size_and_rank()
+    if world_size > 1:
+        engine_args["distributed_executor_backend"] = "external_launcher"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
     try:
         return LLM(
             model=model,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            seed=seed + rank,
+            tensor_parallel_size=tensor_parallel_size,
             **kv_cache_args(gpu_memory_utilization, kv_cache_memory_bytes),
             **engine_args,
         )
@@ -43,6 +58,27 @@ def start_engine(
             f"{key}.max_model_len={max_model_len}, and set {key}.kv_cache_memory_bytes when another "
             "engine or model already lives in this process"
         ) from e
+    finally:
+        if device is not None:
+            torch.cuda.set_device(device)
+
+
+def check_engine_settings(key: str, settings: Mapping[str, Any]) -> None:
+    """Engine settings that cannot work here, refused from the config alone: recipes call it before
+    any model loads (start_engine again). Under torchrun each rank samples its own prompts with its
+    own engine, so a tensor-parallel group spanning ranks would feed one engine different requests;
+    sleep mode frees GPU memory and exists only on CUDA."""
+    world_size, _ = utils.get_world_size_and_rank()
+    tensor_parallel_size = int(settings.get("tensor_parallel_size") or 1)
+    if tensor_parallel_size > 1 and world_size > 1:
+        raise ConfigError(
+            f"{key}.tensor_parallel_size={tensor_parallel_size} under torchrun ({world_size} ranks): each rank runs its "
+            f"own engine on its own GPU; use {key}.tensor_parallel_size=1, or run without torchrun to shard one engine"
+        )
+    if settings.get("sleep_between_steps") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{key}.sleep_between_steps=true needs CUDA (vLLM's sleep mode frees GPU memory); set {key}.sleep_between_steps=false"
+        )
 
 
 def close_engine(owner: Any) -> None:

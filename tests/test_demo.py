@@ -112,3 +112,15 @@ def test_a_bad_override_fails_in_one_line_before_any_stage_runs(tmp_path: Path) 
     assert run.stderr.strip().splitlines()[-1].startswith("demo config") and not (tmp_path / "demo").exists()  # nothing ran
     run = run_cli(args[:-2], cwd=ROOT, timeout=300)
     assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(f"--model-dir {tmp_path / 'none'} is not an HF model directory")
+
+
+def test_the_gpu_mode_composes_every_stage_config_before_any_stage_runs(tmp_path: Path) -> None:
+    """`--device cuda` (what `make demo` passes where nvidia-smi lists a GPU) adds device=cuda and
+    sampler=vllm_gpu to the stages; their configs compose, so the run gets as far as the model check."""
+    from conftest import run_cli
+
+    args = ["python", str(ROOT / "examples" / "demo.py"), "--device", "cuda", "--model-dir", str(tmp_path / "none"),
+            "--out", str(tmp_path / "demo")]  # fmt: skip
+    run = run_cli(args, cwd=ROOT, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(f"--model-dir {tmp_path / 'none'} is not an HF model directory")
+    assert not (tmp_path / "demo").exists()

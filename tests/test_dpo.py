@@ -245,6 +245,15 @@ def test_precomputed_reference_trains_like_a_reference_copy(tmp_path, tiny_model
         assert key in logged
 
 
+def test_activation_checkpointing_trains_exactly_like_without(tmp_path, tiny_model_dir):
+    """Checkpointed layers recompute in backward under the attention backend their forward ran
+    (math attention on CPU); a different one saves other tensors and torch refuses the backward."""
+    plain = run_dpo(tmp_path / "plain", tiny_model_dir, "max_steps=3")
+    checkpointed = run_dpo(tmp_path / "ac", tiny_model_dir, "max_steps=3", "enable_activation_checkpointing=true")
+    assert type(checkpointed._model.layers[0]).__name__ == "CheckpointWrapper" and type(plain._model.layers[0]).__name__ != "CheckpointWrapper"
+    assert train_losses(tmp_path / "ac") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
+
+
 # ---- distributed ------------------------------------------------------------------------------
 
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import load_policy
 from safetensors.torch import load_file
+from torchtune.modules.peft import get_merged_lora_ckpt
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlaif_recipes.checkpointing import CheckpointManager
+from rlaif_recipes.lora import merge_adapters
 from rlaif_recipes.models import (
     UnsupportedModelError,
     decoder_from_hf_dir,
@@ -22,7 +24,8 @@ from rlaif_recipes.models import (
     lora_decoder_from_hf_dir,
     tune_to_hf_state_dict,
 )
-from rlaif_recipes.policy import full_state_dict
+from rlaif_recipes.models.hf_model import tune_to_hf_stream
+from rlaif_recipes.policy import full_state_dict, streamed_state_dict
 from rlaif_recipes.samplers import TorchtuneSampler, VLLMSampler
 
 SHAPE = dict(
@@ -97,6 +100,27 @@ def test_weights_map_to_hf_names_and_back_exactly(checkpoint: Path, tmp_path: Pa
     assert all(torch.equal(reread[k], hf[k]) for k in hf)
 
 
+def test_a_resume_maps_the_checkpoint_instead_of_reading_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Every rank loads the checkpoint it resumes from, but only rank 0 uses the optimizer state and
+    each rank only its shards: both files are memory-mapped, so pages a rank never touches are never read."""
+    manager = CheckpointManager(str(tmp_path), source_dir=str(tiny_model_dir))
+    path = manager.save(1, full_state_dict(load_policy(tiny_model_dir)), {"optimizer": {"exp_avg": torch.randn(1000, 100)}})
+    ckpt = manager.load()
+    assert mapped_from(ckpt.state["optimizer"]["exp_avg"], path / "training_state.pt")
+    assert mapped_from(ckpt.model["tok_embeddings.weight"], path / "model.safetensors")
+
+
+def mapped_from(tensor: torch.Tensor, file: Path) -> bool:
+    """Whether `tensor`'s data lies in a memory mapping of `file` (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(file.resolve()):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= tensor.data_ptr() < high:
+                return True
+    return False
+
+
 def test_lora_builder_loads_the_base_weights(checkpoint: Path) -> None:
     """The LoRA decoder holds the same base weights under the same names, plus adapters."""
     lora = lora_decoder_from_hf_dir(str(checkpoint), ["q_proj", "v_proj"], apply_lora_to_mlp=True)
@@ -123,11 +147,38 @@ def test_vllm_samples_what_torchtune_samples_and_follows_a_push(checkpoint: Path
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-        engine.update_weights(full_state_dict(policy))
+        engine.update_weights(streamed_state_dict(policy))
         after = greedy(engine)
         assert after == greedy(tt) and after != before
+        lora = lora_with_random_adapters(checkpoint, full_state_dict(policy))
+        tt.bind_policy(lora)
+        engine.update_weights(merge_adapters(lora, streamed_state_dict(lora)))
+        merged = greedy(engine)
+        assert merged == greedy(tt) and merged != after
     finally:
         engine.close()
+
+
+def lora_with_random_adapters(checkpoint: Path, base: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A LoRA policy on `base` whose adapters are not zero (a fresh B is), so merging changes weights."""
+    lora = lora_decoder_from_hf_dir(str(checkpoint), ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True)
+    lora.load_state_dict(base, strict=False)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return lora
+
+
+def test_a_streamed_push_equals_the_whole_state_dict_merged_and_renamed(checkpoint: Path) -> None:
+    """What a push hands vLLM one weight at a time (adapters merged module by module, each weight
+    renamed alone) is exactly torchtune's whole-dict merge and renaming, and the live model is untouched."""
+    lora = lora_with_random_adapters(checkpoint, full_state_dict(load_policy(checkpoint)))
+    live = {k: v.clone() for k, v in lora.state_dict().items()}
+    whole = tune_to_hf_state_dict(get_merged_lora_ckpt({k: v.clone() for k, v in live.items()}, rank=8, alpha=16.0), str(checkpoint))
+    streamed = dict(tune_to_hf_stream(merge_adapters(lora, streamed_state_dict(lora)), str(checkpoint)))
+    assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
+    assert all(torch.equal(v, live[k]) for k, v in lora.state_dict().items())
 
 
 @pytest.mark.parametrize(

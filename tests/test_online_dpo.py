@@ -1,7 +1,9 @@
 """online_dpo: pair choice, exact resume after kill -9, checkpoint errors, learning, FSDP2 under torchrun."""
 
 import json
+import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -226,6 +228,26 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path: Path, tiny_model_dir
         recipe_for(tiny_model_dir, tmp_path, "sync_every=2", "save_every_n_steps=3")
     with pytest.raises(ConfigError, match="n=1: a preference pair needs at least 2"):
         recipe_for(tiny_model_dir, tmp_path, "n=1")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sampler.sleep_between_steps=true needs CUDA"):
+            recipe_for(tiny_model_dir, tmp_path, "sampler.sleep_between_steps=true")
+
+
+def test_activation_checkpointing_wraps_the_policys_layers_and_it_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    out = tmp_path / "ac"
+    recipe, cfg = recipe_for(tiny_model_dir, out, "sampler=torchtune", "enable_activation_checkpointing=true", "max_steps=2")
+    recipe.setup(cfg)
+    try:
+        assert sum(isinstance(m, CheckpointWrapper) for m in recipe._model.modules()) == 2  # the tiny model's 2 layers
+        assert not any(isinstance(m, CheckpointWrapper) for m in recipe._ref_model.modules())  # no backward there
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    logged = metrics(out)
+    assert sum(m["pairs/trained"] for m in logged) > 0
+    assert all(m["tokens/trained"] >= 2 * m["pairs/trained"] for m in logged) and logged[0]["loss"] == pytest.approx(math.log(2))
 
 
 # ---- it learns what the judge prefers ----------------------------------------------------------
@@ -348,6 +370,38 @@ def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_mode
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(weights(out, 2)["lm_head.weight"], initial)
     assert not torch.equal(weights(out, 3)["lm_head.weight"], weights(out, 2)["lm_head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_llm_judge_under_torchrun_runs_an_engine_per_rank_and_a_resume_never_pays_twice(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """judge=llm beside the vLLM sampler on 2 ranks: both engines of each rank start on vLLM's
+    external_launcher backend, and each rank caches its judgments in a file of its own, so a run
+    resumed from step 1 judges step 2 again from those files alone."""
+    out = tmp_path / "llm"
+    args = ["tune", "run", "--nproc_per_node", "2", RECIPE, "--config", "online_dpo", f"checkpoint_dir={tiny_model_dir}",
+            f"output_dir={out}", "max_steps=2", "prompts_per_step=4", "save_every_n_steps=1", "sampler.max_tokens=8",
+            "judge=llm", "judge.order=fixed", "judge.kv_cache_memory_bytes=100000000", "sampler.kv_cache_memory_bytes=100000000"]  # fmt: skip
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, what_failed(first)
+    assert (first.stdout + first.stderr).count("Using external launcher") == 4  # sampler and judge, on each rank
+    shutil.rmtree(out / "checkpoints" / "step_0000002")
+    resumed = run_cli([*args, "resume_from_checkpoint=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, what_failed(resumed)
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2] and logged[0]["judge/requests"] == 4
+    assert logged[1]["judge/requests"] == 0 and logged[1]["judge/cache_hits"] == 4
+    assert sorted(p.name for p in out.glob("judge_cache*")) == ["judge_cache.rank-0.sqlite", "judge_cache.rank-1.sqlite"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_engines_under_torchrun_are_refused_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path) -> None:
+    result = run_cli(["tune", "run", "--nproc_per_node", "2", RECIPE, "--config", "online_dpo",
+                      *overrides(tiny_model_dir, tmp_path / "tp", "sampler.tensor_parallel_size=2")], cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "sampler.tensor_parallel_size=2 under torchrun (2 ranks): each rank runs its own engine" in result.stderr
+    assert not (tmp_path / "tp" / "checkpoints").exists()
 
 
 @pytest.mark.slow

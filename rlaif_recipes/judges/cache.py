@@ -2,12 +2,19 @@
 
 Keys hash everything that decides a verdict: the judge's identity (class, model, rubric and
 version, settings), the prompt, and both responses in the order shown. Each judgment is committed
-as soon as it arrives (WAL journal), so a killed run loses at most the requests in flight, and
-several processes may read and write one file at once.
+as soon as it arrives, so a killed run loses at most the requests in flight.
+
+One process (judge_pairs, a one-process online_dpo): one file in WAL mode, which several processes
+on one host may read and write at once. Under torchrun each rank keeps a file of its own
+(`judge_cache.sqlite` -> `judge_cache.rank-1.sqlite`) in rollback-journal mode: WAL's shared-memory
+index needs every process on one host, and a multi-node run's output_dir sits on storage several
+hosts share. Nothing is lost by the split: a rank's prompts and samples depend only on the seed,
+the step and its rank, so a resumed run on as many ranks finds each judgment in its rank's file.
 """
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -20,13 +27,20 @@ def cache_key(identity: Mapping[str, Any], prompt: str, first: str, second: str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def rank_path(path: Path) -> Path:
+    """The cache file of this process: `path` itself, or under torchrun the rank's own file."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return path
+    return path.with_name(f"{path.stem}.rank-{int(os.environ['RANK'])}{path.suffix}")
+
+
 class JudgmentCache:
     def __init__(self, path: str) -> None:
-        self.path = Path(path)
+        self.path = rank_path(Path(path))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA journal_mode={'WAL' if self.path == Path(path) else 'DELETE'}")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)")
 

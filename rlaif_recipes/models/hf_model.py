@@ -15,7 +15,7 @@ bad checkpoint fails in one line before a vLLM engine starts or gigabytes of wei
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -143,7 +143,20 @@ class _TiedAwareCheckpointer(FullModelHFCheckpointer):
 def tune_to_hf_state_dict(state_dict: Dict[str, torch.Tensor], checkpoint_dir: str) -> Dict[str, torch.Tensor]:
     """torchtune-named weights -> HF names (what vLLM and transformers load); a tied model has no
     `lm_head.weight`."""
+    return _tune_to_hf(state_dict, hf_config(checkpoint_dir))
+
+
+def tune_to_hf_stream(
+    weights: Iterable[Tuple[str, torch.Tensor]], checkpoint_dir: str
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """`tune_to_hf_state_dict` one weight at a time, for a stream that never holds the whole model
+    (each mapping is per weight: a name, and for Llama's q/k a permutation of that weight alone)."""
     cfg = hf_config(checkpoint_dir)
+    for name, value in weights:
+        yield from _tune_to_hf({name: value}, cfg).items()
+
+
+def _tune_to_hf(state_dict: Dict[str, torch.Tensor], cfg: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     if cfg.get("model_type") == "qwen2":
         return qwen2_tune_to_hf(state_dict, **_weight_shape(cfg), tie_word_embeddings=_tied(cfg))
     return convert_weights.tune_to_hf(state_dict, **_weight_shape(cfg))

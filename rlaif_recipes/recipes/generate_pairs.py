@@ -32,6 +32,7 @@ from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.policy import build_policy, device_and_dtype
 from rlaif_recipes.run_dir import claim, run_identity
 from rlaif_recipes.samplers.base import check_pair_sampling, derive_seed
+from rlaif_recipes.vllm_engine import check_engine_settings
 
 log = utils.get_logger("INFO")
 
@@ -58,6 +59,7 @@ class GeneratePairsRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         """Every check that needs no engine: settings, weights, output directory."""
         check_pair_sampling(cfg.sampler, cfg.n)
+        check_engine_settings("sampler", cfg.sampler)
         if cfg.prompts_per_shard < 1:
             raise ConfigError(f"prompts_per_shard={cfg.prompts_per_shard}: a shard needs at least 1 prompt")
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)

@@ -23,7 +23,7 @@ A checkpoint holds the steps sampled ahead, so a resumed run judges the same sam
 the cache where the killed run's judgments arrived) and ends with the same weights.
 
 Under torchrun every rank takes every world_size-th prompt of the step, samples with its own
-sampler, judges its own share (all ranks share the SQLite judgment cache), and the update is
+sampler, judges its own share (each rank caches its judgments in a SQLite file of its own), and the update is
 data-parallel with FSDP2: the loss is scaled so that the averaged gradient is the mean over all
 ranks' pairs. Everything a run produces lands under output_dir: run.json (what produced it),
 config.yaml, metrics.jsonl, steps/step-XXXXX.parquet (prompts, responses, every judgment, the pair
@@ -43,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,7 +77,7 @@ from rlaif_recipes.files import atomic_write, atomic_write_text, weights_stamp
 from rlaif_recipes.judges import Judgment, Pair, Verdict
 from rlaif_recipes.judges.api import APIJudge
 from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, encode_pair, pair_logprobs
-from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
+from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merge_adapters, merged_weights
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
 from rlaif_recipes.policy import (
@@ -86,10 +86,11 @@ from rlaif_recipes.policy import (
     check_training_settings,
     device_and_dtype,
     full_cpu_state_dict,
-    full_state_dict,
+    streamed_state_dict,
 )
 from rlaif_recipes.run_dir import claim, run_identity
 from rlaif_recipes.samplers.base import Completion, PromptSamples, check_pair_sampling, derive_seed
+from rlaif_recipes.vllm_engine import check_engine_settings
 
 log = utils.get_logger("INFO")
 
@@ -97,6 +98,7 @@ log = utils.get_logger("INFO")
 RUNTIME_KEYS = (
     "device", "checkpointer", "max_steps", "micro_batch_size", "save_every_n_steps", "keep_last_checkpoints",
     "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger", "dry_run",
+    "enable_activation_checkpointing",
 )
 OUTPUTS = ("checkpoints", "steps", "metrics.jsonl")  # what a run writes, and a fresh run must not find
 
@@ -117,6 +119,7 @@ class OnlineDPOSettings:
     keep_last_checkpoints: Optional[int]
     resume_from_checkpoint: bool
     clip_grad_norm: Optional[float]
+    enable_activation_checkpointing: bool
     save_steps: bool
     max_steps_without_pairs: Optional[int]
     async_steps: int
@@ -141,6 +144,7 @@ class OnlineDPORecipe:
         self._is_rank_zero = self._rank == 0
         _check_settings(cfg, self._world_size)
         check_pair_sampling(cfg.sampler, cfg.n)
+        check_engine_settings("sampler", cfg.sampler)
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
@@ -200,12 +204,14 @@ class OnlineDPORecipe:
         initial = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         if self._lora:  # the policy is base + adapters; the reference is the same model, adapters off
             adapters = resume.state["adapter"] if resume else fresh_adapters(self._lora, self._seed)
-            self._model = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype)
+            self._model = build_policy(cfg.model, {**initial, **adapters}, device=self._device, dtype=self._dtype,
+                                       activation_checkpointing=cfg.enable_activation_checkpointing)
             set_trainable_params(self._model, get_adapter_params(self._model))
             self._ref_model = None
         else:
             weights = resume.model if resume else initial
-            self._model = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype)
+            self._model = build_policy(cfg.model, weights, device=self._device, dtype=self._dtype,
+                                       activation_checkpointing=cfg.enable_activation_checkpointing)
             self._ref_model = build_policy(cfg.model, initial, device=self._device, dtype=self._dtype)
             self._ref_model.eval().requires_grad_(False)
         training.disable_dropout(self._model)
@@ -255,6 +261,7 @@ class OnlineDPORecipe:
         start = time.perf_counter()
         while len(self._ahead) <= self._async_steps and step + len(self._ahead) < self._max_steps:
             self._ahead.append(self._draft(step + len(self._ahead), judging, self._sampler_step))
+        self._sampler.sleep()  # vLLM on CUDA: the engine's memory goes to training until the push
         times["sample"] = time.perf_counter() - start
 
         # 2. This step's judgments (asked while earlier steps trained, when async_steps > 0); the
@@ -295,6 +302,7 @@ class OnlineDPORecipe:
                 (losses.sum() * scale).backward()
                 if real:
                     train_stats.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
+                    train_stats["tokens"] += batch.input_ids.numel()  # padded rows, as throughput counts them
             grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
@@ -472,10 +480,11 @@ class OnlineDPORecipe:
         return self._judge.estimate(pairs, f"{steps} steps of {self._prompts_per_step} prompts x {self._n} responses "
                                            f"(responses at sampler.max_tokens={max_tokens})")
 
-    def _sampler_weights(self) -> Dict[str, torch.Tensor]:
-        """Full policy weights for the sampler (a collective under FSDP2), LoRA merged in."""
-        weights = full_state_dict(self._model)
-        return merged_weights(self._model, weights) if self._lora else weights
+    def _sampler_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The policy's weights for the sampler as a stream, one full weight at a time (each an
+        all-gather under FSDP2), LoRA merged in module by module."""
+        weights = streamed_state_dict(self._model)
+        return merge_adapters(self._model, weights) if self._lora else weights
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PairBatch) -> PairLogprobs:
@@ -547,6 +556,8 @@ class OnlineDPORecipe:
             **{f"time/{k}": v for k, v in times.items()},
             "time/step": step_seconds,
             "pairs_per_second": pairs / step_seconds if step_seconds else 0.0,
+            "tokens/trained": total["tokens"],  # chosen + rejected rows, padded, all ranks: tokens / time/train is training throughput
+            **({"memory/peak_gib": torch.cuda.max_memory_allocated(self._device) / 2**30} if self._device.type == "cuda" else {}),
         }
         return metrics
 

@@ -7,7 +7,7 @@ so the same prompt reaches vLLM and torchtune as the same token ids.
 import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from rlaif_recipes.models.hf_model import hf_config
 
 Messages = List[Dict[str, str]]
 Prompt = Union[Messages, List[int]]
+Weights = Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]  # torchtune names, full tensors
 
 
 @dataclass
@@ -73,8 +74,13 @@ class Sampler(abc.ABC):
         """Give the sampler the live training model; only backends that sample with it keep it."""
 
     @abc.abstractmethod
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load full (unsharded) torchtune-named weights into the sampling copy of the policy."""
+    def update_weights(self, weights: Weights) -> None:
+        """Load full (unsharded) torchtune-named weights, a dict or a stream of (name, tensor)
+        pairs, into the sampling copy of the policy."""
+
+    def sleep(self) -> None:
+        """Give back the memory the sampler holds until it is next used (vLLM's sleep mode on CUDA,
+        when `sleep_between_steps` is set); a no-op otherwise."""
 
     def close(self) -> None:
         """Free the engine; the sampler cannot be used afterwards."""

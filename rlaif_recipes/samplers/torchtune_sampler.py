@@ -1,18 +1,20 @@
 """KV-cached sampling with the live torchtune policy: no weight copy, works without vLLM.
 
-With FSDP2 every rank must run the same number of forward passes (each one all-gathers the
-shards), so ranks agree on the number of batches and keep stepping until every rank is done.
+With FSDP2 the policy is gathered once for a whole `sample` call (every rank joins, as every rank
+samples each step) and stays whole until it ends, so decoding a token costs no collective; the
+layers are then sharded again as training had them. Tokens are drawn on the policy's device.
 """
 
-from typing import Callable, List, Mapping, Optional
+import contextlib
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
-from rlaif_recipes.distributed import all_ranks, max_over_ranks
-from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, Weights
 
 
 class TorchtuneSampler(Sampler):
@@ -28,7 +30,7 @@ class TorchtuneSampler(Sampler):
     def bind_policy(self, policy: nn.Module) -> None:
         self.policy = policy
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, weights: Weights) -> None:
         """Nothing to copy: sampling runs on the bound training model, which is always current."""
         if self.policy is None:
             raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")
@@ -39,17 +41,14 @@ class TorchtuneSampler(Sampler):
         if self.policy is None:
             raise RuntimeError("TorchtuneSampler has no policy; call bind_policy(model) first")
         rows = [p for p in prompt_ids for _ in range(n)]
-        rng = torch.Generator().manual_seed(settings.seed)
-        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        # Under FSDP, ranks with fewer batches run throw-away ones so the all-gathers line up.
-        padded = batches + [[rows[0]]] * (max_over_ranks(len(batches)) - len(batches))
+        rng = torch.Generator(device=next(self.policy.parameters()).device).manual_seed(settings.seed)
         flat: List[Completion] = []
         was_training = self.policy.training
         self.policy.eval()
         try:
-            for i, batch in enumerate(padded):
-                out = self._generate_batch(batch, settings, rng)
-                flat += out if i < len(batches) else []
+            with unsharded(self.policy):
+                for i in range(0, len(rows), self.batch_size):
+                    flat += self._generate_batch(rows[i : i + self.batch_size], settings, rng)
         finally:
             self.policy.train(was_training)
         out = [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
@@ -86,7 +85,7 @@ class TorchtuneSampler(Sampler):
                 hit = ~done & torch.isin(next_tok, stop_ids)
                 lengths = torch.where(hit, t + 1, lengths)
                 done |= hit
-                if all_ranks(bool(done.all())) or t == s.max_tokens - 1:
+                if bool(done.all()) or t == s.max_tokens - 1:
                     break
                 pos = prompt_len + t
                 logits = model(
@@ -112,6 +111,30 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, rng: to
             drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        tok = torch.multinomial(probs.cpu(), 1, generator=rng).squeeze(-1).to(logits.device)
+        tok = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Under FSDP2, every layer gathered once (a collective) and kept whole until the block ends,
+    instead of an all-gather per layer per forward, that is per decoded token; then resharded, with
+    each layer's reshard-after-forward setting put back. FSDP2 has no getter for that setting, and
+    fixes the root's (it keeps its weights after forward) at its first forward: that is done first."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model._get_fsdp_state()._lazy_init()  # a no-op once the model has run forward
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in fsdp for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+        for group, info in zip(groups, saved):
+            group.post_forward_mesh_info = info

@@ -14,19 +14,17 @@ from collections import Counter
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 
-from rlaif_recipes.distributed import is_distributed
 from rlaif_recipes.errors import ConfigError
-from rlaif_recipes.models.hf_model import tune_to_hf_state_dict
-from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, derive_seed
+from rlaif_recipes.models.hf_model import tune_to_hf_stream
+from rlaif_recipes.samplers.base import Completion, Sampler, SamplingSettings, Weights, derive_seed
 from rlaif_recipes.vllm_engine import close_engine, start_engine
 
 _request_ids = itertools.count()  # unique over every engine of the process
 
 
 class VLLMSampler(Sampler):
-    RUNTIME_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "tensor_parallel_size")
+    RUNTIME_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "tensor_parallel_size", "sleep_between_steps")
 
     def __init__(
         self,
@@ -38,6 +36,7 @@ class VLLMSampler(Sampler):
         enforce_eager: bool = True,
         max_model_len: Optional[int] = None,
         kv_cache_memory_bytes: Optional[int] = None,
+        sleep_between_steps: bool = False,
         **sampling,
     ) -> None:
         super().__init__(checkpoint_dir, max_model_len=max_model_len, **sampling)
@@ -46,8 +45,6 @@ class VLLMSampler(Sampler):
                 f"sampler.gpu_memory_utilization={gpu_memory_utilization}: it is the share of (GPU, or on "
                 "CPU host) memory vLLM reserves and must be in (0, 1]; 0.05 suits small CPU runs"
             )
-        distributed = is_distributed()
-        extra = {"distributed_executor_backend": "external_launcher"} if distributed else {}  # one engine per rank
         self.llm = start_engine(
             "sampler",
             model=self.checkpoint_dir,
@@ -57,15 +54,32 @@ class VLLMSampler(Sampler):
             max_model_len=self.max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
-            seed=self.defaults["seed"] + (dist.get_rank() if distributed else 0),
-            **extra,
+            seed=self.defaults["seed"],
+            enable_sleep_mode=sleep_between_steps,
         )
+        self._sleep_mode, self._asleep = sleep_between_steps, False
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        pairs = list(tune_to_hf_state_dict(dict(state_dict), self.checkpoint_dir).items())
+    def sleep(self) -> None:
+        """vLLM's sleep mode, level 1: the weights move to host memory and the KV cache is freed,
+        so the trainer's backward gets the GPU memory the engine held; the next use wakes it."""
+        if self._sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def update_weights(self, weights: Weights) -> None:
+        """Streamed: each weight is renamed and handed to vLLM's in-place reload as the reload asks
+        for it, so a stream (`streamed_state_dict`) is never held whole."""
+        self._wake()
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        hf_weights = tune_to_hf_stream(items, self.checkpoint_dir)
 
         def reload(worker) -> None:
-            worker.model_runner.reload_weights(weights_iterator=iter(pairs))
+            worker.model_runner.reload_weights(weights_iterator=hf_weights)
             _repack_tied_head(worker.model_runner.model)
 
         self.llm.collective_rpc(reload)
@@ -81,6 +95,7 @@ class VLLMSampler(Sampler):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        self._wake()
         # vLLM refuses n > 1 with greedy decoding: ask for n copies of the request instead.
         copies, per_request = (n, 1) if settings.temperature == 0 else (1, n)
         params = [
