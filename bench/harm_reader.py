@@ -80,7 +80,7 @@ def main() -> None:
 
     def fit_and_read(train: torch.Tensor, test: torch.Tensor) -> Dict[str, torch.Tensor]:
         reader = HarmReader(encoder.layers, settings["layers"], encoder.dim)
-        weights = source_weights([source[i] for i in train.tolist()], harmful[train])
+        weights = source_weights([source[i] for i in train.tolist()], harmful[train], settings.get("source_weight"))
         train_harm_reader(reader, states[train], mask[train], harmful[train], weights, epochs=epochs, lr=settings["lr"],
                           head_lr=settings["head_lr"], batch_size=settings["batch_size"], seed=0)  # fmt: skip
         return {

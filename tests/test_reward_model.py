@@ -34,14 +34,16 @@ def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reward_model")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "rlaif"), "train-reward-model", f"output_dir={out}"],
+        # the harm reader on 150 requests per source and label for 2 epochs: minutes, not the full run's
+        [str(Path(sys.executable).parent / "rlaif"), "train-reward-model", f"output_dir={out}",
+         "harm_data.max_per_source=150", "harm_reader.epochs=2"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| helpful_harmless |" in proc.stdout  # the agreement table is printed
+    assert "| helpful_harmless |" in proc.stdout and "| harmbench:harmful |" in proc.stdout  # both tables are printed
     return out
 
 
@@ -85,7 +87,9 @@ def test_retrained_heads_agree_with_humans_on_held_out_pairs(trained: Path) -> N
         agreement["false_refusal"]["over_fragment"] > 0.8
         and agreement["helpful_harmless"]["over_fragment"] > 0.9
     )
-    assert (trained / HEAD_WEIGHTS).stat().st_size < 10_000 and not list(trained.glob(".*.tmp*"))
+    # The harm reader on its own, per source: far above chance on every held-out group.
+    assert all(a > 0.6 for a in config["harm_reader_held_out"]["accuracy"].values()), config["harm_reader_held_out"]
+    assert (trained / HEAD_WEIGHTS).stat().st_size < 10_000_000 and not list(trained.glob(".*.tmp*"))  # two layers in bf16
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ and only they ship (in the reward model's head.safetensors, in bf16).
 
 import copy
 from collections import Counter
-from typing import Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,13 @@ class HarmReader(nn.Module):
         return torch.cat([self(states[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(states), batch_size)]) if len(states) else torch.empty(0)
 
 
-def source_weights(sources: Sequence[str], harmful: torch.Tensor) -> torch.Tensor:
-    """Each (source, label) group weighs the same in the loss, whatever its size: the largest
-    source must not set the style the reader reads."""
+def source_weights(sources: Sequence[str], harmful: torch.Tensor, scale: Optional[Mapping[str, float]] = None) -> torch.Tensor:
+    """Each (source, label) group weighs the same in the loss, whatever its size (the largest
+    source must not set the style the reader reads), times `scale[source]` where given: a contrast
+    set (XSTest: alarming words in benign requests) can count for more than its share."""
     keys = [(s, int(h)) for s, h in zip(sources, harmful.tolist())]
     count = Counter(keys)
-    return torch.tensor([1.0 / count[k] for k in keys])
+    return torch.tensor([(scale or {}).get(k[0], 1.0) / count[k] for k in keys])
 
 
 def train_harm_reader(

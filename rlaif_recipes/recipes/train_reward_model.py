@@ -167,7 +167,7 @@ class TrainRewardModelRecipe:
     def train(self) -> None:
         h = self._harm_train
         train_harm_reader(
-            self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"]),
+            self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"], self._harm_cfg.source_weight),
             epochs=self._harm_cfg.epochs, lr=self._harm_cfg.lr, head_lr=self._harm_cfg.head_lr,
             batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
         )  # fmt: skip
@@ -277,7 +277,7 @@ class TrainRewardModelRecipe:
                 "steps": self._steps,
                 "held_out_agreement": self._agreement,
                 "harm_reader_held_out": self._harm_report,
-                "harm_reader_training": {k: self._harm_cfg[k] for k in ("epochs", "lr", "head_lr", "batch_size")},
+                "harm_reader_training": OmegaConf.to_container(self._harm_cfg),
             },
         )
         log.info(
