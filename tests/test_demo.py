@@ -32,8 +32,8 @@ def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
     assert rows["false_refusal"].data.where == {"label": ["safe"]}
     assert rows["unnecessary_refusal"].data.where is None  # harm comes from the request text, not the label column
     assert rows["unnecessary_refusal"].judge.judge.settle_same_kind  # two answers to a harmful request never train
-    # The headline row is the blind-spot row but for rubric, prompts and steps.
-    same = ("n", "prompts_per_step", "optimizer", "sampler", "loss")
+    # The headline row is the blind-spot row but for rubric, prompts, steps and learning rate.
+    same = ("n", "prompts_per_step", "sampler", "loss")
     assert all(rows["false_refusal"][k] == rows["unnecessary_refusal"][k] for k in same)
 
 

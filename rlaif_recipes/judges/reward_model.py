@@ -39,7 +39,8 @@ own fragments) plus the Bradley–Terry loss on the human preference pairs, and 
 new formula over them, not a retrain. `rlaif train-reward-model` trains them (minutes on a CPU, most of it the harm reader); a
 trained set ships in rlaif_recipes/assets/reward_model/, so the judge works with no prior step.
 
-The pair filter (`settle_same_kind`, on by default): each response's score is the probability that
+The pair filter (`settle_same_kind`, off by default, on in the demo's headline row): each
+response's score is the probability that
 it does what the objective asks, so the judge can tell a pair of two replies alike by the rubric (two
 answers to a harmful request, two refusals of a benign one, or two right replies) from a pair with
 one right and one wrong reply. The first kind becomes a settled tie: DPO on it would raise the
@@ -107,11 +108,15 @@ class RewardHeads(nn.Module):
         and answers."""
         return self.answer(torch.cat([e_opening, e_response], dim=-1)).squeeze(-1)
 
+    def parts(self, objective: str, harm: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(log P(reply), log P(the reply does what the objective asks)); `harm` is the harm
+        reader's logit for each response's request."""
+        return F.logsigmoid(self.reply(e_response).squeeze(-1)), OBJECTIVES[objective](self, harm, e_response, e_opening)
+
     def scores(self, objective: str, harm: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor) -> torch.Tensor:
-        """log P(reply) + the objective's log-probability: a non-reply never does what is asked.
-        `harm` is the harm reader's logit for each response's request."""
-        log_p_reply = F.logsigmoid(self.reply(e_response).squeeze(-1))
-        return log_p_reply + OBJECTIVES[objective](self, harm, e_response, e_opening)
+        """log P(reply) + the objective's log-probability: a non-reply never does what is asked."""
+        log_p_reply, log_p_right = self.parts(objective, harm, e_response, e_opening)
+        return log_p_reply + log_p_right
 
 
 class SentenceEncoder:
@@ -226,14 +231,17 @@ class RewardModelJudge(PairwiseJudge):
         head_dir: Optional[str] = None,
         *,
         objective: Optional[str] = None,
-        settle_same_kind: bool = True,
+        settle_same_kind: bool = False,
+        settle_margin: float = 0.25,
         batch_size: int = 32,
         device: str = "cpu",
         **kwargs: Any,
     ) -> None:
         rubric_cfg = kwargs.get("rubric")
         super().__init__(**kwargs)
-        self.settle_same_kind = settle_same_kind
+        if not 0 <= settle_margin <= 0.5:
+            raise ConfigError(f"judge.settle_margin={settle_margin}: must be in [0, 0.5] (a margin around P(A)=0.5)")
+        self.settle_same_kind, self.settle_margin = settle_same_kind, settle_margin
         self.objective = resolve_objective(objective, rubric_cfg, self.rubric and self.rubric.name)
         self.head_dir = Path(head_dir or asset_path("reward_model")).resolve()
         self.head_config = read_head_config(self.head_dir)
@@ -282,32 +290,35 @@ class RewardModelJudge(PairwiseJudge):
         index = {p: i for i, p in enumerate(unique)}
         return logits[[index[p] for p in prompts]] if prompts else logits
 
-    def _scores_and_harm(
-        self, prompts: Sequence[str], responses: Sequence[str]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _parts_and_harm(self, prompts: Sequence[str], responses: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log P(reply), log P(right by the objective) per response, and P(harmful) per request."""
         harm = self.harm_logits(list(prompts))
         e_r, e_o = self.encoder.encode(list(responses)), self.encoder.encode(list(responses), part="opening")
-        return self.heads.scores(self.objective, harm, e_r, e_o), torch.sigmoid(harm)
+        return (*self.heads.parts(self.objective, harm, e_r, e_o), torch.sigmoid(harm))
+
+    def _scores_and_harm(self, prompts: Sequence[str], responses: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        log_p_reply, log_p_right, p_harm = self._parts_and_harm(prompts, responses)
+        return log_p_reply + log_p_right, p_harm
 
     @torch.no_grad()
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         prompts = [p.prompt for p in pairs]
         try:
-            s, p_harm = self._scores_and_harm(
+            log_p_reply, log_p_right, p_harm = self._parts_and_harm(
                 prompts * 2, [p.response_a for p in pairs] + [p.response_b for p in pairs]
             )
         except Exception as e:  # one failure abstains the batch; the run goes on
             for i in range(len(pairs)):
                 record(i, Judgment.abstain(f"reward model failed: {type(e).__name__}: {e}"))
             return
-        n = len(pairs)
+        s, n = log_p_reply + log_p_right, len(pairs)
         for i in range(n):
             s_a, s_b = s[i].item(), s[n + i].item()
             prob_a = torch.sigmoid(torch.tensor(s_a - s_b)).item()
-            rationale = f"P(right) A {math.exp(s_a):.2f}, B {math.exp(s_b):.2f}"
+            rationale = f"P(reply, right) A {math.exp(s_a):.2f}, B {math.exp(s_b):.2f}"
             if self.objective == "helpful_harmless":
                 rationale += f"; P(harmful request) {p_harm[i].item():.2f}"
-            settled = self._same_kind(s_a, s_b)
+            settled = self._same_kind(log_p_reply[[i, n + i]].tolist(), log_p_right[[i, n + i]].tolist(), prob_a)
             if settled:
                 self.count(f"settled_{settled}", 1)
                 record(i, Judgment(Verdict.TIE, prob_a=prob_a, rationale=rationale, settled=settled,
@@ -315,11 +326,16 @@ class RewardModelJudge(PairwiseJudge):
             else:
                 record(i, Judgment(verdict_from_prob(prob_a), prob_a=prob_a, rationale=rationale))
 
-    def _same_kind(self, s_a: float, s_b: float) -> Optional[str]:
-        """"both_right" / "both_wrong" when the two replies fall on one side of P(right) = 0.5."""
-        if not self.settle_same_kind:
+    def _same_kind(self, log_p_reply: List[float], log_p_right: List[float], prob_a: float) -> Optional[str]:
+        """"both_right" / "both_wrong" when both responses are replies, both do (or neither does)
+        what the objective asks, and the judge hardly prefers one (|P(A) - 0.5| < settle_margin):
+        the heads' probabilities are well ordered but not calibrated, so a wide gap still means one
+        reply answers and the other refuses. A non-reply is never settled: the reply head must make
+        it lose to a real reply (a fragment is no refusal, but no answer either)."""
+        half = math.log(0.5)
+        if not self.settle_same_kind or min(log_p_reply) < half or abs(prob_a - 0.5) >= self.settle_margin:
             return None
-        right_a, right_b = s_a >= math.log(0.5), s_b >= math.log(0.5)
+        right_a, right_b = (lp >= half for lp in log_p_right)
         if right_a == right_b:
             return "both_right" if right_a else "both_wrong"
         return None
