@@ -12,11 +12,9 @@ from typing import Dict, List, Optional, Sequence
 
 from datasets import Dataset
 
-from rlaif_recipes.data.prompts import is_held_out
+from rlaif_recipes.data.prompts import _FORMATS, is_held_out
 from rlaif_recipes.data.tables import check_cap, check_fraction, check_split, kind_of, read_table
 from rlaif_recipes.errors import ConfigError, DataError
-
-_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def harm_requests(

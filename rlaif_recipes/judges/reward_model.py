@@ -284,11 +284,8 @@ class RewardModelJudge(PairwiseJudge):
         return self._scores_and_harm(prompts, responses)[0].tolist()
 
     def harm_logits(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The harm reader's logit of P(harmful) for each request, each distinct one read once."""
-        unique = list(dict.fromkeys(prompts))
-        logits = self.heads.harm.logits(*self.encoder.token_states(unique, below=len(self.heads.harm.layers)))
-        index = {p: i for i, p in enumerate(unique)}
-        return logits[[index[p] for p in prompts]] if prompts else logits
+        """The harm reader's logit of P(harmful) for each request."""
+        return read_harm(self.heads.harm, self.encoder, prompts)
 
     def _parts_and_harm(self, prompts: Sequence[str], responses: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log P(reply), log P(right by the objective) per response, and P(harmful) per request."""
@@ -339,6 +336,15 @@ class RewardModelJudge(PairwiseJudge):
         if right_a == right_b:
             return "both_right" if right_a else "both_wrong"
         return None
+
+
+def read_harm(reader: HarmReader, encoder: SentenceEncoder, prompts: Sequence[str]) -> torch.Tensor:
+    """The reader's logit of P(harmful) for each request; each distinct request is read once (a
+    prompt stands in many pairs)."""
+    unique = list(dict.fromkeys(prompts))
+    logits = reader.logits(*encoder.token_states(unique, below=len(reader.layers)))
+    index = {p: i for i, p in enumerate(unique)}
+    return logits[[index[p] for p in prompts]] if prompts else logits
 
 
 def resolve_objective(objective: Optional[str], rubric_cfg: Any, rubric_name: Optional[str]) -> str:

@@ -48,7 +48,7 @@ from rlaif_recipes.data.sft import opening
 from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.harm_reader import HarmReader, accuracy_by_group, source_weights, train_harm_reader
-from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, save_heads
+from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, read_harm, save_heads
 from rlaif_recipes.policy import check_optimizer
 from rlaif_recipes.run_dir import claim, run_identity
 
@@ -172,7 +172,7 @@ class TrainRewardModelRecipe:
             batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
         )  # fmt: skip
         for d in (self._train, self._held_out):  # the reader is fixed from here on
-            d["harm"] = self._harm.logits(*self._encoder.token_states(d["prompt"], below=self._harm_cfg.layers))
+            d["harm"] = read_harm(self._harm, self._encoder, d["prompt"])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
         try:
