@@ -104,16 +104,17 @@ def test_pick_pair_best_vs_worst_by_wins() -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_runs(tmp_path_factory, tiny_model_dir) -> Callable[[int], Path]:
-    """Uninterrupted 4-step runs, one per async_steps, made when first asked for."""
-    runs: Dict[int, Path] = {}
+def finished_runs(tmp_path_factory, tiny_model_dir) -> Callable[..., Path]:
+    """Uninterrupted 4-step runs, one per (async_steps, compile), made when first asked for."""
+    runs: Dict[tuple, Path] = {}
 
-    def finished(async_steps: int) -> Path:
-        if async_steps not in runs:
-            out = tmp_path_factory.mktemp("online") / f"full-async{async_steps}"
-            online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}")
-            runs[async_steps] = out
-        return runs[async_steps]
+    def finished(async_steps: int, compile: bool = False) -> Path:
+        if (async_steps, compile) not in runs:
+            out = tmp_path_factory.mktemp("online") / f"full-async{async_steps}-compile{compile}"
+            online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}",
+                       f"compile={compile}")
+            runs[async_steps, compile] = out
+        return runs[async_steps, compile]
 
     return finished
 
@@ -124,13 +125,14 @@ def finished_run(finished_runs) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_steps", [0, 1])
+@pytest.mark.parametrize(("async_steps", "compile"), [(0, False), (1, False), (0, True)])
 def test_kill_9_then_resume_equals_uninterrupted_run(
-    tmp_path: Path, tiny_model_dir: Path, finished_runs, async_steps: int
+    tmp_path: Path, tiny_model_dir: Path, finished_runs, async_steps: int, compile: bool
 ) -> None:
     """Also with async_steps=1: the checkpoint holds the step sampled ahead, whose judging (maybe
-    in flight at the kill) comes from the cache or is asked again, never paid twice."""
-    finished_run = finished_runs(async_steps)
+    in flight at the kill) comes from the cache or is asked again, never paid twice. Also with
+    compile=true: compiled layers push their weights, checkpoint and resume bitwise exactly."""
+    finished_run = finished_runs(async_steps, compile)
     out = tmp_path / "killed"
     args = [
         "tune",
@@ -138,7 +140,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
         RECIPE,
         "--config",
         "online_dpo",
-        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}"),
+        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}", f"compile={compile}"),
     ]
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / args[0]), *args[1:]],
@@ -163,7 +165,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
 
     online_dpo(
         tmp_path, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}",
-        "resume_from_checkpoint=true",
+        f"compile={compile}", "resume_from_checkpoint=true",
     )
 
     full, resumed = weights(finished_run, 4), weights(out, 4)
@@ -184,6 +186,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert requested_after_resume == len(cache_keys(out) - keys_at_kill)
     # each step trained on samples from weights async_steps steps old (the first from the start)
     assert [m["staleness"] for m in metrics(out)] == [0] + [async_steps] * 3
+    # compile time is logged apart from the train phase: the resumed process compiled afresh
+    assert all(("time/compile" in m) == compile for m in metrics(out))
+    if compile:
+        assert metrics(finished_run)[0]["time/compile"] > 0 and metrics(out)[2]["time/compile"] > 0
 
 
 # ---- bad settings and bad checkpoints fail early, in one line ---------------------------------
