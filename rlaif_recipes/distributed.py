@@ -3,6 +3,7 @@ the refusal of torchrun by the recipes that run as one process."""
 
 import contextlib
 import datetime
+import re
 from typing import Any, Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
@@ -68,6 +69,11 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+# how a collective fails when another rank is gone: torch's own error types, and gloo's transport
+# errors, which surface as plain RuntimeErrors ("Connection reset by peer", "Timed out waiting ...")
+_PEER_LOST = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|timeout", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def peers_lost_as_error(output_dir: str) -> Iterator[None]:
     """A collective that fails under torchrun (another rank died, its node went away, or it hung
@@ -75,11 +81,12 @@ def peers_lost_as_error(output_dir: str) -> Iterator[None]:
     traceback; the last checkpoint in output_dir is intact (written whole, by rank 0 only)."""
     try:
         yield
-    except dist.DistError as e:
-        if not is_distributed():
+    except RuntimeError as e:
+        if not is_distributed() or not (isinstance(e, dist.DistError) or _PEER_LOST.search(str(e))):
             raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(
-            f"rank {dist.get_rank()} of {dist.get_world_size()} lost contact with another rank ({str(e).splitlines()[0][:200]}); "
+            f"rank {dist.get_rank()} of {dist.get_world_size()} lost contact with another rank ({first[:200]}); "
             f"a node died, was killed or hung: restart every launcher with resume_from_checkpoint=true to continue from the "
             f"last checkpoint in {output_dir}/checkpoints"
         ) from None

@@ -1,9 +1,9 @@
 """The offline `dpo` recipe: data formats, checkpoints (HF-loadable, exact resume, corrupt and
 partial ones), LoRA, precomputed reference log-probs, 1 vs 2 FSDP2 ranks, and learning."""
 
+import contextlib
 import hashlib
 import json
-import os
 import re
 import signal
 import sys
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import psutil
 import pytest
 import torch
 from conftest import finish, run_cli, two_launchers, what_failed
@@ -330,23 +331,40 @@ def test_two_launchers_on_loopback_train_and_resume_like_one_launcher(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_node_that_dies_ends_the_other_with_one_line(tmp_path, tiny_model_dir):
-    """kill -9 of node 1's launcher mid-run: node 0 exits non-zero within the bounded time
-    (distributed_timeout_s) with one line naming the way on, not a hang."""
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_node_that_dies_or_hangs_ends_the_other_with_one_line(tmp_path, tiny_model_dir, fault):
+    """Node 1 (its launcher and its rank) killed with kill -9, or its rank stopped (SIGSTOP) mid-run:
+    node 0's rank stops with one line naming the way on (at once for a dead peer, after
+    distributed_timeout_s for a hung one), not a hang and not gloo's traceback."""
     out, nodes = tmp_path / "nodes", [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
         node.mkdir()
-    launchers = two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=6", "save_every_n_steps=1", "distributed_timeout_s=60")], nodes)
+    args = dpo_args(tiny_model_dir, out, "dataset.max_pairs=240", "max_steps=60", "save_every_n_steps=10", "distributed_timeout_s=15")
+    launchers = two_launchers([*DPO, *args], nodes)
     deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "step_0000001").is_dir():
+    while not (out / "checkpoints" / "step_0000010").is_dir():
         assert all(p.poll() is None for p in launchers) and time.monotonic() < deadline, finish(launchers)
         time.sleep(0.05)
-    os.killpg(launchers[1].pid, signal.SIGKILL)
-    _, err = launchers[0].communicate(timeout=120)
-    assert launchers[0].returncode != 0
-    assert "training error: rank 0 of 2 lost contact with another rank" in err
+    node1 = psutil.Process(launchers[1].pid)
+    ranks = node1.children(recursive=True)
+    if fault == "killed":
+        for proc in [node1, *ranks]:
+            proc.send_signal(signal.SIGKILL)
+    else:
+        for proc in ranks:
+            proc.send_signal(signal.SIGSTOP)
+    try:
+        _, err = launchers[0].communicate(timeout=120)
+    finally:
+        for proc in [node1, *ranks]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
+        launchers[1].wait()
+    assert launchers[0].returncode != 0, err[-3000:]
+    assert "training error: rank 0 of 2 lost contact with another rank" in err, err[-3000:]
     assert "restart every launcher with resume_from_checkpoint=true" in err
-    assert "Traceback" not in err.split("training error:")[0][-2000:]
+    assert "Traceback" not in err.split("training error:")[0]  # the rank's own output: one line, no traceback
+    assert not (out / "checkpoints" / "step_0000060").exists()
 
 
 # ---- learning ---------------------------------------------------------------------------------

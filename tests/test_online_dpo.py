@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import load_policy, run_cli, what_failed
+from conftest import finish, load_policy, run_cli, two_launchers, what_failed
 from safetensors.torch import load_file
 from servers import FaultServer
 
@@ -355,14 +355,23 @@ def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Pa
 # ---- FSDP2 across two ranks, one vLLM engine per rank ------------------------------------------
 
 
+TWO_RANKS = ["prompts_per_step=4", "async_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """2 steps on one launcher with 2 processes (FSDP2, a vLLM engine per rank), then resumed to 3."""
+    out = tmp_path_factory.mktemp("online") / "fsdp"
+    torchrun = ["--nproc_per_node", "2"]
+    online_dpo(out.parent, tiny_model_dir, out, "max_steps=2", *TWO_RANKS, launcher=torchrun)
+    online_dpo(out.parent, tiny_model_dir, out, "max_steps=3", *TWO_RANKS, "resume_from_checkpoint=true", launcher=torchrun)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
-    out = tmp_path / "fsdp"
-    torchrun = ["--nproc_per_node", "2"]
-    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=2", "prompts_per_step=4", "async_steps=1", launcher=torchrun)
-    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=3", "prompts_per_step=4", "async_steps=1", "resume_from_checkpoint=true",
-               launcher=torchrun)  # fmt: skip
+def test_fsdp2_two_ranks_sample_judge_train_and_resume(tiny_model_dir: Path, fsdp_run: Path) -> None:
+    out = fsdp_run
     logged = metrics(out)
     assert [m["step"] for m in logged] == [1, 2, 3] and all(m["prompts"] == 4 for m in logged)
     assert [m["staleness"] for m in logged] == [0, 1, 0]  # step 2 sampled ahead; the resumed sampler holds step 2's weights
@@ -376,6 +385,30 @@ def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_mode
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(weights(out, 2)["lm_head.weight"], initial)
     assert not torch.equal(weights(out, 3)["lm_head.weight"], weights(out, 2)["lm_head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_launchers_on_loopback_equal_one_launcher(tmp_path: Path, tiny_model_dir: Path, fsdp_run: Path) -> None:
+    """Multi-node as a cluster runs it: one launcher per node (two on loopback, one process and one
+    vLLM engine each), async_steps=1, a checkpoint and a resume: the same samples, losses and
+    weights as one launcher with two processes; node 1 (global rank 1) writes nothing of its own
+    beyond its judge cache (its working directory stays empty)."""
+    out, nodes = tmp_path / "nodes", [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    recipe = ["tune", "run", RECIPE, "--config", "online_dpo"]  # run as a module (PYTHONPATH): no file under the nodes' directories
+    finish(two_launchers([*recipe, *overrides(tiny_model_dir, out, "max_steps=2", *TWO_RANKS)], nodes))
+    finish(two_launchers([*recipe, *overrides(tiny_model_dir, out, "max_steps=3", *TWO_RANKS, "resume_from_checkpoint=true")], nodes))
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(fsdp_run)]
+    for step in (2, 3):
+        a, b = weights(out, step), weights(fsdp_run, step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for step in (1, 2, 3):
+        name = f"steps/step-{step:05d}.parquet"
+        assert pq.read_table(out / name).to_pylist() == pq.read_table(fsdp_run / name).to_pylist()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fsdp_run.iterdir())
+    assert not any(nodes[1].iterdir())
 
 
 @pytest.mark.slow
