@@ -68,10 +68,12 @@ def two_launchers(args: List[str], cwds: List[Path]) -> List[subprocess.Popen]:
     node = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
             "--rdzv-id", f"test-{port}"]
     # on a cluster the endpoint names node 0's host, so node 0 holds the rendezvous store; on
-    # loopback every launcher's host matches, so say which one does
+    # loopback every launcher's host matches, so say which one does. One thread per rank, as one
+    # launcher with two processes sets it (a thread count changes float sums, so bitwise results)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return [
         subprocess.Popen([str(exe), args[1], *node, "--node_rank", str(rank), "--rdzv-conf", f"is_host={rank == 0}", *args[2:]],
-                         cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         for rank, cwd in enumerate(cwds)
     ]
 
