@@ -25,13 +25,17 @@ for response tokens, which are all the loss needs; attention scores and embeddin
 left out. A step samples n x (prompt + response) tokens; its train phase (`time/train` in
 metrics.jsonl: policy forward + backward, reference forward, optimizer step) costs
 6 + 2 = 8 x params per trained token. The peaks are the best fp32 and bf16 square matmuls measured
-in the same run; shares are against the peak of the run's dtype. TRL's train phase is timed from
+in the same run; shares are against the peak of the run's dtype, and the train phase's also against
+the peak of its own matmul shapes (`shape_peak`: thin matmuls cannot reach a square one's peak).
+`--variants` runs ours again with `compile=true` and with the per-parameter AdamW
+(`optimizer.fused=false`), side by side; compile time is reported apart from the step rates. TRL's train phase is timed from
 the end of its generate call to the end of its step, with its own token counts.
 
 Peak RSS is each recipe process's (os.wait4's ru_maxrss: the run and everything it waited for),
 vLLM's in-process engine and its KV cache (fixed at 512 MiB here, touched in full) included.
 
     python bench/online_dpo.py --steps 6 --out-dir outputs/bench
+    python bench/online_dpo.py --steps 6 --variants --skip-lora     # compile and AdamW variants beside TRL
     python bench/online_dpo.py --model tiny --steps 8
 """
 
