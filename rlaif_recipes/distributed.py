@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torchtune import training
 
-from rlaif_recipes.errors import ConfigError, TrainingError
+from rlaif_recipes.errors import ConfigError, RecipeError, TrainingError
 
 
 def is_distributed() -> bool:
@@ -69,9 +69,10 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-# how a collective fails when another rank is gone: torch's own error types, and gloo's transport
-# errors, which surface as plain RuntimeErrors ("Connection reset by peer", "Timed out waiting ...")
-_PEER_LOST = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|timeout", re.IGNORECASE)
+# how a collective fails when another rank is gone: torch's own error types (NCCL), and gloo's
+# transport errors, plain RuntimeErrors ("[.../gloo/transport/tcp/pair.cc:537] Read error ...:
+# Connection reset by peer", "[.../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting ...")
+_PEER_LOST = re.compile(r"/gloo/transport/|connection (reset|closed|refused) by peer", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -82,7 +83,8 @@ def peers_lost_as_error(output_dir: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:
-        if not is_distributed() or not (isinstance(e, dist.DistError) or _PEER_LOST.search(str(e))):
+        lost = isinstance(e, dist.DistError) or _PEER_LOST.search(str(e))
+        if not is_distributed() or isinstance(e, RecipeError) or not lost:  # a judge's timeout is its own error
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(
