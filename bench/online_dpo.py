@@ -273,6 +273,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="both sides; default bf16 for smollm2, fp32 for tiny")
     p.add_argument("--skip-lora", action="store_true", help="leave out the model=hf_lora run (peak RSS comparison)")
     p.add_argument("--variants", action="store_true", help="also run ours with compile=true and with the per-parameter AdamW")
+    p.add_argument("--ours", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run of ours (sampler.enforce_eager=false)")
     p.add_argument("--out-dir", default="outputs/bench")
     args = p.parse_args()
     if args.steps < 2:
@@ -293,18 +294,18 @@ def main() -> None:
           f"rule judge `shorter`, {settings['dtype']} on both sides, lr {LR}, beta {BETA}; peak matmul "
           f"{', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items())} ({torch.get_num_threads()} threads)")
 
-    ours = run_ours(model_dir, out_dir / "bench_online_ours", settings, "hf")
+    ours = run_ours(model_dir, out_dir / "bench_online_ours", settings, "hf", *args.ours)
     systems = {"online_dpo (vLLM sampler, torchtune step, fused AdamW)": ours}
     loads.append(("ours", os.getloadavg()))
     for name, extra in VARIANTS if args.variants else []:
-        systems[f"online_dpo, {name}"] = run_ours(model_dir, out_dir / f"bench_online_{extra[0].split('=')[0]}", settings, "hf", *extra)
+        systems[f"online_dpo, {name}"] = run_ours(model_dir, out_dir / f"bench_online_{extra[0].split('=')[0]}", settings, "hf", *args.ours, *extra)
         loads.append((name, os.getloadavg()))
     trl = run_trl(model_dir, out_dir / "bench_online_trl", prompts_used(out_dir / "bench_online_ours"), settings)
     systems["TRL OnlineDPOTrainer (HF generate)"] = trl
     loads.append(("TRL", os.getloadavg()))
     memory = {"full fine-tuning (model=hf)": ours}
     if not args.skip_lora:
-        memory["LoRA (model=hf_lora)"] = run_ours(model_dir, out_dir / "bench_online_ours_lora", settings, "hf_lora")
+        memory["LoRA (model=hf_lora)"] = run_ours(model_dir, out_dir / "bench_online_ours_lora", settings, "hf_lora", *args.ours)
         loads.append(("LoRA", os.getloadavg()))
 
     padded = statistics.fmean(r["padded_tokens"] for r in systems.values() if "padded_tokens" in r)
