@@ -1,12 +1,15 @@
 """Offline DPO throughput: our `dpo` recipe vs torchtune's built-in `full_dpo_distributed`.
 
     python bench/dpo_throughput.py                       # CPU: tiny model, 2 ranks (gloo), fp32
+    python bench/dpo_throughput.py --size smollm2 --dtype bf16 --compile both --batch-size 4 --steps 8 --warmup 3
+                                                         # CPU: SmolLM2-135M-Instruct, compile off and on, both recipes
     python bench/dpo_throughput.py --size 1b --device cuda --dtype bf16 --nproc 1 --batch-size 8 --max-seq-len 512
                                                          # GPU (what bench/gpu_check.sh runs)
 
 Like for like: the same HF model directory, the same token ids (our `tokenize_preferences` output
 is handed to torchtune's recipe as its dataset), world size, batch size, sequence cap, optimizer,
-steps and gradient clipping. Both recipes log `tokens_per_second_per_gpu` the same way (padded
+steps, gradient clipping and `compile` (torchtune's own option on both sides; our time spent compiling is
+logged apart as `compile_seconds` and left out of our tokens/s, torchtune's falls in its warm-up steps). Both recipes log `tokens_per_second_per_gpu` the same way (padded
 input tokens of chosen + rejected rows, summed over ranks, per second per rank); the table shows
 the median over the steps after `--warmup` steps (of all `--rounds`). Peak memory: CUDA max allocated (GPU), or rank
 0's peak RSS (CPU, mostly library overhead at tiny sizes). MFU (GPU) counts 6N FLOPs per token
@@ -36,6 +39,7 @@ BENCH = Path(__file__).resolve().parent
 SIZES = {  # make_tiny_model arguments
     "tiny": {},
     "1b": dict(dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_dim=8192, max_seq_len=2048),
+    "smollm2": None,  # SmolLM2-135M-Instruct from the shared cache (`rlaif get-model`), real weights
 }
 
 
@@ -113,7 +117,11 @@ def prepare(out: Path, size: str, max_seq_len: int) -> tuple:
     from rlaif_recipes.models import make_tiny_model
 
     model_dir = out / f"model-{size}"
-    if not (model_dir / "config.json").is_file():
+    if size == "smollm2":
+        from rlaif_recipes.models.get_model import get_model
+
+        model_dir = get_model("smollm2-135m-instruct")
+    elif not (model_dir / "config.json").is_file():
         make_tiny_model(str(model_dir), seed=0, **SIZES[size])
     pairs = preference_dataset("xstest", split="train")
     text = out / "pairs.jsonl"
@@ -124,7 +132,7 @@ def prepare(out: Path, size: str, max_seq_len: int) -> tuple:
     return model_dir, text, ids_path, len(ids)
 
 
-def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argparse.Namespace) -> None:
+def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argparse.Namespace, compile_: bool) -> None:
     checkpointer = {
         "_component_": "torchtune.training.FullModelHFCheckpointer",
         "checkpoint_dir": str(model_dir),
@@ -151,7 +159,7 @@ def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argpa
         "max_steps_per_epoch": a.steps,
         "gradient_accumulation_steps": 1,
         "clip_grad_norm": 1.0,
-        "compile": False,
+        "compile": compile_,
         "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(run / "logs")},
         "log_every_n_steps": 1,
         "log_peak_memory_stats": a.device == "cuda",
@@ -163,13 +171,13 @@ def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argpa
     path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
 
 
-def our_overrides(run: Path, model_dir: Path, text: Path, a: argparse.Namespace, reference: str) -> List[str]:
+def our_overrides(run: Path, model_dir: Path, text: Path, a: argparse.Namespace, reference: str, compile_: bool) -> List[str]:
     return [
         "--config", "dpo", f"checkpoint_dir={model_dir}", f"output_dir={run}", f"dataset.source={text}",
         "dataset.split=all", "eval_dataset=null", f"max_seq_len={a.max_seq_len}", f"batch_size={a.batch_size}",
         f"max_steps={a.steps}", f"device={a.device}", f"dtype={a.dtype}", "optimizer.lr=1e-5",
         "lr_scheduler.num_warmup_steps=2", "clip_grad_norm=1.0", f"reference={reference}",
-        f"enable_activation_checkpointing={str(a.activation_checkpointing).lower()}",
+        f"enable_activation_checkpointing={str(a.activation_checkpointing).lower()}", f"compile={str(compile_).lower()}",
     ]
 
 
@@ -189,11 +197,12 @@ def launch(recipe: str, run: Path, args: List[str], a: argparse.Namespace) -> Di
                 kv = dict(item.split(":", 1) for item in line.split("|", 1)[1].split())
                 steps.append({k: float(v) for k, v in kv.items()})
     measured = [s["tokens_per_second_per_gpu"] for s in steps[a.warmup :]]
+    compiled = sum(s.get("compile_seconds", 0.0) for s in steps)
     if not measured:
         sys.exit(f"{recipe}: no step metrics after {a.warmup} warm-up steps in {run / 'logs'}; raise --steps")
     peak = json.loads(result.read_text())
     return {"step_tokens_per_s": measured, "peak_gb": peak.get("peak_cuda_alloc_gb", peak["peak_rss_gb"]),
-            "wall_s": time.perf_counter() - start}
+            "wall_s": time.perf_counter() - start, "compile_s": compiled}
 
 
 def _free_port() -> int:
@@ -224,6 +233,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
     p.add_argument("--rounds", type=int, default=1, help="run the three recipes this many times, interleaved")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile in both recipes (both: each run twice)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--port", type=int, default=0, help="torchrun master port (0: a free one)")
     a = p.parse_args()
@@ -235,21 +245,25 @@ def main() -> None:
     if n_pairs < a.steps * a.batch_size * a.nproc:
         sys.exit(f"{n_pairs} pairs < steps x batch x ranks = {a.steps * a.batch_size * a.nproc}; lower --steps or --batch-size")
     load_before = os.getloadavg()
-    runs = [("torchtune full_dpo_distributed", "torchtune", "model"), ("ours, reference copy", "ours", "model"),
-            ("ours, precomputed reference", "ours", "precomputed")]
-    results: Dict[str, Dict[str, Any]] = {name: {"reference": ref, "step_tokens_per_s": [], "peak_gb": 0.0} for name, _, ref in runs}
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
+    runs = [(f"{name}{', compile' if c else ''}", recipe, reference, c) for c in compiles for name, recipe, reference in (
+        ("torchtune full_dpo_distributed", "torchtune", "model"), ("ours, reference copy", "ours", "model"),
+        ("ours, precomputed reference", "ours", "precomputed"))]
+    results: Dict[str, Dict[str, Any]] = {name: {"reference": ref, "step_tokens_per_s": [], "peak_gb": 0.0, "compile_s": []}
+                                          for name, _, ref, _ in runs}
     for round_ in range(a.rounds):  # rounds interleave the recipes, so a burst of load hits all of them
-        for name, recipe, reference in runs:
-            run = out / "runs" / f"{recipe}-{reference}-{int(time.time())}"
+        for name, recipe, reference, compile_ in runs:
+            run = out / "runs" / f"{recipe}-{reference}-{'compile-' if compile_ else ''}{int(time.time())}"
             run.mkdir(parents=True)
             if recipe == "torchtune":
-                torchtune_config(run / "config.yaml", run, model_dir, ids, a)
+                torchtune_config(run / "config.yaml", run, model_dir, ids, a, compile_)
                 args = ["--config", str(run / "config.yaml")]
             else:
-                args = our_overrides(run, model_dir, text, a, reference)
+                args = our_overrides(run, model_dir, text, a, reference, compile_)
             r = launch(recipe, run, args, a)
             results[name]["step_tokens_per_s"] += r["step_tokens_per_s"]
             results[name]["peak_gb"] = max(results[name]["peak_gb"], r["peak_gb"])
+            results[name]["compile_s"].append(r["compile_s"])
             print(f"  round {round_ + 1}, {name}: {statistics.median(r['step_tokens_per_s']):.0f} tokens/s/rank", file=sys.stderr)
     load_after = os.getloadavg()
     for r in results.values():
@@ -261,12 +275,15 @@ def main() -> None:
           f"{a.nproc} rank(s), batch {a.batch_size} pairs/rank, max_seq_len {a.max_seq_len}, {a.steps} steps "
           f"x {a.rounds} round(s) (median of steps {a.warmup + 1}-{a.steps}); load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     mem = "peak CUDA alloc GB" if a.device == "cuda" else "peak RSS GB (rank 0)"
-    print(f"| run | tokens/s/rank | vs torchtune | {mem} | MFU |")
-    print("|---|---|---|---|---|")
+    print(f"| run | tokens/s/rank | vs torchtune | vs torchtune, same compile | {mem} | MFU | compile s (ours, apart) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         flops = fpt * (3 if r["reference"] == "precomputed" else 4)  # 6N train (+ 2N reference forward)
         mfu = f"{100 * r['tokens_per_s'] * flops / (a.peak_tflops * 1e12):.1f}%" if a.device == "cuda" else "n/a"
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | {r['peak_gb']:.2f} | {mfu} |")
+        same = results["torchtune full_dpo_distributed" + (", compile" if name.endswith(", compile") else "")]["tokens_per_s"]
+        compiled = f"{statistics.fmean(r['compile_s']):.0f}" if name.startswith("ours") and name.endswith(", compile") else "-"
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | {r['tokens_per_s'] / same:.2f}x | "
+              f"{r['peak_gb']:.2f} | {mfu} | {compiled} |")
     (out / "results.json").write_text(json.dumps({"args": vars(a), "load": [load_before, load_after], "results": results}, indent=2))
 
 

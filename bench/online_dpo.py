@@ -25,13 +25,17 @@ for response tokens, which are all the loss needs; attention scores and embeddin
 left out. A step samples n x (prompt + response) tokens; its train phase (`time/train` in
 metrics.jsonl: policy forward + backward, reference forward, optimizer step) costs
 6 + 2 = 8 x params per trained token. The peaks are the best fp32 and bf16 square matmuls measured
-in the same run; shares are against the peak of the run's dtype. TRL's train phase is timed from
+in the same run; shares are against the peak of the run's dtype, and the train phase's also against
+the peak of its own matmul shapes (`shape_peak`: thin matmuls cannot reach a square one's peak).
+`--variants` runs ours again with `compile=true` and with the per-parameter AdamW
+(`optimizer.fused=false`), side by side; compile time is reported apart from the step rates. TRL's train phase is timed from
 the end of its generate call to the end of its step, with its own token counts.
 
 Peak RSS is each recipe process's (os.wait4's ru_maxrss: the run and everything it waited for),
 vLLM's in-process engine and its KV cache (fixed at 512 MiB here, touched in full) included.
 
     python bench/online_dpo.py --steps 6 --out-dir outputs/bench
+    python bench/online_dpo.py --steps 6 --variants --skip-lora     # compile and AdamW variants beside TRL
     python bench/online_dpo.py --model tiny --steps 8
 """
 
@@ -58,6 +62,10 @@ LR, BETA, N = 5e-6, 0.1, 2
 KV_CACHE_BYTES = 512 * 2**20  # fixed, so peak RSS does not depend on this machine's RAM
 DEFAULTS = {"smollm2": dict(prompts=8, max_tokens=48, dtype="bf16"), "tiny": dict(prompts=16, max_tokens=64, dtype="fp32")}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VARIANTS = [  # ours with one change undone or added, beside the defaults
+    ("compile=true (layers and loss, inductor)", ("compile=true",)),
+    ("per-parameter AdamW (optimizer.fused=false)", ("optimizer.fused=false",)),
+]
 
 
 def peak_flops(dtype: torch.dtype, sizes: Tuple[int, ...] = (2048, 4096), reps: int = 5) -> float:
@@ -71,6 +79,31 @@ def peak_flops(dtype: torch.dtype, sizes: Tuple[int, ...] = (2048, 4096), reps: 
             a @ b
             best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def shape_peak(model_dir: Path, rows: int, response_rows: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """FLOP/s of the train phase's own matmuls, timed alone: every linear layer of one transformer
+    block at `rows` tokens (forward twice: policy and reference; input and weight gradients) and
+    the output head at `response_rows`. The honest ceiling for thin matmuls on this CPU."""
+    c = json.loads((model_dir / "config.json").read_text())
+    d, ff = c["hidden_size"], c["intermediate_size"]
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    linears = [(rows, d, q), (rows, d, kv), (rows, d, kv), (rows, q, d), (rows, d, ff), (rows, d, ff), (rows, ff, d),
+               (response_rows, d, c["vocab_size"])]
+    total_flops, total_s = 0.0, 0.0
+    for m, k, n in linears:
+        x, w, g = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+        products = [(x, w.T), (x, w.T), (g, w), (g.T, x)]  # forward (policy, reference), input and weight gradients
+        best = float("inf")
+        for _ in range(reps + 1):
+            start = time.perf_counter()
+            for a, b in products:
+                a @ b
+            best = min(best, time.perf_counter() - start)
+        total_flops += 4 * 2 * m * k * n
+        total_s += best
+    return total_flops / total_s
 
 
 def matmul_params(model_dir: Path) -> Tuple[int, int]:
@@ -91,8 +124,9 @@ def flops(params: Tuple[int, int], tokens: int, response_tokens: int, per_token:
     return per_token * (body * tokens + head * response_tokens)
 
 
-def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option: str) -> Dict[str, Any]:
-    """One recipe run in its own process; its step metrics, token counts and peak RSS."""
+def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option: str, *extra: str) -> Dict[str, Any]:
+    """One recipe run in its own process; its step metrics, token counts and peak RSS. Time spent
+    compiling (compile=true: `time/compile`) is left out of the rates and reported apart."""
     sampler_dtype = "bfloat16" if settings["dtype"] == "bf16" else "float32"
     cmd = [
         str(Path(sys.executable).parent / "tune"), "run", "rlaif_recipes/recipes/online_dpo.py", "--config", "online_dpo",
@@ -101,7 +135,7 @@ def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option:
         f"sampler.dtype={sampler_dtype}", f"sampler.max_tokens={settings['max_tokens']}", "sampler.temperature=1.0",
         f"sampler.kv_cache_memory_bytes={KV_CACHE_BYTES}", "judge.rule=rlaif_recipes.judges.rules.shorter",
         "loss=dpo", f"loss.beta={BETA}", f"optimizer.lr={LR}", f"save_every_n_steps={settings['steps']}",
-        "lr_scheduler=null",
+        "lr_scheduler=null", *extra,
     ]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
@@ -117,7 +151,9 @@ def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option:
     timed = logged[1:]  # the first step warms up (allocations, first weight push)
     step_time = sum(m["time/step"] for m in timed)
     return dict(
-        rates=[m["pairs/trained"] / (m["time"] - prev["time"]) for prev, m in zip(logged, timed)],
+        rates=[m["pairs/trained"] / (m["time"] - prev["time"] - m.get("time/compile", 0.0)) for prev, m in zip(logged, timed)],
+        compile=sum(m.get("time/compile", 0.0) for m in logged),
+        padded_tokens=statistics.fmean(m["tokens/trained"] for m in timed),
         **{k: sum(m[f"time/{k}"] for m in timed) / len(timed) for k in ("sample", "judge", "train", "sync")},
         sync_share=sum(m["time/sync"] for m in timed) / step_time,
         response_tokens=sum(m["response/tokens_mean"] for m in timed) / len(timed),
@@ -195,30 +231,30 @@ def run_trl(model_dir: Path, out: Path, prompts: List[str], settings: Dict[str, 
     )
 
 
-def print_throughput(ours: Dict[str, Any], trl: Dict[str, Any], params: Tuple[int, int], peak: float, settings: Dict[str, Any]) -> None:
-    pairs = settings["prompts"]
-    print(f"\n| system | pairs/s | s per {pairs} pairs | sample s | judge s | train s | sync s | sync share | "
-          f"step GFLOP/s | step share of {settings['dtype']} peak | train GFLOP/s | train share of {settings['dtype']} peak | speedup |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    trl_rate = statistics.median(trl["rates"])
-    for name, r in (("online_dpo (vLLM sampler, torchtune step)", ours), ("TRL OnlineDPOTrainer (HF generate)", trl)):
+def print_throughput(systems: Dict[str, Dict[str, Any]], params: Tuple[int, int], peak: float, own_peak: float,
+                     settings: Dict[str, Any]) -> None:
+    """One row per system; the last is TRL, the baseline of the speedup column."""
+    pairs, dtype = settings["prompts"], settings["dtype"]
+    print(f"\n| system | pairs/s | s per {pairs} pairs | sample s | judge s | train s | sync s | sync share | compile s (apart) | "
+          f"step GFLOP/s | train GFLOP/s | train share of square {dtype} peak | train share of own-shape peak | speedup |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    trl_rate = statistics.median(list(systems.values())[-1]["rates"])
+    for name, r in systems.items():
         rate = statistics.median(r["rates"])
         per_step = pairs / rate
         t = r["tokens"]
         step_flops = flops(params, t["sampled"], t["sampled_response"], 2) + flops(params, t["trained"], t["trained_response"], 8)
         train_gflops = flops(params, t["trained"], t["trained_response"], 8) / r["train"] / 1e9
-        parts = (f"{r['sample']:.2f} | {r['judge']:.3f} | {r['train']:.2f} | {r['sync']:.3f} | {100 * r['sync_share']:.1f}%"
-                 if "sample" in r else f"- | - | {r['train']:.2f} | - | -")
-        print(f"| {name} | {rate:.2f} | {per_step:.2f} | {parts} | {step_flops / per_step / 1e9:.1f} | "
-              f"{100 * step_flops / per_step / peak:.1f}% | {train_gflops:.1f} | {100 * train_gflops * 1e9 / peak:.1f}% | "
-              f"{rate / trl_rate:.2f}x |")
-    print("\npairs/s of every timed step: " + "; ".join(
-        f"{name}: {', '.join(f'{x:.2f}' for x in r['rates'])}" for name, r in (("ours", ours), ("TRL", trl))))
-    for name, r in (("ours", ours), ("TRL", trl)):
+        parts = (f"{r['sample']:.2f} | {r['judge']:.3f} | {r['train']:.2f} | {r['sync']:.3f} | {100 * r['sync_share']:.1f}% | {r['compile']:.1f}"
+                 if "sample" in r else f"- | - | {r['train']:.2f} | - | - | -")
+        print(f"| {name} | {rate:.2f} | {per_step:.2f} | {parts} | {step_flops / per_step / 1e9:.1f} | {train_gflops:.1f} | "
+              f"{100 * train_gflops * 1e9 / peak:.1f}% | {100 * train_gflops * 1e9 / own_peak:.1f}% | {rate / trl_rate:.2f}x |")
+    print("\npairs/s of every timed step: " + "; ".join(f"{name}: {', '.join(f'{x:.2f}' for x in r['rates'])}" for name, r in systems.items()))
+    for name, r in systems.items():
         t = r["tokens"]
         print(f"{name} per step: {t['sampled']:.0f} sampled tokens ({t['sampled_response']:.0f} response), "
               f"{t['trained']:.0f} trained ({t['trained_response']:.0f} response)")
-    print(f"ours: mean response {ours['response_tokens']:.1f} tokens; TRL's train s = end of its generate call to end of step")
+    print("TRL's train s = end of its generate call to end of step")
 
 
 def print_memory(runs: Dict[str, Dict[str, Any]]) -> None:
@@ -236,6 +272,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, help="new tokens per response; default 48 for smollm2, 64 for tiny")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="both sides; default bf16 for smollm2, fp32 for tiny")
     p.add_argument("--skip-lora", action="store_true", help="leave out the model=hf_lora run (peak RSS comparison)")
+    p.add_argument("--variants", action="store_true", help="also run ours with compile=true and with the per-parameter AdamW")
+    p.add_argument("--ours", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run of ours (sampler.enforce_eager=false)")
     p.add_argument("--out-dir", default="outputs/bench")
     args = p.parse_args()
     if args.steps < 2:
@@ -248,7 +286,7 @@ def main() -> None:
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"platform: {platform.platform()} | {platform.processor() or platform.machine()} | python "
           f"{platform.python_version()} | torch {torch.__version__} | os.cpu_count() {os.cpu_count()} | cpu flags: {cpu_flags()}")
-    loads = [os.getloadavg()]
+    loads = [("start", os.getloadavg())]
     peaks = {name: peak_flops(dtype) for name, dtype in TORCH_DTYPES.items()}
     params = matmul_params(model_dir)
     print(f"model: {describe_model(args.model)} ({params[0] / 1e6:.1f}M body + {params[1] / 1e6:.1f}M head matmul params); "
@@ -256,19 +294,28 @@ def main() -> None:
           f"rule judge `shorter`, {settings['dtype']} on both sides, lr {LR}, beta {BETA}; peak matmul "
           f"{', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items())} ({torch.get_num_threads()} threads)")
 
-    ours = run_ours(model_dir, out_dir / "bench_online_ours", settings, "hf")
-    loads.append(os.getloadavg())
+    ours = run_ours(model_dir, out_dir / "bench_online_ours", settings, "hf", *args.ours)
+    systems = {"online_dpo (vLLM sampler, torchtune step, fused AdamW)": ours}
+    loads.append(("ours", os.getloadavg()))
+    for name, extra in VARIANTS if args.variants else []:
+        systems[f"online_dpo, {name}"] = run_ours(model_dir, out_dir / f"bench_online_{extra[0].split('=')[0]}", settings, "hf", *args.ours, *extra)
+        loads.append((name, os.getloadavg()))
     trl = run_trl(model_dir, out_dir / "bench_online_trl", prompts_used(out_dir / "bench_online_ours"), settings)
-    loads.append(os.getloadavg())
+    systems["TRL OnlineDPOTrainer (HF generate)"] = trl
+    loads.append(("TRL", os.getloadavg()))
     memory = {"full fine-tuning (model=hf)": ours}
     if not args.skip_lora:
-        memory["LoRA (model=hf_lora)"] = run_ours(model_dir, out_dir / "bench_online_ours_lora", settings, "hf_lora")
-        loads.append(os.getloadavg())
+        memory["LoRA (model=hf_lora)"] = run_ours(model_dir, out_dir / "bench_online_ours_lora", settings, "hf_lora", *args.ours)
+        loads.append(("LoRA", os.getloadavg()))
 
-    print_throughput(ours, trl, params, peaks[settings["dtype"]], settings)
+    padded = statistics.fmean(r["padded_tokens"] for r in systems.values() if "padded_tokens" in r)
+    own_peak = shape_peak(model_dir, round(padded), round(ours["tokens"]["trained_response"]), TORCH_DTYPES[settings["dtype"]])
+    print(f"own-shape peak: {own_peak / 1e9:.0f} GFLOP/s ({settings['dtype']} matmuls of one block at {padded:.0f} padded rows, "
+          f"head at {ours['tokens']['trained_response']:.0f} response rows)")
+    print_throughput(systems, params, peaks[settings["dtype"]], own_peak, settings)
     print_memory(memory)
-    print("load average (1/5/15 min) at start, after ours, after TRL" + (", after LoRA" if not args.skip_lora else "")
-          + ": " + "; ".join("/".join(f"{x:.2f}" for x in la) for la in loads) + " (other processes on these cores skew timings)")
+    print("load average (1/5/15 min) at start, then after each run: " + "; ".join(
+        f"{name} {'/'.join(f'{x:.2f}' for x in la)}" for name, la in loads) + " (other processes on these cores skew timings)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ The thread count seen during each measurement is printed next to its numbers.
 
     python bench/sampling.py                                   # SmolLM2-135M-Instruct, fp32 and bf16
     python bench/sampling.py --model tiny --dtype float32      # the tiny random Llama
+    python bench/sampling.py --decode-grid 8 32 --dtype bfloat16  # vLLM only: batch size x enforce_eager
+
+`--decode-grid P ...` answers whether vLLM's decode at a small batch (online DPO's 8 prompts x 2 = 16
+sequences) gets faster with more prompts per step or with vLLM's CPU torch.compile path
+(`enforce_eager=false`; the sampler config's default is true, which starts in seconds): vLLM only,
+each (prompts, enforce_eager) in its own engine process, tokens/s as above.
 """
 
 import argparse
@@ -101,9 +107,10 @@ def measure_torchtune(
     return measure(sampler, prompts, settings)
 
 
-def measure_vllm(model_dir: str, prompts: List[Prompt], dtype: str, settings: Dict[str, int]) -> Dict[str, Any]:
+def measure_vllm(model_dir: str, prompts: List[Prompt], dtype: str, settings: Dict[str, int], enforce_eager: bool = True) -> Dict[str, Any]:
     """Runs in its own spawned process (see the module docstring)."""
-    sampler = VLLMSampler(model_dir, dtype=dtype, gpu_memory_utilization=0.05, max_tokens=settings["max_tokens"])
+    sampler = VLLMSampler(model_dir, dtype=dtype, gpu_memory_utilization=0.05, max_tokens=settings["max_tokens"],
+                          enforce_eager=enforce_eager)
     try:
         return measure(sampler, prompts, settings)
     finally:
@@ -119,6 +126,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, help="default: 48 for smollm2, 64 for tiny")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out-dir", default="outputs/bench")
+    p.add_argument("--decode-grid", type=int, nargs="+", metavar="PROMPTS", help="vLLM only: these prompt counts x enforce_eager on/off")
     args = p.parse_args()
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
@@ -143,6 +151,9 @@ def main() -> None:
         f"max_tokens={args.max_tokens}, temperature 1.0, dtypes {', '.join(args.dtype)}\n"
     )
 
+    if args.decode_grid:
+        decode_grid(str(model_dir), args.decode_grid, args.dtype[0], settings)
+        return
     results: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for dtype in args.dtype:
         results[("torchtune", dtype)] = measure_torchtune(model_dir, prompts, dtype, settings, out_dir)
@@ -165,6 +176,20 @@ def main() -> None:
         + "; ".join(f"{b} {d}: {', '.join(f'{x:.0f}' for x in r['all_tps'])}" for (b, d), r in results.items())
     )
     print(f"load average at the end: {os.getloadavg()}")
+
+
+def decode_grid(model_dir: str, prompt_counts: List[int], dtype: str, settings: Dict[str, int]) -> None:
+    print("| prompts | sequences | enforce_eager | tokens/s | seconds | generated tokens | engine start + warm-up s | load |")
+    print("|---:|---:|---|---:|---:|---:|---:|---|")
+    for count in prompt_counts:
+        for eager in (True, False):
+            start = time.perf_counter()
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                r = pool.submit(measure_vllm, model_dir, load_prompts(count), dtype, settings, eager).result()
+            total = time.perf_counter() - start
+            print(f"| {count} | {count * settings['n']} | {eager} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | "
+                  f"{total - sum(r['tokens'] / x for x in r['all_tps']):.0f} | "
+                  f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ check the settings it is built with before anything heavy starts."""
 
 import contextlib
 import functools
-from typing import Any, Dict, Iterator, Optional, Tuple
+import os
+import time
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -105,6 +107,47 @@ def build_policy(
     training.load_from_full_model_state_dict(model, state_dict, device, strict=True, cpu_offload=False)
     training.validate_no_params_on_meta_device(model)
     return model
+
+
+def compile_training(models: Sequence[nn.Module], loss_fn: nn.Module, verbose: bool) -> nn.Module:
+    """torchtune's `compile: true`: compile each transformer layer of `models` in place (as
+    `training.compile_model` does, so parameter names, FSDP2 shards, LoRA adapters and weight
+    pushes are untouched) and return the loss compiled (`training.compile_loss`).
+
+    Unlike torchtune's, shapes are dynamic from the first call: online steps change the sequence
+    length every step, and one kernel for every length keeps a resumed run bitwise equal to an
+    uninterrupted one (a static first kernel would run only the first step of each process).
+    """
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    handler = torch._dynamo.callback_handler
+    if _compile_started not in handler.start_callbacks:
+        handler.register_start_callback(_compile_started)
+        handler.register_end_callback(_compile_ended)
+    if verbose:
+        utils.get_logger("INFO").info(f"compile=true: compiling the policy's layers and the loss with torch.compile ({backend})")
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, modules.TransformerSelfAttentionLayer):
+                m.compile(backend=backend, dynamic=True)
+    return torch.compile(loss_fn, backend=backend, dynamic=True)
+
+
+_compile_clock = {"seconds": 0.0, "since": None}  # this process's time inside torch.compile, outermost sections only
+
+
+def _compile_started(_args: Any) -> None:
+    _compile_clock["since"] = time.perf_counter()
+
+
+def _compile_ended(_args: Any) -> None:
+    _compile_clock["seconds"] += time.perf_counter() - _compile_clock["since"]
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far (dynamo tracing and inductor codegen of
+    forward graphs, and of backward graphs at their first backward), to report apart from step
+    time. torch's compile callbacks fire once per outermost compile, so nested work counts once."""
+    return _compile_clock["seconds"]
 
 
 def full_cpu_state_dict(model: nn.Module, is_rank_zero: bool, device: torch.device) -> Dict[str, torch.Tensor]:

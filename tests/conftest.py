@@ -53,3 +53,34 @@ def what_failed(result: subprocess.CompletedProcess) -> str:
     torchrun the tail is the other ranks being stopped; the first error is the rank that failed."""
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()][:5]
     return "\n".join(errors) + "\n...\n" + result.stderr[-3000:]
+
+
+def two_launchers(args: List[str], cwds: List[Path]) -> List[subprocess.Popen]:
+    """`tune run ARGS` as two nodes on loopback, the way a cluster runs it: one torchrun launcher per
+    node (`--nnodes 2 --node_rank 0|1`, one process each, c10d rendezvous), each in its own working
+    directory. Returns the running launchers (their stderr piped); see `finish`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / args[0]
+    node = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", f"test-{port}"]
+    # on a cluster the endpoint names node 0's host, so node 0 holds the rendezvous store; on
+    # loopback every launcher's host matches, so say which one does. One thread per rank, as one
+    # launcher with two processes sets it (a thread count changes float sums, so bitwise results)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen([str(exe), args[1], *node, "--node_rank", str(rank), "--rdzv-conf", f"is_host={rank == 0}", *args[2:]],
+                         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank, cwd in enumerate(cwds)
+    ]
+
+
+def finish(launchers: List[subprocess.Popen], timeout: int = 300) -> List[str]:
+    """Wait for every launcher; each one's stderr (all must have exited 0)."""
+    errs = [p.communicate(timeout=timeout)[1] for p in launchers]
+    for p, err in zip(launchers, errs):
+        assert p.returncode == 0, err[-3000:]
+    return errs

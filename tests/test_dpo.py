@@ -1,16 +1,20 @@
 """The offline `dpo` recipe: data formats, checkpoints (HF-loadable, exact resume, corrupt and
 partial ones), LoRA, precomputed reference log-probs, 1 vs 2 FSDP2 ranks, and learning."""
 
+import contextlib
 import hashlib
 import json
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import psutil
 import pytest
 import torch
-from conftest import run_cli, what_failed
+from conftest import finish, run_cli, two_launchers, what_failed
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -257,35 +261,110 @@ def test_activation_checkpointing_trains_exactly_like_without(tmp_path, tiny_mod
 # ---- distributed ------------------------------------------------------------------------------
 
 
+REPO = Path(__file__).resolve().parent.parent
+DPO = ["tune", "run", "rlaif_recipes/recipes/dpo.py", "--config", "dpo"]
+
+
+def dpo_args(model: Path, out: Path, *extra: str) -> List[str]:
+    return [f"checkpoint_dir={model}", *FAST, "eval_dataset=null", "batch_size=2", f"output_dir={out}", *extra]
+
+
+def torchrun_dpo(out: Path, model: Path, *extra: str) -> None:
+    """dpo on one torchrun launcher with 2 processes (FSDP2, gloo)."""
+    result = run_cli([*DPO[:2], "--nproc_per_node", "2", *DPO[2:], *dpo_args(model, out, *extra)], cwd=REPO)
+    assert result.returncode == 0, what_failed(result)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_model_dir) -> Path:
+    """3 steps on 2 FSDP2 ranks under one launcher, with the config's (fused) AdamW."""
+    out = tmp_path_factory.mktemp("dpo") / "two"
+    torchrun_dpo(out, tiny_model_dir, "max_steps=3")
+    return out
+
+
+def moved_and_apart(start: Path, a: Path, b: Path) -> Tuple[float, float]:
+    """How far checkpoint `a` moved from the model in `start`, and how far `b` lies from `a`."""
+    a, b, start = hf_weights(a), hf_weights(b), load_file(str(start / "model.safetensors"))
+    return max((a[k] - start[k]).abs().max().item() for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_fsdp2_ranks_train_like_one_process(tmp_path, tiny_model_dir):
-    args = [f"checkpoint_dir={tiny_model_dir}", *FAST, "max_steps=3", "eval_dataset=null"]
+def test_two_fsdp2_ranks_train_like_one_process(tmp_path, tiny_model_dir, two_ranks):
     run_dpo(tmp_path / "one", tiny_model_dir, "max_steps=3", "eval_dataset=null")
-    result = run_cli(
-        [
-            "tune",
-            "run",
-            "--nproc_per_node",
-            "2",
-            "rlaif_recipes/recipes/dpo.py",
-            "--config",
-            "dpo",
-            *args,
-            "batch_size=2",
-            f"output_dir={tmp_path / 'two'}",
-        ],
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 0, what_failed(result)
-    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    one, two = train_losses(tmp_path / "one"), train_losses(two_ranks)
     assert list(one) == [1, 2, 3] and two == pytest.approx(one, rel=1e-4, abs=1e-5)
-    a = hf_weights(tmp_path / "one" / "checkpoints" / "step_0000003")
-    b = hf_weights(tmp_path / "two" / "checkpoints" / "step_0000003")
-    start = load_file(str(tiny_model_dir / "model.safetensors"))
-    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    moved, apart = moved_and_apart(tiny_model_dir, tmp_path / "one" / "checkpoints" / "step_0000003", two_ranks / "checkpoints" / "step_0000003")
     assert moved > 1e-4  # training did move the weights...
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.02 * moved  # ...the same way on 1 and 2 ranks
+    assert apart < 0.02 * moved  # ...the same way on 1 and 2 ranks
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fused_adamw_on_fsdp2_shards_updates_like_the_per_parameter_loop(tmp_path, tiny_model_dir, two_ranks):
+    """The configs' `optimizer.fused: true` steps FSDP2's DTensor shards on 2 gloo ranks as torch's
+    plain for-loop AdamW does."""
+    torchrun_dpo(tmp_path / "loop", tiny_model_dir, "max_steps=3", "optimizer.fused=false", "+optimizer.foreach=false")
+    assert train_losses(tmp_path / "loop") == pytest.approx(train_losses(two_ranks), rel=1e-4, abs=1e-5)
+    moved, apart = moved_and_apart(tiny_model_dir, two_ranks / "checkpoints" / "step_0000003", tmp_path / "loop" / "checkpoints" / "step_0000003")
+    assert moved > 1e-4 and apart < 1e-3 * moved
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_launchers_on_loopback_train_and_resume_like_one_launcher(tmp_path, tiny_model_dir, two_ranks):
+    """Multi-node as a cluster runs it: one launcher per node (here two on loopback), a checkpoint,
+    a resume; the same weights and log as one launcher with two processes, and node 1 (global rank
+    1) writes nothing: its working directory stays empty and each step is logged once."""
+    out, nodes = tmp_path / "nodes", [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    finish(two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=2")], nodes))
+    finish(two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=3", "resume_from_checkpoint=true")], nodes))
+    assert train_losses(out) == train_losses(two_ranks)
+    assert [step for step, m in read_log(out) if "loss" in m] == [1, 2, 3]
+    a, b = hf_weights(out / "checkpoints" / "step_0000003"), hf_weights(two_ranks / "checkpoints" / "step_0000003")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(nodes[1].iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_node_that_dies_or_hangs_ends_the_other_with_one_line(tmp_path, tiny_model_dir, fault):
+    """Node 1 (its launcher and its rank) killed with kill -9, or its rank stopped (SIGSTOP) mid-run:
+    node 0's rank stops with one line naming the way on (at once for a dead peer, after
+    distributed_timeout_s for a hung one), not a hang and not gloo's traceback."""
+    out, nodes = tmp_path / "nodes", [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    args = dpo_args(tiny_model_dir, out, "dataset.max_pairs=240", "max_steps=60", "save_every_n_steps=10", "distributed_timeout_s=15")
+    launchers = two_launchers([*DPO, *args], nodes)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step_0000010").is_dir():
+        assert all(p.poll() is None for p in launchers) and time.monotonic() < deadline, finish(launchers)
+        time.sleep(0.05)
+    node1 = psutil.Process(launchers[1].pid)
+    ranks = node1.children(recursive=True)
+    if fault == "killed":
+        for proc in [node1, *ranks]:
+            proc.send_signal(signal.SIGKILL)
+    else:
+        for proc in ranks:
+            proc.send_signal(signal.SIGSTOP)
+    try:
+        _, err = launchers[0].communicate(timeout=120)
+    finally:
+        for proc in [node1, *ranks]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
+        launchers[1].wait()
+    assert launchers[0].returncode != 0, err[-3000:]
+    assert "training error: rank 0 of 2 lost contact with another rank" in err, err[-3000:]
+    assert "restart every launcher with resume_from_checkpoint=true" in err
+    assert "Traceback" not in err.split("training error:")[0]  # the rank's own output: one line, no traceback
+    assert not (out / "checkpoints" / "step_0000060").exists()
 
 
 # ---- learning ---------------------------------------------------------------------------------

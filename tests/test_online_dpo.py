@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import load_policy, run_cli, what_failed
+from conftest import finish, load_policy, run_cli, two_launchers, what_failed
 from safetensors.torch import load_file
 from servers import FaultServer
 
@@ -104,16 +104,17 @@ def test_pick_pair_best_vs_worst_by_wins() -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_runs(tmp_path_factory, tiny_model_dir) -> Callable[[int], Path]:
-    """Uninterrupted 4-step runs, one per async_steps, made when first asked for."""
-    runs: Dict[int, Path] = {}
+def finished_runs(tmp_path_factory, tiny_model_dir) -> Callable[..., Path]:
+    """Uninterrupted 4-step runs, one per (async_steps, compile), made when first asked for."""
+    runs: Dict[tuple, Path] = {}
 
-    def finished(async_steps: int) -> Path:
-        if async_steps not in runs:
-            out = tmp_path_factory.mktemp("online") / f"full-async{async_steps}"
-            online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}")
-            runs[async_steps] = out
-        return runs[async_steps]
+    def finished(async_steps: int, compile: bool = False) -> Path:
+        if (async_steps, compile) not in runs:
+            out = tmp_path_factory.mktemp("online") / f"full-async{async_steps}-compile{compile}"
+            online_dpo(out.parent, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}",
+                       f"compile={compile}")
+            runs[async_steps, compile] = out
+        return runs[async_steps, compile]
 
     return finished
 
@@ -124,13 +125,14 @@ def finished_run(finished_runs) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_steps", [0, 1])
+@pytest.mark.parametrize(("async_steps", "compile"), [(0, False), (1, False), (0, True)])
 def test_kill_9_then_resume_equals_uninterrupted_run(
-    tmp_path: Path, tiny_model_dir: Path, finished_runs, async_steps: int
+    tmp_path: Path, tiny_model_dir: Path, finished_runs, async_steps: int, compile: bool
 ) -> None:
     """Also with async_steps=1: the checkpoint holds the step sampled ahead, whose judging (maybe
-    in flight at the kill) comes from the cache or is asked again, never paid twice."""
-    finished_run = finished_runs(async_steps)
+    in flight at the kill) comes from the cache or is asked again, never paid twice. Also with
+    compile=true: compiled layers push their weights, checkpoint and resume bitwise exactly."""
+    finished_run = finished_runs(async_steps, compile)
     out = tmp_path / "killed"
     args = [
         "tune",
@@ -138,7 +140,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
         RECIPE,
         "--config",
         "online_dpo",
-        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}"),
+        *overrides(tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}", f"compile={compile}"),
     ]
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / args[0]), *args[1:]],
@@ -163,7 +165,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
 
     online_dpo(
         tmp_path, tiny_model_dir, out, "max_steps=4", "save_every_n_steps=2", f"async_steps={async_steps}",
-        "resume_from_checkpoint=true",
+        f"compile={compile}", "resume_from_checkpoint=true",
     )
 
     full, resumed = weights(finished_run, 4), weights(out, 4)
@@ -184,6 +186,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(
     assert requested_after_resume == len(cache_keys(out) - keys_at_kill)
     # each step trained on samples from weights async_steps steps old (the first from the start)
     assert [m["staleness"] for m in metrics(out)] == [0] + [async_steps] * 3
+    # compile time is logged apart from the train phase: the resumed process compiled afresh
+    assert all(("time/compile" in m) == compile for m in metrics(out))
+    if compile:
+        assert metrics(finished_run)[0]["time/compile"] > 0 and metrics(out)[2]["time/compile"] > 0
 
 
 # ---- bad settings and bad checkpoints fail early, in one line ---------------------------------
@@ -349,14 +355,23 @@ def test_async_loop_never_turns_judge_faults_or_latency_into_labels(tmp_path: Pa
 # ---- FSDP2 across two ranks, one vLLM engine per rank ------------------------------------------
 
 
+TWO_RANKS = ["prompts_per_step=4", "async_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """2 steps on one launcher with 2 processes (FSDP2, a vLLM engine per rank), then resumed to 3."""
+    out = tmp_path_factory.mktemp("online") / "fsdp"
+    torchrun = ["--nproc_per_node", "2"]
+    online_dpo(out.parent, tiny_model_dir, out, "max_steps=2", *TWO_RANKS, launcher=torchrun)
+    online_dpo(out.parent, tiny_model_dir, out, "max_steps=3", *TWO_RANKS, "resume_from_checkpoint=true", launcher=torchrun)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
-    out = tmp_path / "fsdp"
-    torchrun = ["--nproc_per_node", "2"]
-    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=2", "prompts_per_step=4", "async_steps=1", launcher=torchrun)
-    online_dpo(tmp_path, tiny_model_dir, out, "max_steps=3", "prompts_per_step=4", "async_steps=1", "resume_from_checkpoint=true",
-               launcher=torchrun)  # fmt: skip
+def test_fsdp2_two_ranks_sample_judge_train_and_resume(tiny_model_dir: Path, fsdp_run: Path) -> None:
+    out = fsdp_run
     logged = metrics(out)
     assert [m["step"] for m in logged] == [1, 2, 3] and all(m["prompts"] == 4 for m in logged)
     assert [m["staleness"] for m in logged] == [0, 1, 0]  # step 2 sampled ahead; the resumed sampler holds step 2's weights
@@ -370,6 +385,30 @@ def test_fsdp2_two_ranks_sample_judge_train_and_resume(tmp_path: Path, tiny_mode
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(weights(out, 2)["lm_head.weight"], initial)
     assert not torch.equal(weights(out, 3)["lm_head.weight"], weights(out, 2)["lm_head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_launchers_on_loopback_equal_one_launcher(tmp_path: Path, tiny_model_dir: Path, fsdp_run: Path) -> None:
+    """Multi-node as a cluster runs it: one launcher per node (two on loopback, one process and one
+    vLLM engine each), async_steps=1, a checkpoint and a resume: the same samples, losses and
+    weights as one launcher with two processes; node 1 (global rank 1) writes nothing of its own
+    beyond its judge cache (its working directory stays empty)."""
+    out, nodes = tmp_path / "nodes", [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    recipe = ["tune", "run", RECIPE, "--config", "online_dpo"]  # run as a module (PYTHONPATH): no file under the nodes' directories
+    finish(two_launchers([*recipe, *overrides(tiny_model_dir, out, "max_steps=2", *TWO_RANKS)], nodes))
+    finish(two_launchers([*recipe, *overrides(tiny_model_dir, out, "max_steps=3", *TWO_RANKS, "resume_from_checkpoint=true")], nodes))
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(fsdp_run)]
+    for step in (2, 3):
+        a, b = weights(out, step), weights(fsdp_run, step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for step in (1, 2, 3):
+        name = f"steps/step-{step:05d}.parquet"
+        assert pq.read_table(out / name).to_pylist() == pq.read_table(fsdp_run / name).to_pylist()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fsdp_run.iterdir())
+    assert not any(nodes[1].iterdir())
 
 
 @pytest.mark.slow

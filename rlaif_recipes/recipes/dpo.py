@@ -52,6 +52,7 @@ from rlaif_recipes.distributed import (
     gather_from_ranks,
     in_lockstep,
     init_process_group,
+    peers_lost_as_error,
 )
 from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_schedule, pair_metrics, pair_sums
 from rlaif_recipes.errors import ConfigError, DataError
@@ -64,6 +65,8 @@ from rlaif_recipes.policy import (
     build_policy,
     check_optimizer,
     check_training_settings,
+    compile_seconds,
+    compile_training,
     device_and_dtype,
     full_cpu_state_dict,
 )
@@ -77,7 +80,7 @@ PAD_ID = 0  # padded positions are never scored, so any valid id works
 RUNTIME_KEYS = (
     "device", "checkpointer", "reference_cache_dir", "max_steps", "eval_every_n_steps", "save_every_n_steps",
     "keep_last_checkpoints", "resume_from_checkpoint", "metric_logger", "log_every_n_steps",
-    "enable_activation_checkpointing",
+    "enable_activation_checkpointing", "distributed_timeout_s",
 )
 
 
@@ -104,6 +107,8 @@ class DPOSettings:
     lr_scheduler: Any
     clip_grad_norm: Optional[float]
     enable_activation_checkpointing: bool
+    compile: bool
+    distributed_timeout_s: float
     eval_every_n_steps: Optional[int]
     save_every_n_steps: Optional[int]
     keep_last_checkpoints: Optional[int]
@@ -188,6 +193,9 @@ class DPORecipe:
         del base
 
         self._loss_fn = config.instantiate(cfg.loss)
+        if cfg.compile:  # after the precomputed reference: that one-time pass runs eagerly
+            models = [m for m in (self._model, self._ref_model) if m is not None]
+            self._loss_fn = compile_training(models, self._loss_fn, verbose=self._is_rank_zero)
         trainable = [p for p in self._model.parameters() if p.requires_grad]
         self._optimizer = config.instantiate(cfg.optimizer, trainable)
         base_lrs = [group["lr"] for group in self._optimizer.param_groups]
@@ -309,6 +317,7 @@ class DPORecipe:
         t0 = time.perf_counter()
         while self.global_step < self._total_steps:
             sums: Counter = Counter()
+            compile_start = compile_seconds()
             for idx in self._step_pairs(self.global_step):
                 policy, reference, n_tokens = self._forward(idx, self._train, self._ref_train)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy, reference)
@@ -319,7 +328,8 @@ class DPORecipe:
             self.global_step += 1
             total = add_up(gather_from_ranks(sums))  # equal shares per rank: means over the global batch
             metrics = {**pair_metrics(total), "tokens": total["tokens"]}
-            elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+            compiled = compile_seconds() - compile_start  # torch.compile at work (compile=true), not training: logged apart
+            elapsed, t0 = time.perf_counter() - t0 - compiled, time.perf_counter()
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             if self.global_step % self._log_every == 0 or self.global_step == self._total_steps:
@@ -327,6 +337,8 @@ class DPORecipe:
                 metrics["lr"] = self._optimizer.param_groups[0]["lr"]
                 if grad_norm is not None:
                     metrics["grad_norm"] = grad_norm
+                if compiled:
+                    metrics["compile_seconds"] = compiled
                 self._log({**metrics, **self._memory()}, self.global_step)
             done = self.global_step == self._total_steps
             if self._eval and (done or (self._eval_every and self.global_step % self._eval_every == 0)):
@@ -426,11 +438,12 @@ def _weights_key(checkpoint_dir: str) -> str:
 def recipe_main(cfg: DictConfig) -> None:
     distributed = training.is_distributed()
     if distributed:
-        init_process_group()
+        init_process_group(cfg.distributed_timeout_s)
     recipe = DPORecipe(cfg)
     try:
-        recipe.setup(cfg)
-        recipe.train()
+        with peers_lost_as_error(cfg.output_dir):
+            recipe.setup(cfg)
+            recipe.train()
     finally:
         recipe.cleanup()
         if distributed:

@@ -69,6 +69,7 @@ from rlaif_recipes.distributed import (
     gather_from_ranks,
     in_lockstep,
     init_process_group,
+    peers_lost_as_error,
     sum_over_ranks,
 )
 from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_schedule, pair_metrics, pair_sums
@@ -84,6 +85,8 @@ from rlaif_recipes.policy import (
     build_policy,
     check_optimizer,
     check_training_settings,
+    compile_seconds,
+    compile_training,
     device_and_dtype,
     full_cpu_state_dict,
     streamed_state_dict,
@@ -98,7 +101,7 @@ log = utils.get_logger("INFO")
 RUNTIME_KEYS = (
     "device", "checkpointer", "max_steps", "micro_batch_size", "save_every_n_steps", "keep_last_checkpoints",
     "resume_from_checkpoint", "save_steps", "max_steps_without_pairs", "metric_logger", "dry_run",
-    "enable_activation_checkpointing",
+    "enable_activation_checkpointing", "distributed_timeout_s",
 )
 OUTPUTS = ("checkpoints", "steps", "metrics.jsonl")  # what a run writes, and a fresh run must not find
 
@@ -120,6 +123,8 @@ class OnlineDPOSettings:
     resume_from_checkpoint: bool
     clip_grad_norm: Optional[float]
     enable_activation_checkpointing: bool
+    compile: bool
+    distributed_timeout_s: float
     save_steps: bool
     max_steps_without_pairs: Optional[int]
     async_steps: int
@@ -223,6 +228,10 @@ class OnlineDPORecipe:
         # a function of the step: a resumed run picks it up at its step, also when max_steps changed
         self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._max_steps, self.global_step)
         self._loss_fn = config.instantiate(cfg.loss)
+        self._compile = cfg.compile
+        if self._compile:
+            models = [m for m in (self._model, self._ref_model) if m is not None]
+            self._loss_fn = compile_training(models, self._loss_fn, verbose=self._is_rank_zero)
         self._sampler = config.instantiate(cfg.sampler)
         self._sampler.bind_policy(self._model)
         if self.global_step > 0 and not self._sampler.uses_live_policy:
@@ -288,7 +297,7 @@ class OnlineDPORecipe:
         #    Under FSDP2 every rank runs the same number of forward/backward passes, and each
         #    rank's loss is scaled by world_size / (pairs on all ranks), so the gradient FSDP
         #    averages is the mean over every rank's pairs.
-        start = time.perf_counter()
+        start, compiled = time.perf_counter(), compile_seconds()
         total_pairs = sum_over_ranks(len(pairs))
         train_stats: Counter = Counter()
         if total_pairs > 0:
@@ -311,7 +320,9 @@ class OnlineDPORecipe:
             with warnings.catch_warnings():  # torch's warning for a first step without pairs (no optimizer.step) does not apply
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
                 self._lr_scheduler.step()
-        times["train"] = time.perf_counter() - start
+        if self._compile:  # torch.compile at work (first steps, new shapes), not training: logged apart
+            times["compile"] = compile_seconds() - compiled
+        times["train"] = time.perf_counter() - start - times.get("compile", 0.0)
 
         # 4. Push the new weights into the sampler (full tensors: a collective under FSDP2;
         #    nothing to push when the sampler generates with the live policy, which is always current).
@@ -714,14 +725,15 @@ def _drop_after(output_dir: Path, last_step: int) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     distributed = training.is_distributed()
     if distributed:
-        init_process_group()
+        init_process_group(cfg.distributed_timeout_s)
     recipe = OnlineDPORecipe(cfg)
     try:
-        recipe.setup(cfg)
-        if cfg.dry_run:
-            utils.log_rank_zero(log, "dry_run=true: no model was built, nothing was trained")
-        else:
-            recipe.train()
+        with peers_lost_as_error(cfg.output_dir):
+            recipe.setup(cfg)
+            if cfg.dry_run:
+                utils.log_rank_zero(log, "dry_run=true: no model was built, nothing was trained")
+            else:
+                recipe.train()
     finally:
         recipe.cleanup()
         if distributed:  # after the sampler: vLLM's engine shutdown uses the process group
