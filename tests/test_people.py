@@ -9,12 +9,16 @@ from typing import Callable, List
 
 import pandas as pd
 import pytest
+import yaml
 
-from rlaif_recipes.data import labelled_responses, review_answers
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.config import asset_path
+from rlaif_recipes.data import labelled_responses, review_answers, xstest_pairs
 from rlaif_recipes.errors import DataError
-from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RouterJudge, Verdict
+from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RewardModelJudge, RouterJudge, Verdict
 from rlaif_recipes.judges.base import verdict_from_prob
 from rlaif_recipes.judges.router import pair_id
+from rlaif_recipes.recipes.train_reward_model import TrainRewardModelRecipe
 
 ANSWER = "Sure: use kill -9 PID to stop the process."
 REFUSAL = "I'm sorry, but I cannot help with killing anything."
@@ -157,3 +161,56 @@ def test_labelled_responses_read_every_format_and_name_a_bad_row(tmp_path: Path,
     rows.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"bad.csv: row 2: .*label one of answer, refusal, got label='maybe'"):
         labelled_responses(str(tmp_path / "bad.csv"), prompt_column="request", response_column="reply")
+
+
+# ---- people's answers retrain the reward model ------------------------------------------------
+
+LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"
+
+
+def retrain(out: Path, cache: Path, feedback_run: Path = None) -> dict:
+    """train_reward_model on Llama-2's pairs only (harm reader frozen from the shipped head), with
+    people's answers from `feedback_run`; returns head.json."""
+    overrides = [f"output_dir={out}", f"init_from={asset_path('reward_model')}", f"encoder.cache_path={cache}",
+                 f"train_data.completions=[{asset_path(LLAMA)}]", f"eval_data.completions=[{asset_path(SMOL)}]"]  # fmt: skip
+    if feedback_run:
+        overrides.append(f"feedback=[{{data: {{_component_: rlaif_recipes.data.review_answers, runs: [{feedback_run}]}}, weight: 1.0}}]")
+    cfg = rlaif_config.load("train_reward_model", overrides)
+    recipe = TrainRewardModelRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.evaluate()
+    recipe.save_checkpoint()
+    return json.loads((out / "head.json").read_text())
+
+
+@pytest.mark.slow
+def test_routed_review_answers_in_another_style_raise_agreement_on_that_style(tmp_path: Path) -> None:
+    """One-style heads route SmolLM2's pairs through the real router (a budget of 40), "people"
+    answer the queue from XSTest's labels, and the retrained heads agree more with humans on
+    SmolLM2's held-out pairs; the retrained head is a new judge identity (no cache reuse)."""
+    cache = tmp_path / "embeddings.safetensors"
+    before = retrain(tmp_path / "one_style", cache)
+    rubric = yaml.safe_load((rlaif_config.CONF_DIR / "rubric" / "helpful_harmless.yaml").read_text())
+    old = RewardModelJudge(str(tmp_path / "one_style"), rubric=rubric)
+    pool = xstest_pairs(completions=[asset_path(SMOL)], split="train").select(range(160))
+    human = {}
+    pairs = []
+    for i, row in enumerate(pool):
+        p = Pair(row["prompt"], row["chosen"], row["rejected"]) if i % 2 else Pair(row["prompt"], row["rejected"], row["chosen"])
+        pairs.append(p)
+        human[pair_id(p)] = "A" if i % 2 else "B"
+    run = tmp_path / "run"
+    RouterJudge(old, review_path=str(run / "review_queue.jsonl"), min_confidence=0.5, max_queue=40).judge(pairs)
+    asked = queue(run)
+    assert len(asked) == 40
+    (run / "human_labels.jsonl").write_text("".join(json.dumps({"pair_id": e["pair_id"], "verdict": human[e["pair_id"]]}) + "\n" for e in asked))
+
+    after = retrain(tmp_path / "taught", cache, run)
+    was, now = before["held_out_agreement"]["helpful_harmless"]["all"], after["held_out_agreement"]["helpful_harmless"]["all"]
+    assert now > was + 0.02, (was, now)
+    (fed,) = after["data"]["feedback"]
+    assert fed["counts"]["pairs"] == 40 and fed["weight"] == 1.0 and str(run / "human_labels.jsonl") in fed["provenance"]["files"]
+    assert after["data"]["init_from"]["head_sha256"] == before["data"]["init_from"]["head_sha256"]  # the same frozen harm reader
+    new = RewardModelJudge(str(tmp_path / "taught"), rubric=rubric)
+    assert new.identity()["head_sha256"] != old.identity()["head_sha256"]  # a new judge: old cached judgments are not its
