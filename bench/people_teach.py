@@ -34,7 +34,7 @@ from rlaif_recipes.data import xstest_pairs
 from rlaif_recipes.judges.base import Pair
 from rlaif_recipes.judges.reward_model import RewardModelJudge
 from rlaif_recipes.judges.router import ReviewQueue, pair_id, rank_for_review
-from rlaif_recipes.recipes.train_reward_model import TrainRewardModelRecipe
+from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"
 METRICS = (("helpful_harmless", "all"), ("false_refusal", "safe"))
@@ -49,12 +49,7 @@ def train(out: Path, name: str, styles: List[str], cache: str, feedback_run: Pat
     ]  # fmt: skip
     if feedback_run:
         overrides.append(f"feedback=[{{data: {{_component_: rlaif_recipes.data.review_answers, runs: [{feedback_run}]}}, weight: 1.0}}]")
-    cfg = rlaif_config.load("train_reward_model", overrides)
-    recipe = TrainRewardModelRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    table = recipe.evaluate()
-    recipe.save_checkpoint()
+    table = train_reward_model(rlaif_config.load("train_reward_model", overrides))["held_out_agreement"]
     return {f"{o}:{g}": table[o][g] for o, g in METRICS}
 
 

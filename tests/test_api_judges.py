@@ -215,6 +215,8 @@ def test_cascade_escalates_only_the_doubted_pairs_to_a_real_server_and_caches_th
 
     before = served_requests(vllm_url)
     with cascade("a") as judge:
+        estimate = judge.estimate(confident + doubted, "this test")
+        assert estimate.startswith("cascade: at most judge cost estimate for this test, if the first tier doubted every pair: 5 comparisons -> 10 requests")
         out = judge.judge(confident + doubted)
     assert served_requests(vllm_url) - before == judge.metrics["requests"] == 2 * len(doubted)  # both orders, doubted only
     assert all((j.verdict, j.source, j.judge) == (Verdict.A, "ai", "RuleJudge") for j in out[:2])

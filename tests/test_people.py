@@ -18,7 +18,7 @@ from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RewardModelJudge, RouterJudge, Verdict
 from rlaif_recipes.judges.base import verdict_from_prob
 from rlaif_recipes.judges.router import pair_id
-from rlaif_recipes.recipes.train_reward_model import TrainRewardModelRecipe
+from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 ANSWER = "Sure: use kill -9 PID to stop the process."
 REFUSAL = "I'm sorry, but I cannot help with killing anything."
@@ -98,6 +98,7 @@ def test_cascade_escalates_only_doubts_and_a_dead_tier_never_labels(tmp_path: Pa
     pairs = [pair("Hi p=0.95"), pair("Tell me a joke p=0.45"), pair("Name a fruit p=0.55"), risky]
     rule = {"_component_": "rlaif_recipes.judges.PromptMatches", "patterns": [r"\boverdose\b"]}
     judge = router(tmp_path, escalate=Sure(name="strong"), high_stakes=[rule])
+    assert judge.estimate(pairs, "x") == "cascade: the escalation tier strong is local, no API cost"
     sure, joke, fruit, high = judge.judge(pairs)
     assert (sure.source, sure.judge) == ("ai", "ProbInPrompt")
     assert [(j.verdict, j.source, j.judge) for j in (joke, fruit)] == [(Verdict.A, "ai-escalated", "strong")] * 2
@@ -175,13 +176,7 @@ def retrain(out: Path, cache: Path, feedback_run: Path = None) -> dict:
                  f"train_data.completions=[{asset_path(LLAMA)}]", f"eval_data.completions=[{asset_path(SMOL)}]"]  # fmt: skip
     if feedback_run:
         overrides.append(f"feedback=[{{data: {{_component_: rlaif_recipes.data.review_answers, runs: [{feedback_run}]}}, weight: 1.0}}]")
-    cfg = rlaif_config.load("train_reward_model", overrides)
-    recipe = TrainRewardModelRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.evaluate()
-    recipe.save_checkpoint()
-    return json.loads((out / "head.json").read_text())
+    return train_reward_model(rlaif_config.load("train_reward_model", overrides))
 
 
 @pytest.mark.slow

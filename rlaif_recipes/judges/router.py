@@ -139,9 +139,11 @@ class RouterJudge(PairwiseJudge):
 
     def estimate(self, pairs: Sequence[Pair], what: str) -> Optional[str]:
         """The escalation tier's cost if every pair were escalated: only the first tier's doubtful
-        pairs are, so this is the most it can cost."""
-        if self.escalate is None or not hasattr(self.escalate, "estimate"):
+        pairs are, so this is the most it can cost. None without a cascade."""
+        if self.escalate is None:
             return None
+        if not hasattr(self.escalate, "estimate"):
+            return f"cascade: the escalation tier {self.escalate.name} is local, no API cost"
         return "cascade: at most " + self.escalate.estimate(pairs, f"{what}, if the first tier doubted every pair")
 
     def reasons(self, pair: Pair, judgment: Judgment, min_confidence: Optional[float] = None) -> List[str]:

@@ -54,12 +54,19 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.data.people_labels import LabelledSource
 from rlaif_recipes.data.sft import opening
 from rlaif_recipes.distributed import refuse_torchrun
-from rlaif_recipes.data.people_labels import LabelledSource
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.harm_reader import HarmReader, accuracy_by_group, source_weights, train_harm_reader
-from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, load_heads, read_harm, read_head_config, save_heads
+from rlaif_recipes.judges.reward_model import (
+    OBJECTIVES,
+    RewardHeads,
+    load_heads,
+    read_harm,
+    read_head_config,
+    save_heads,
+)
 from rlaif_recipes.policy import check_optimizer
 from rlaif_recipes.run_dir import claim, run_identity
 
@@ -393,13 +400,19 @@ def _scores(heads: RewardHeads, objective: str, d: Dict[str, torch.Tensor], side
     return heads.scores(objective, d["harm"][rows], d[side][:n][rows], d[f"{side}_opening"][:n][rows])
 
 
-@rlaif_config.parse(TrainRewardModelSettings)
-def recipe_main(cfg: DictConfig) -> None:
+def train_reward_model(cfg: DictConfig) -> Dict[str, Any]:
+    """Every step of the recipe; returns the head.json it wrote (benchmarks and tests retrain in-process)."""
     recipe = TrainRewardModelRecipe(cfg)
     recipe.setup(cfg)
     recipe.train()
     recipe.evaluate()
     recipe.save_checkpoint()
+    return read_head_config(Path(cfg.output_dir))
+
+
+@rlaif_config.parse(TrainRewardModelSettings)
+def recipe_main(cfg: DictConfig) -> None:
+    train_reward_model(cfg)
 
 
 if __name__ == "__main__":
