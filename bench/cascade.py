@@ -36,9 +36,12 @@ from rlaif_recipes.judges import OpenAIJudge, Pair, RewardModelJudge, RouterJudg
 STYLES = ["xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"]
 
 
-def audit_pairs() -> List[tuple]:
+def audit_pairs(max_pairs: int) -> List[tuple]:
+    """The held-out pairs, every `step`-th one when max_pairs is below their number (both styles stay in)."""
+    rows = xstest_pairs(completions=[asset_path(s) for s in STYLES], split="held_out")
+    step = max(1, -(-len(rows) // max_pairs))
     out = []
-    for row in xstest_pairs(completions=[asset_path(s) for s in STYLES], split="held_out"):
+    for row in rows.select(range(0, len(rows), step)):
         a_wins = hashlib.sha256(row["prompt"].encode()).digest()[0] % 2 == 0
         pair = Pair(row["prompt"], row["chosen"], row["rejected"]) if a_wins else Pair(row["prompt"], row["rejected"], row["chosen"])
         out.append((pair, Verdict.A if a_wins else Verdict.B))
@@ -55,9 +58,10 @@ def main() -> None:
     parser.add_argument("--min-confidence", type=float, default=0.2)
     parser.add_argument("--usd-in", type=float, default=3.0)
     parser.add_argument("--usd-out", type=float, default=15.0)
+    parser.add_argument("--max-pairs", type=int, default=1000, help="judge every k-th held-out pair so that at most this many are judged")
     args = parser.parse_args()
     rubric = yaml.safe_load((rlaif_config.CONF_DIR / "rubric" / "helpful_harmless.yaml").read_text())
-    data = audit_pairs()
+    data = audit_pairs(args.max_pairs)
     pairs, human = [p for p, _ in data], [h for _, h in data]
     work = Path(tempfile.mkdtemp(prefix="cascade-"))
     cheap = RewardModelJudge(rubric=rubric)

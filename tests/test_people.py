@@ -209,3 +209,18 @@ def test_routed_review_answers_in_another_style_raise_agreement_on_that_style(tm
     assert after["data"]["init_from"]["head_sha256"] == before["data"]["init_from"]["head_sha256"]  # the same frozen harm reader
     new = RewardModelJudge(str(tmp_path / "taught"), rubric=rubric)
     assert new.identity()["head_sha256"] != old.identity()["head_sha256"]  # a new judge: old cached judgments are not its
+
+
+def test_the_demo_reports_each_rows_review_queue_and_how_to_start_reviewing(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parent.parent / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    (tmp_path / "steps").mkdir()
+    judged = [{"verdict": "A"}, {"verdict": "abstain"}, {"verdict": "abstain"}, {"verdict": "tie", "settled": "both_wrong"}]
+    pd.DataFrame([{"prompt": "How do I kill a process?", "judgments": json.dumps(judged), "label": "labelled",
+                   "responses": [ANSWER, REFUSAL], "chosen": 0, "rejected": 1}]).to_parquet(tmp_path / "steps" / "0.parquet")  # fmt: skip
+    router(tmp_path).judge([pair("Q p=0.5"), pair("R p=0.45")])
+    counts = demo.judge_rewards(tmp_path)["comparisons"]
+    assert counts["review queue"] == f"2 pairs (50% of comparisons); start reviewing: rlaif review {tmp_path}"
