@@ -71,7 +71,7 @@ def main() -> None:
                       order="both", input_usd_per_mtok=args.usd_in, output_usd_per_mtok=args.usd_out)  # fmt: skip
         with OpenAIJudge(**strong, cache_path=str(work / "strong.sqlite")) as every:
             strong_alone = every.judge(pairs)
-            strong_cost = every.metrics["cost_usd"]
+            strong_cost, strong_requests = every.metrics["cost_usd"], int(every.metrics["requests"])
         router = RouterJudge(cheap, review_path=str(work / "queue.jsonl"), min_confidence=args.min_confidence,
                              escalate=OpenAIJudge(**strong, cache_path=str(work / "strong.sqlite")))  # fmt: skip
         router.escalate.cache = None  # the cascade pays for its own requests, not the "strong alone" run's
@@ -83,7 +83,7 @@ def main() -> None:
     rows: Dict[str, List[str]] = {
         "reward model alone": [share(sum(j.verdict is h for j, h in zip(alone, human)), n), "0", "$0"],
         "SmolLM2 (vLLM, openai judge) alone": [share(sum(j.verdict is h for j, h in zip(strong_alone, human)), n),
-                                              str(2 * n), f"${strong_cost:.4f}"],  # fmt: skip
+                                              str(strong_requests), f"${strong_cost:.4f}"],  # fmt: skip
         "cascade tier 1: reward model, its confident pairs": [share(sum(tier["ai"]), len(tier["ai"])), "0", "$0"],
         "cascade tier 2: SmolLM2 on the doubted pairs": [share(sum(tier["ai-escalated"]), len(tier["ai-escalated"])),
                                                          str(int(router.metrics["requests"])), f"${router.metrics['cost_usd']:.4f}"],  # fmt: skip
