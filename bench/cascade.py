@@ -75,7 +75,8 @@ def main() -> None:
         router = RouterJudge(cheap, review_path=str(work / "queue.jsonl"), min_confidence=args.min_confidence,
                              escalate=OpenAIJudge(**strong, cache_path=str(work / "strong.sqlite")))  # fmt: skip
         router.escalate.cache = None  # the cascade pays for its own requests, not the "strong alone" run's
-        cascade = router.judge(pairs)
+        with router:
+            cascade = router.judge(pairs)
     n = len(pairs)
     tier = {"ai": [], "ai-escalated": [], "people": []}
     for j, h in zip(cascade, human):
