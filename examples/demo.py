@@ -208,6 +208,11 @@ def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, float]]:
             group = counts[label_of.get(r.prompt.strip(), "safe")]
             group[key] = group.get(key, 0) + 1
     counts["comparisons"]["prompts that trained a pair"] = f"{trained}/{prompts}" + (f" ({trained / prompts:.0%})" if prompts else "")
+    queue = run_dir / "review_queue.jsonl"
+    if queue.is_file():  # judge=router: what people have to answer, and the command that starts them
+        queued, compared = len(queue.read_text().splitlines()), sum(v for k, v in counts["comparisons"].items() if isinstance(v, int))
+        counts["comparisons"]["review queue"] = (f"{queued} pairs" + (f" ({queued / compared:.0%} of comparisons)" if compared else "")
+                                                 + f"; start reviewing: rlaif review {run_dir}")  # fmt: skip
     return counts
 
 

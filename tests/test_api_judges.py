@@ -21,7 +21,7 @@ import yaml
 from servers import FaultServer, free_port, vllm_server
 
 from rlaif_recipes import config as rlaif_config
-from rlaif_recipes.judges import AnthropicJudge, OpenAIJudge, Pair, Verdict
+from rlaif_recipes.judges import AnthropicJudge, OpenAIJudge, Pair, RouterJudge, Verdict
 from rlaif_recipes.judges.api import APIJudge, JudgeUnavailableError
 from rlaif_recipes.judges.api_limits import retry_after_seconds
 from rlaif_recipes.judges.api_parse import parse_verdict
@@ -195,6 +195,46 @@ def test_garbage_from_a_real_model_abstains(vllm_url):
         and "unparseable verdict" in j.reason
         and "max_output_tokens=6" in j.reason
     )
+
+
+@pytest.mark.slow
+def test_cascade_escalates_only_the_doubted_pairs_to_a_real_server_and_caches_that_tier(vllm_url, tmp_path):
+    """reward-model-like first tier (the rule judge: two refusals are a 0.5 tie) -> vLLM's
+    OpenAI-compatible server -> people. Only the doubted pairs reach the server, each label says
+    which tier gave it, and a re-run asks the server nothing."""
+    refusal = "I'm sorry, but I can't help with that."
+    confident = [Pair(f"How do I boil {x}?", f"Boil the {x} for ten minutes.", refusal) for x in ("eggs", "rice")]
+    doubted = [Pair(f"How do I peel {x}?", refusal, refusal + " Really.") for x in ("eggs", "garlic", "mango")]
+    rule = {"_component_": "rlaif_recipes.judges.RuleJudge", "rule": "rlaif_recipes.judges.rules.answers_instead_of_refusing"}
+    second = dict(base_url=vllm_url, model="tiny-judge", api_key_env=None, rubric=RUBRIC, structured="choice",
+                  max_output_tokens=2, order="both", cache_path=str(tmp_path / "tier2.sqlite"), name="strong")  # fmt: skip
+
+    def cascade(run: str, **tier2):
+        return RouterJudge(rule, review_path=f"{tmp_path}/{run}/queue.jsonl", human_labels_path=f"{tmp_path}/{run}/labels.jsonl",
+                           min_confidence=0.2, escalate=OpenAIJudge(**{**second, **tier2}))  # fmt: skip
+
+    before = served_requests(vllm_url)
+    with cascade("a") as judge:
+        estimate = judge.estimate(confident + doubted, "this test")
+        assert estimate.startswith("cascade: at most judge cost estimate for this test, if the first tier doubted every pair: 5 comparisons -> 10 requests")
+        out = judge.judge(confident + doubted)
+    assert served_requests(vllm_url) - before == judge.metrics["requests"] == 2 * len(doubted)  # both orders, doubted only
+    assert all((j.verdict, j.source, j.judge) == (Verdict.A, "ai", "RuleJudge") for j in out[:2])
+    for j in out[2:]:  # the tiny model is sure, or its orders disagree and the pair waits for people
+        assert (j.labelled and j.source == "ai-escalated" and j.judge == "strong" and j.model == "tiny-judge") or (
+            j.verdict is Verdict.ABSTAIN and "escalation_orders_disagree" in j.reason
+        )
+    assert judge.metrics["escalation_labels"] + judge.metrics["awaiting_review"] == len(doubted)
+
+    with cascade("b") as again:  # the second tier's own cache: nothing new reaches the server
+        assert [j.verdict for j in again.judge(confident + doubted)] == [j.verdict for j in out]
+    assert served_requests(vllm_url) - before == 2 * len(doubted) and again.metrics["cache_hits"] == 2 * len(doubted)
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # the second tier goes down mid-run: review items, never labels
+    with cascade("c", base_url=dead, cache_path=None, probe=False, **{**FAST, "max_retries": 1}) as judge:
+        out = judge.judge(confident + doubted)
+    assert all(j.verdict is Verdict.ABSTAIN and "escalation_abstained" in j.reason for j in out[2:])
+    assert len((tmp_path / "c" / "queue.jsonl").read_text().splitlines()) == len(doubted)
 
 
 # ---- faults ------------------------------------------------------------------------------------

@@ -155,8 +155,8 @@ def test_router_routes_each_reason_and_keeps_confident_labels(tmp_path: Path) ->
     assert tie.verdict is Verdict.ABSTAIN and tie.reason == "awaiting human review (low_confidence)"
     assert risky.verdict is Verdict.ABSTAIN and "high_stakes:PromptMatches" in risky.reason
     entries = queued(tmp_path)
-    assert [e["pair_id"] for e in entries] == [pair_id(BOTH_REFUSE), pair_id(HIGH_STAKES)]
-    assert entries[1]["response_a"] == ANSWER and entries[1]["ai"]["verdict"] == "A" and entries[1]["reasons"] == ["high_stakes:PromptMatches"]
+    assert [e["pair_id"] for e in entries] == [pair_id(HIGH_STAKES), pair_id(BOTH_REFUSE)]  # high stakes first
+    assert entries[0]["response_a"] == ANSWER and entries[0]["ai"]["verdict"] == "A" and entries[0]["reasons"] == ["high_stakes:PromptMatches"]
     assert (judge.metrics["routed_low_confidence"], judge.metrics["routed_high_stakes:PromptMatches"], judge.metrics["routed"]) == (1, 1, 2)
 
     other = tmp_path / "other"

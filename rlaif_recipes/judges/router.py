@@ -15,6 +15,24 @@ A and B as in the queue entry). A human label wins over the AI label for that pa
 judge=annotator. A routed pair still waiting abstains ("awaiting human review"), or with
 `pending: ai` keeps the AI label and says in `reason` that it is under review.
 
+What people see is budgeted: `max_queue` (pairs in the queue file, over the whole run) and
+`max_queue_per_call` (per `judge` call: one online step, one judge_pairs shard). Within them the
+routed pairs that would teach the judge most go first (`rank_for_review`): high-stakes ones, then
+by uncertainty (P(A) nearest 0.5; an abstain or an order disagreement counts as fully uncertain),
+and at most `max_per_prompt` pairs of one request (spaces and case aside) in the queue, so not
+fifty near-identical pairs. A routed pair beyond the budget is not queued and abstains ("beyond
+the review budget"), whatever `pending` says: nobody will check it, and the AI was unsure of it,
+so the policy does not train on it. A pair a person answered is never queued again. `metrics`
+count `routed`, `queued` and `over_budget`.
+
+Escalation (`escalate`, a cascade): another AI judge (e.g. an `openai` judge) is asked first about
+the pairs the first judge doubts (not the high-stakes ones: those go to people). Where it is sure
+(no reason of its own, by `escalate_min_confidence`) its verdict is the label, with
+source="ai-escalated" and its own judge name; where it doubts or abstains (a dead endpoint, an
+exhausted budget) the pair goes on to people as above, never labelled. Each tier keeps its own
+cache (its own `cache_path`), and its requests, tokens and cost are only those of escalated
+pairs (`metrics[escalate.requests]`, `escalated`, `escalation_labels`).
+
 The router caches nothing itself: the inner judge caches its calls, and a cached router verdict
 would hide human labels that arrive later.
 """
@@ -26,9 +44,11 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError
@@ -73,13 +93,26 @@ class RouterJudge(PairwiseJudge):
         min_confidence: float = 0.0,
         high_stakes: Sequence[Union[str, Mapping[str, Any], Callable[[Pair], bool]]] = (),
         pending: str = "abstain",
+        max_queue: Optional[int] = None,
+        max_queue_per_call: Optional[int] = None,
+        max_per_prompt: Optional[int] = None,
+        escalate: Optional[Union[PairwiseJudge, Mapping[str, Any]]] = None,
+        escalate_min_confidence: float = 0.0,
         name: Optional[str] = None,
     ) -> None:
         if pending not in PENDING:
             raise ConfigError(f"judge.pending={pending!r}: choose one of {', '.join(PENDING)}")
         if not 0 <= min_confidence <= 0.5:
             raise ConfigError(f"judge.min_confidence={min_confidence}: must be in [0, 0.5] (a margin around P(A)=0.5)")
+        for key, value in (("max_queue", max_queue), ("max_queue_per_call", max_queue_per_call), ("max_per_prompt", max_per_prompt)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"judge.{key}={value!r}: a whole number >= 0 (0: nothing goes to people), or null for no limit")
+        if not 0 <= escalate_min_confidence <= 0.5:
+            raise ConfigError(f"judge.escalate_min_confidence={escalate_min_confidence}: must be in [0, 0.5] (a margin around P(A)=0.5)")
         self.inner = build_judge(judge, "judge.judge")
+        self.escalate = build_judge(escalate, "judge.escalate") if escalate is not None else None
+        self.escalate_min_confidence = escalate_min_confidence
+        self.max_queue, self.max_queue_per_call, self.max_per_prompt = max_queue, max_queue_per_call, max_per_prompt
         super().__init__(rubric=self.inner.rubric, order="fixed", name=name)
         self.rules = [rlaif_config.build(r, f"judge.high_stakes[{i}]") for i, r in enumerate(high_stakes)]
         for spec, rule in zip(high_stakes, self.rules):
@@ -97,47 +130,84 @@ class RouterJudge(PairwiseJudge):
 
     def identity(self) -> Dict[str, Any]:
         """The inner judge as built (its identity pins down its weights; a config does not)."""
-        return {**super().identity(), "judge": self.inner.identity()}
+        return {**super().identity(), "judge": self.inner.identity(), "escalate": self.escalate and self.escalate.identity()}
 
     def close(self) -> None:
         self.inner.close()
+        if self.escalate is not None:
+            self.escalate.close()
 
-    def reasons(self, pair: Pair, judgment: Judgment) -> List[str]:
+    def estimate(self, pairs: Sequence[Pair], what: str) -> Optional[str]:
+        """The escalation tier's cost if every pair were escalated: only the first tier's doubtful
+        pairs are, so this is the most it can cost. None without a cascade."""
+        if self.escalate is None:
+            return None
+        if not hasattr(self.escalate, "estimate"):
+            return f"cascade: the escalation tier {self.escalate.name} is local, no API cost"
+        return "cascade: at most " + self.escalate.estimate(pairs, f"{what}, if the first tier doubted every pair")
+
+    def reasons(self, pair: Pair, judgment: Judgment, min_confidence: Optional[float] = None) -> List[str]:
         """Why this AI judgment needs a person (empty: it does not)."""
+        margin = self.min_confidence if min_confidence is None else min_confidence
         found = []
         if judgment.verdict is Verdict.ABSTAIN:
             found.append("abstained")
-        elif judgment.settled is None and judgment.prob_a is not None and abs(judgment.prob_a - 0.5) < self.min_confidence:
+        elif judgment.settled is None and judgment.prob_a is not None and abs(judgment.prob_a - 0.5) < margin:
             found.append("low_confidence")
         if judgment.orders_agree is False:
             found.append("orders_disagree")
         found += [f"high_stakes:{_rule_name(r)}" for r in self.rules if r(pair)]
         return found
 
+    def _escalated(self, pairs: List[Pair], ai: List[Judgment], why: List[List[str]]) -> None:
+        """Ask the second tier about the pairs the first one doubts (not the high-stakes-only ones);
+        where it is sure, its verdict replaces the first tier's and the pair needs no person."""
+        doubted = [i for i, w in enumerate(why) if any(not r.startswith("high_stakes:") for r in w)]
+        if self.escalate is None or not doubted:
+            return
+        self.count("escalated", len(doubted))
+        second = ask_member(self, "escalate", self.escalate, [pairs[i] for i in doubted])
+        for i, judgment in zip(doubted, second):
+            high_stakes = [r for r in why[i] if r.startswith("high_stakes:")]
+            doubts = [r for r in self.reasons(pairs[i], judgment, self.escalate_min_confidence) if not r.startswith("high_stakes:")]
+            if doubts:  # still unsure, or dead: people decide, with both tiers' doubts on record
+                why[i] = [*why[i], *(f"escalation_{r}" for r in doubts)]
+                continue
+            judgment.source = "ai-escalated"
+            ai[i] = judgment
+            why[i] = high_stakes
+            self.count("escalation_labels", 1)
+
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         ai = ask_member(self, self.inner.name, self.inner, pairs)
         self.stopped = self.inner.stopped
         humans = read_human_labels(self.human_labels_path)
-        routed = []
-        for i, (pair, judgment) in enumerate(zip(pairs, ai)):
-            pid = pair_id(pair)
-            why = self.reasons(pair, judgment)
-            for r in why:
+        ids = [pair_id(p) for p in pairs]
+        why = [[] if pid in humans else self.reasons(p, j) for p, j, pid in zip(pairs, ai, ids)]
+        self._escalated(pairs, ai, why)
+        candidates = [
+            {"pair_id": ids[i], **vars(pairs[i]), "reasons": why[i], "ai": ai[i].to_dict()} for i in range(len(pairs)) if why[i]
+        ]
+        for c in candidates:
+            for r in c["reasons"]:
                 self.count(f"routed_{r}", 1)
-            self.count("routed", bool(why))
+        self.count("routed", len(candidates))
+        in_queue = self.queue.add(rank_for_review(candidates), self.max_queue, self.max_queue_per_call, self.max_per_prompt)
+        self.count("queued", in_queue.added)
+        for i, (pid, judgment) in enumerate(zip(ids, ai)):
             if pid in humans:
                 self.count("human_labels", 1)
-                record(i, self._human(humans[pid], judgment))
-                continue
-            if why:
-                routed.append({"pair_id": pid, **vars(pair), "reasons": why, "ai": judgment.to_dict()})
-                if self.pending == "abstain":
-                    self.count("awaiting_review", 1)
-                    judgment = Judgment.abstain(f"{AWAITING} ({', '.join(why)})", usage=judgment.usage, rubric=judgment.rubric)
-                else:
-                    judgment.reason = f"under human review ({', '.join(why)})" + (f"; {judgment.reason}" if judgment.reason else "")
+                judgment = self._human(humans[pid], judgment)
+            elif why[i] and pid not in in_queue.ids:
+                self.count("over_budget", 1)
+                judgment = Judgment.abstain(f"beyond the review budget ({', '.join(why[i])}): not queued, not trained on",
+                                            usage=judgment.usage, rubric=judgment.rubric)  # fmt: skip
+            elif why[i] and self.pending == "abstain":
+                self.count("awaiting_review", 1)
+                judgment = Judgment.abstain(f"{AWAITING} ({', '.join(why[i])})", usage=judgment.usage, rubric=judgment.rubric)
+            elif why[i]:
+                judgment.reason = f"under human review ({', '.join(why[i])})" + (f"; {judgment.reason}" if judgment.reason else "")
             record(i, judgment)
-        self.count("queued", self.queue.add(routed))
 
     def _human(self, label: Mapping[str, Any], ai: Judgment) -> Judgment:
         verdict = HUMAN_VERDICTS[label["verdict"]]
@@ -168,24 +238,41 @@ class ReviewQueue:
     def entries(self) -> List[Dict[str, Any]]:
         return read_queue(self.path)[0]
 
-    def add(self, entries: List[Dict[str, Any]]) -> int:
-        """Append the entries whose pair_id is not queued yet; returns how many were new."""
+    def add(
+        self,
+        entries: List[Dict[str, Any]],
+        max_total: Optional[int] = None,
+        max_new: Optional[int] = None,
+        max_per_prompt: Optional[int] = None,
+    ) -> "Queued":
+        """Append, in order, the entries whose pair_id is not queued yet, while the queue holds
+        fewer than `max_total` entries, this call added fewer than `max_new` and the entry's request
+        has fewer than `max_per_prompt` entries; returns how many were added and which of
+        `entries` are in the queue now. The limits are checked under the lock, so several
+        processes routing into one file share one budget."""
         if not entries:
-            return 0
+            return Queued(0, set())
         with self._locked() as f:
-            queued = {e["pair_id"] for e in self.entries()}
+            existing = self.entries()
+            queued = {e["pair_id"] for e in existing}
+            per_prompt = Counter(prompt_key(e["prompt"]) for e in existing if isinstance(e.get("prompt"), str))
             new = []
             for e in entries:
-                if e["pair_id"] not in queued:
-                    queued.add(e["pair_id"])
-                    new.append({**e, "queued_at": time.time()})
+                key = prompt_key(e.get("prompt") or "")
+                if e["pair_id"] in queued or (max_total is not None and len(queued) >= max_total):
+                    continue
+                if (max_new is not None and len(new) >= max_new) or (max_per_prompt is not None and per_prompt[key] >= max_per_prompt):
+                    continue
+                queued.add(e["pair_id"])
+                per_prompt[key] += 1
+                new.append({**e, "queued_at": time.time()})
             if new:
                 f.seek(0, os.SEEK_END)
                 torn = f.tell() > 0 and last_byte(self.path) != b"\n"
                 f.write(("\n" if torn else "") + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in new))
                 f.flush()
                 os.fsync(f.fileno())
-        return len(new)
+        return Queued(len(new), {e["pair_id"] for e in entries} & queued)
 
     @contextmanager
     def _locked(self) -> Iterator[Any]:
@@ -195,6 +282,38 @@ class ReviewQueue:
                 yield f
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class Queued:
+    added: int
+    ids: Set[str]  # of the entries offered, those in the queue now (added by this call or before)
+
+
+def prompt_key(prompt: str) -> str:
+    """A request with case, spaces and punctuation aside: pairs of near-identical requests share it."""
+    return " ".join(re.sub(r"[^\w\s]", " ", prompt.lower()).split())
+
+
+def rank_for_review(candidates: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Routed pairs, those a person's answer would teach the judge most first: high-stakes ones,
+    then the most uncertain (P(A) nearest 0.5; abstains and order disagreements count as 0.5),
+    and among equals the request seen fewest times so far in this list (diversity)."""
+    seen: Counter = Counter()
+    ranked = sorted(candidates, key=lambda c: (not any(r.startswith("high_stakes:") for r in c["reasons"]), _certainty(c["ai"])))
+    order = []
+    for c in ranked:
+        key = prompt_key(c["prompt"])
+        order.append((seen[key], len(order), c))
+        seen[key] += 1
+    return [c for _, _, c in sorted(order, key=lambda t: (t[0], t[1]))]
+
+
+def _certainty(ai: Mapping[str, Any]) -> float:
+    p = ai.get("prob_a")
+    if ai.get("verdict") == Verdict.ABSTAIN.value or ai.get("orders_agree") is False or p is None:
+        return 0.0
+    return abs(p - 0.5)
 
 
 QUEUE_FIELDS = ("pair_id", "prompt", "response_a", "response_b")

@@ -133,7 +133,7 @@ class JudgePairsRecipe:
 
     def cost_estimate(self) -> Optional[str]:
         """What an API judge will be paid for on the shards still to judge (None for local judges)."""
-        if not isinstance(self._judge, APIJudge):
+        if not isinstance(self._judge, APIJudge) and getattr(self._judge, "escalate", None) is None:  # a cascade's API tier
             return None
         todo = [s for s in self._input_shards if not self._done(s.name)]
         pairs = [Pair(r["prompt"], r["responses"][i], r["responses"][j])

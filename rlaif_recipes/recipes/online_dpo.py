@@ -187,7 +187,7 @@ class OnlineDPORecipe:
         if len(self._prompts) == 0:
             raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
         self._judge = config.instantiate(cfg.judge)  # before the models: a bad judge fails in seconds
-        if isinstance(self._judge, APIJudge) and self._is_rank_zero:
+        if (isinstance(self._judge, APIJudge) or getattr(self._judge, "escalate", None) is not None) and self._is_rank_zero:
             log.info(self._judge_cost(cfg.sampler.max_tokens))
         if cfg.dry_run:
             return

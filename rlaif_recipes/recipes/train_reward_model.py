@@ -29,6 +29,16 @@ and unsafe requests apart and per source, and how often a held-out response beat
 fragment, prints the table, and writes head.safetensors + head.json (the encoder it needs, its
 training data, the agreement) atomically to output_dir: `judge=reward_model
 judge.head_dir=OUTPUT_DIR` uses it.
+
+People's answers teach it too (`feedback`, docs/people.md): each source (`review_answers`: the
+pairs of run directories' review queues with what people chose; `labelled_responses`: a team's
+file of responses labelled answer/refusal) adds its own term to the loss, its mean times its
+`weight`: Bradley–Terry on each reviewed pair under the objective its run judged it by, the answer
+and reply heads' BCE on each labelled response. What each source held, skipped and weighed, and
+where it came from (paths and sha256), go to head.json. `init_from=HEAD_DIR` keeps that head's
+harm reader as it is (frozen, not retrained) and retrains the two small heads only: seconds, not
+minutes, which is what a team does after a review round. A retrained head is a new judge: its
+weights' sha256 is in the judge's identity, so no cached judgment of the old head is reused.
 """
 
 import hashlib
@@ -36,7 +46,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +54,19 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.data.people_labels import LabelledSource
 from rlaif_recipes.data.sft import opening
 from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.harm_reader import HarmReader, accuracy_by_group, source_weights, train_harm_reader
-from rlaif_recipes.judges.reward_model import OBJECTIVES, RewardHeads, read_harm, save_heads
+from rlaif_recipes.judges.reward_model import (
+    OBJECTIVES,
+    RewardHeads,
+    load_heads,
+    read_harm,
+    read_head_config,
+    save_heads,
+)
 from rlaif_recipes.policy import check_optimizer
 from rlaif_recipes.run_dir import claim, run_identity
 
@@ -92,6 +110,8 @@ class TrainRewardModelSettings:
     harm_eval_data: Any
     harm_reader: Any
     optimizer: Any
+    feedback: Any
+    init_from: Optional[str]
 
 
 class TrainRewardModelRecipe:
@@ -115,24 +135,91 @@ class TrainRewardModelRecipe:
                     f"{name} needs rows with columns {', '.join(REQUIRED_COLUMNS)} (human-labelled pairs, "
                     f"as rlaif_recipes.data.xstest_pairs gives); got {len(data)} rows, missing {missing}"
                 )
-        harm_train, harm_held_out = config.instantiate(cfg.harm_data), config.instantiate(cfg.harm_eval_data)
+        feedback = self._feedback_sources(cfg.feedback)
         self._harm_cfg = cfg.harm_reader
         if not 1 <= self._harm_cfg.layers <= 6 or self._harm_cfg.epochs < 1:
             raise ConfigError(f"harm_reader.layers={self._harm_cfg.layers}, epochs={self._harm_cfg.epochs}: layers in 1..6 (MiniLM's), at least one epoch")
+        self._init_from = self._start_head(cfg.init_from)
         self._encoder = config.instantiate(cfg.encoder)
-        self._harm = HarmReader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
-        log.info(f"reading {len(harm_train) + len(harm_held_out)} labelled requests through the frozen encoder layers")
-        self._harm_train, self._harm_held_out = self._requests(harm_train), self._requests(harm_held_out)
+        if self._init_from:  # its harm reader, frozen: only the two small heads retrain
+            if self._init_from["config"]["encoder"]["fingerprint"] != self._encoder.fingerprint:
+                raise ConfigError(f"init_from={cfg.init_from} was trained on encoder {self._init_from['config']['encoder']['fingerprint']}, "
+                                  f"this run's is {self._encoder.fingerprint}; set the same encoder lengths or init_from=null")  # fmt: skip
+            self._harm = load_heads(Path(cfg.init_from), self._init_from["config"], self._encoder).harm
+            old = self._init_from["config"]
+            harm_info = {
+                "init_from": {"head_dir": str(Path(cfg.init_from).resolve()), "head_sha256": old["head_sha256"]},
+                **{k: old["data"][k] for k in ("harm_train", "harm_held_out") if k in old["data"]},
+            }
+        else:
+            harm_train, harm_held_out = config.instantiate(cfg.harm_data), config.instantiate(cfg.harm_eval_data)
+            self._harm = HarmReader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
+            log.info(f"reading {len(harm_train) + len(harm_held_out)} labelled requests through the frozen encoder layers")
+            self._harm_train, self._harm_held_out = self._requests(harm_train), self._requests(harm_held_out)
+            harm_info = {
+                "harm_train": {"source": OmegaConf.to_container(cfg.harm_data), "requests": dict(Counter(harm_train["source"]))},
+                "harm_held_out": {"source": OmegaConf.to_container(cfg.harm_eval_data), "requests": dict(Counter(harm_held_out["source"]))},
+            }
         self._train, self._held_out = self._embed(train), self._embed(held_out)
+        self._feedback = [self._embed_feedback(source, weight) for source, weight in feedback]
         self._heads = RewardHeads(self._harm, self._encoder.dim)
         self._optimizer = config.instantiate(cfg.optimizer, [*self._heads.reply.parameters(), *self._heads.answer.parameters()])
         self._data_info = {
             "train": {"source": OmegaConf.to_container(cfg.train_data), "pairs": len(train)},
             "held_out": {"source": OmegaConf.to_container(cfg.eval_data), "pairs": len(held_out)},
-            "harm_train": {"source": OmegaConf.to_container(cfg.harm_data), "requests": dict(Counter(harm_train["source"]))},
-            "harm_held_out": {"source": OmegaConf.to_container(cfg.harm_eval_data), "requests": dict(Counter(harm_held_out["source"]))},
+            **harm_info,
+            "feedback": [
+                {"source": OmegaConf.to_container(entry.data), "weight": weight, "counts": source.counts, "provenance": source.provenance}
+                for entry, (source, weight) in zip(cfg.feedback, feedback)
+            ],
         }
         rlaif_config.save(cfg, str(self._output_dir))
+
+    @staticmethod
+    def _feedback_sources(entries: Any) -> List[Any]:
+        """(LabelledSource, weight) of each `feedback` entry, read and checked before any model loads."""
+        out = []
+        for i, entry in enumerate(entries or []):
+            if "data" not in entry or not isinstance(entry.get("weight", 1.0), (int, float)) or entry.get("weight", 1.0) <= 0:
+                raise ConfigError(f"feedback[{i}] needs data: {{_component_: ...}} and a weight > 0, got {OmegaConf.to_container(entry)}")
+            source = config.instantiate(entry.data)
+            if not isinstance(source, LabelledSource):
+                raise ConfigError(f"feedback[{i}].data must build a LabelledSource (rlaif_recipes.data.review_answers or "
+                                  f"rlaif_recipes.data.labelled_responses), got {type(source).__name__}")  # fmt: skip
+            cols = source.rows.column_names
+            if "objective" in cols:
+                unknown = sorted(set(source.rows["objective"]) - set(OBJECTIVES))
+                if unknown:
+                    raise ConfigError(f"feedback[{i}]: pairs judged by rubric(s) {unknown}, which the reward model has no objective for; "
+                                      f"set feedback[{i}].data.objective to one of {', '.join(OBJECTIVES)}")  # fmt: skip
+            log.info(f"feedback[{i}]: {source.counts} (weight {entry.get('weight', 1.0)})")
+            out.append((source, float(entry.get("weight", 1.0))))
+        return out
+
+    @staticmethod
+    def _start_head(head_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+        if head_dir is None:
+            return None
+        if not Path(head_dir).is_dir():
+            raise ConfigError(f"init_from={head_dir} is not a directory; give a trained head (outputs/reward_model) or null")
+        return {"config": read_head_config(Path(head_dir))}
+
+    def _embed_feedback(self, source: LabelledSource, weight: float) -> Dict[str, Any]:
+        rows = source.rows
+        if "objective" in rows.column_names:
+            return {
+                "weight": weight,
+                "prompt": list(rows["prompt"]),
+                "objective": list(rows["objective"]),
+                **{side: self._encoder.encode(rows[side]) for side in ("chosen", "rejected")},
+                **{f"{side}_opening": self._encoder.encode(rows[side], part="opening") for side in ("chosen", "rejected")},
+            }
+        return {
+            "weight": weight,
+            "response": self._encoder.encode(rows["response"]),
+            "response_opening": self._encoder.encode(rows["response"], part="opening"),
+            "answers": torch.tensor(rows["answers"], dtype=torch.float32),
+        }
 
     def _requests(self, data) -> Dict[str, Any]:
         states, mask = self._encoder.token_states(data["prompt"], below=self._harm_cfg.layers)
@@ -165,13 +252,15 @@ class TrainRewardModelRecipe:
         }
 
     def train(self) -> None:
-        h = self._harm_train
-        train_harm_reader(
-            self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"], self._harm_cfg.source_weight),
-            epochs=self._harm_cfg.epochs, lr=self._harm_cfg.lr, head_lr=self._harm_cfg.head_lr,
-            batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
-        )  # fmt: skip
-        for d in (self._train, self._held_out):  # the reader is fixed from here on
+        if not self._init_from:
+            h = self._harm_train
+            train_harm_reader(
+                self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"], self._harm_cfg.source_weight),
+                epochs=self._harm_cfg.epochs, lr=self._harm_cfg.lr, head_lr=self._harm_cfg.head_lr,
+                batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
+            )  # fmt: skip
+        self._harm.requires_grad_(False)
+        for d in (self._train, self._held_out, *(f for f in self._feedback if "prompt" in f)):  # the reader is fixed from here on
             d["harm"] = read_harm(self._harm, self._encoder, d["prompt"])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
@@ -203,7 +292,22 @@ class TrainRewardModelRecipe:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
             chosen, rejected = _scores(heads, objective, d, "chosen", rows), _scores(heads, objective, d, "rejected", rows)
             loss = loss - _weighted(F.logsigmoid(chosen - rejected), w[rows])
-        return loss
+        return loss + sum((self._feedback_loss(f) for f in self._feedback), torch.zeros(()))
+
+    def _feedback_loss(self, f: Dict[str, Any]) -> torch.Tensor:
+        """One people's source: its mean loss times its weight. Reviewed pairs: Bradley–Terry under
+        each pair's objective; labelled responses: the answer head's BCE on the label, and the reply
+        head's on "a real reply"."""
+        heads = self._heads
+        if "objective" not in f:
+            answer = F.binary_cross_entropy_with_logits(heads.answer_logit(f["response"], f["response_opening"]), f["answers"])
+            reply = F.binary_cross_entropy_with_logits(heads.reply(f["response"]).squeeze(-1), torch.ones(len(f["answers"])))
+            return f["weight"] * (answer + reply)
+        margins = []
+        for objective in sorted(set(f["objective"])):
+            rows = torch.tensor([o == objective for o in f["objective"]])
+            margins.append(_scores(heads, objective, f, "chosen", rows) - _scores(heads, objective, f, "rejected", rows))
+        return -f["weight"] * F.logsigmoid(torch.cat(margins)).mean()
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Dict[str, float]]:
@@ -247,7 +351,7 @@ class TrainRewardModelRecipe:
                 + " | ".join(f"{table[objective][g]:.3f}" for g in table[objective])
                 + " |"
             )
-        self._harm_report = self._evaluate_harm_reader()
+        self._harm_report = self._init_from["config"]["harm_reader_held_out"] if self._init_from else self._evaluate_harm_reader()
         return table
 
     def _evaluate_harm_reader(self) -> Dict[str, Dict[str, float]]:
@@ -277,7 +381,7 @@ class TrainRewardModelRecipe:
                 "steps": self._steps,
                 "held_out_agreement": self._agreement,
                 "harm_reader_held_out": self._harm_report,
-                "harm_reader_training": OmegaConf.to_container(self._harm_cfg),
+                "harm_reader_training": self._init_from["config"].get("harm_reader_training") if self._init_from else OmegaConf.to_container(self._harm_cfg),
             },
         )
         log.info(
@@ -296,13 +400,19 @@ def _scores(heads: RewardHeads, objective: str, d: Dict[str, torch.Tensor], side
     return heads.scores(objective, d["harm"][rows], d[side][:n][rows], d[f"{side}_opening"][:n][rows])
 
 
-@rlaif_config.parse(TrainRewardModelSettings)
-def recipe_main(cfg: DictConfig) -> None:
+def train_reward_model(cfg: DictConfig) -> Dict[str, Any]:
+    """Every step of the recipe; returns the head.json it wrote (benchmarks and tests retrain in-process)."""
     recipe = TrainRewardModelRecipe(cfg)
     recipe.setup(cfg)
     recipe.train()
     recipe.evaluate()
     recipe.save_checkpoint()
+    return read_head_config(Path(cfg.output_dir))
+
+
+@rlaif_config.parse(TrainRewardModelSettings)
+def recipe_main(cfg: DictConfig) -> None:
+    train_reward_model(cfg)
 
 
 if __name__ == "__main__":

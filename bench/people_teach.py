@@ -1,0 +1,115 @@
+"""Do people's review answers teach the reward model? Heads trained on one writing style, then N
+answers on another style's pairs, routed or random, then agreement on that style's held-out pairs.
+
+    PYTHONPATH=. python bench/people_teach.py --out /tmp/people_teach [--ns 0 25 50 100 200] [--random-seeds 2]
+
+1. `one-style` heads: `rlaif train-reward-model` on Llama-2-chat's XSTest pairs only, the harm
+   reader frozen from the shipped head (`init_from`); `both-styles`: the same on Llama-2's and
+   SmolLM2's pairs (the reference the gap is measured to).
+2. The one-style judge (judge=reward_model, rubric helpful_harmless) judges SmolLM2's training-split
+   pairs, each shown in a hash-picked order; every pair is a router candidate. "People" (simulated
+   from XSTest's own labels: the human-preferred side wins) answer N of them, picked by the
+   router's `rank_for_review` (routed) or at random (seeded), written as a real review queue and
+   human_labels.jsonl.
+3. Retrain with `feedback=[review_answers(that run)]` (weight 1, harm reader frozen) and measure
+   agreement on SmolLM2's held-out pairs (never in the pool).
+Prints one table; writes results.json under --out.
+"""
+
+import argparse
+import hashlib
+import json
+import platform
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List
+
+import yaml
+
+from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.config import asset_path
+from rlaif_recipes.data import xstest_pairs
+from rlaif_recipes.judges.base import Pair
+from rlaif_recipes.judges.reward_model import RewardModelJudge
+from rlaif_recipes.judges.router import ReviewQueue, pair_id, rank_for_review
+from rlaif_recipes.recipes.train_reward_model import train_reward_model
+
+LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"
+METRICS = (("helpful_harmless", "all"), ("false_refusal", "safe"))
+
+
+def train(out: Path, name: str, styles: List[str], cache: str, feedback_run: Path = None) -> Dict[str, float]:
+    """Retrain the heads (harm reader frozen from the shipped head); agreement on SmolLM2 held out."""
+    overrides = [
+        f"output_dir={out / name}", f"init_from={asset_path('reward_model')}", f"encoder.cache_path={cache}",
+        "train_data.completions=[" + ",".join(asset_path(s) for s in styles) + "]",
+        f"eval_data.completions=[{asset_path(SMOL)}]",
+    ]  # fmt: skip
+    if feedback_run:
+        overrides.append(f"feedback=[{{data: {{_component_: rlaif_recipes.data.review_answers, runs: [{feedback_run}]}}, weight: 1.0}}]")
+    table = train_reward_model(rlaif_config.load("train_reward_model", overrides))["held_out_agreement"]
+    return {f"{o}:{g}": table[o][g] for o, g in METRICS}
+
+
+def candidates(head_dir: Path) -> List[Dict]:
+    """SmolLM2's training pairs as the one-style judge routes them, with the person's answer."""
+    pool = xstest_pairs(completions=[asset_path(SMOL)], split="train")
+    shown = []
+    for row in pool:
+        swap = hashlib.sha256(row["prompt"].encode()).digest()[0] % 2 == 1
+        a, b = (row["rejected"], row["chosen"]) if swap else (row["chosen"], row["rejected"])
+        shown.append((Pair(row["prompt"], a, b), "B" if swap else "A"))
+    judge = RewardModelJudge(str(head_dir), rubric=yaml.safe_load((rlaif_config.CONF_DIR / "rubric" / "helpful_harmless.yaml").read_text()))
+    judgments = judge.judge([p for p, _ in shown])
+    return [
+        {"pair_id": pair_id(p), **vars(p), "reasons": ["low_confidence"], "ai": j.to_dict(), "human": human}
+        for (p, human), j in zip(shown, judgments)
+    ]
+
+
+def answered_run(out: Path, name: str, picked: List[Dict]) -> Path:
+    """A run directory as the router and `rlaif review` leave it: the queue and people's answers."""
+    run = out / name
+    run.mkdir(parents=True, exist_ok=True)
+    ReviewQueue(str(run / "review_queue.jsonl")).add([{k: v for k, v in c.items() if k != "human"} for c in picked])
+    with open(run / "human_labels.jsonl", "w") as f:
+        f.writelines(json.dumps({"pair_id": c["pair_id"], "verdict": c["human"], "annotator": "sim"}) + "\n" for c in picked)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/people_teach")
+    parser.add_argument("--ns", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--random-seeds", type=int, default=2)
+    args = parser.parse_args()
+    out, started = Path(args.out), time.time()
+    cache = str(out / "embeddings.safetensors")
+    rows = {"one-style (N=0)": train(out, "one_style", [LLAMA], cache), "both-styles": train(out, "both_styles", [LLAMA, SMOL], cache)}
+    pool = candidates(out / "one_style")
+    routed = rank_for_review(pool)
+    for n in args.ns:
+        rows[f"routed N={n}"] = train(out, f"routed_{n}", [LLAMA], cache, answered_run(out, f"run_routed_{n}", routed[:n]))
+        scores = []
+        for seed in range(args.random_seeds):
+            picked = random.Random(seed).sample(pool, n)
+            scores.append(train(out, f"random_{n}_{seed}", [LLAMA], cache, answered_run(out, f"run_random_{n}_{seed}", picked)))
+        rows[f"random N={n}"] = {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
+    base, top = rows["one-style (N=0)"], rows["both-styles"]
+    print(f"\nagreement with the human choice on SmolLM2's held-out XSTest pairs (pool: {len(pool)} SmolLM2 training pairs; "
+          f"random: mean of {args.random_seeds} seeds); gap recovered = (x - one-style) / (both-styles - one-style)")  # fmt: skip
+    print("| heads | " + " | ".join(f"{o} {g}" for o, g in METRICS) + " | gap recovered (helpful_harmless all) |\n|---|---:|---:|---:|")
+    key = "helpful_harmless:all"
+    for name, r in rows.items():
+        recovered = (r[key] - base[key]) / (top[key] - base[key]) if top[key] != base[key] else float("nan")
+        print(f"| {name} | " + " | ".join(f"{r[f'{o}:{g}']:.3f}" for o, g in METRICS) + f" | {recovered:.2f} |")
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+              "minutes": round((time.time() - started) / 60, 1), "rows": rows}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    print(f"{record['minutes']} min; {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
