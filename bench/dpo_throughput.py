@@ -269,7 +269,7 @@ def main() -> None:
     for r in results.values():
         r["tokens_per_s"] = statistics.median(r["step_tokens_per_s"])
 
-    base = results["torchtune full_dpo_distributed"]["tokens_per_s"]
+    base = results[runs[0][0]]["tokens_per_s"]  # torchtune, first compile setting run
     fpt = flops_per_token(model_dir)
     print(f"\nOffline DPO throughput: {a.size} model ({fpt / 2 / 1e6:.1f}M non-embedding params), {a.device} {a.dtype}, "
           f"{a.nproc} rank(s), batch {a.batch_size} pairs/rank, max_seq_len {a.max_seq_len}, {a.steps} steps "
