@@ -1,8 +1,13 @@
 """Shared fixtures: one tiny model for the session (built here, no hub) and its torchtune policy."""
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import List
 
@@ -58,9 +63,9 @@ def what_failed(result: subprocess.CompletedProcess) -> str:
 def two_launchers(args: List[str], cwds: List[Path]) -> List[subprocess.Popen]:
     """`tune run ARGS` as two nodes on loopback, the way a cluster runs it: one torchrun launcher per
     node (`--nnodes 2 --node_rank 0|1`, one process each, c10d rendezvous), each in its own working
-    directory. Returns the running launchers (their stderr piped); see `finish`."""
-    import socket
-
+    directory. Returns the running launchers; see `finish` and `stderr_of`. Each one's stderr goes to
+    an unnamed temporary file, not a pipe: a pipe nobody reads while waiting on the other launcher
+    fills at 64 KiB, blocks its rank, and the peer then waits on it in a collective for ever."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -68,19 +73,41 @@ def two_launchers(args: List[str], cwds: List[Path]) -> List[subprocess.Popen]:
     node = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
             "--rdzv-id", f"test-{port}"]
     # on a cluster the endpoint names node 0's host, so node 0 holds the rendezvous store; on
-    # loopback every launcher's host matches, so say which one does. One thread per rank, as one
+    # loopback every launcher's host matches, so say which one does; a launcher that never joins
+    # fails the other's rendezvous in 2 minutes (torch's default: 10). One thread per rank, as one
     # launcher with two processes sets it (a thread count changes float sums, so bitwise results)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return [
-        subprocess.Popen([str(exe), args[1], *node, "--node_rank", str(rank), "--rdzv-conf", f"is_host={rank == 0}", *args[2:]],
-                         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        for rank, cwd in enumerate(cwds)
-    ]
+    launchers = []
+    for rank, cwd in enumerate(cwds):
+        err = tempfile.TemporaryFile("w+")
+        launchers.append(subprocess.Popen(
+            [str(exe), args[1], *node, "--node_rank", str(rank), "--rdzv-conf", f"is_host={rank == 0},join_timeout=120", *args[2:]],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True))
+        launchers[-1].err_file = err
+    return launchers
+
+
+def stderr_of(launcher: subprocess.Popen) -> str:
+    """What a launcher from `two_launchers` has written to stderr so far."""
+    launcher.err_file.seek(0)
+    return launcher.err_file.read()
 
 
 def finish(launchers: List[subprocess.Popen], timeout: int = 300) -> List[str]:
-    """Wait for every launcher; each one's stderr (all must have exited 0)."""
-    errs = [p.communicate(timeout=timeout)[1] for p in launchers]
+    """Wait for every launcher; each one's stderr (all must have exited 0). Past `timeout` seconds
+    the launchers and their ranks are killed and the test fails with what each one printed."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in launchers:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        for p in launchers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        tails = "\n".join(f"--- launcher {n} (exit {p.returncode}):\n{stderr_of(p)[-4000:]}" for n, p in enumerate(launchers))
+        pytest.fail(f"the launchers did not finish in {timeout} s; killed. What they printed:\n{tails}")
+    errs = [stderr_of(p) for p in launchers]
     for p, err in zip(launchers, errs):
         assert p.returncode == 0, err[-3000:]
     return errs

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 import psutil
 import pytest
 import torch
-from conftest import finish, run_cli, two_launchers, what_failed
+from conftest import finish, run_cli, stderr_of, two_launchers, what_failed
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -320,8 +320,9 @@ def test_two_launchers_on_loopback_train_and_resume_like_one_launcher(tmp_path, 
     out, nodes = tmp_path / "nodes", [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
         node.mkdir()
-    finish(two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=2")], nodes))
-    finish(two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=3", "resume_from_checkpoint=true")], nodes))
+    bounded = "distributed_timeout_s=120"  # a rank that waits on a lost peer ends with a line, inside finish's timeout
+    finish(two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=2", bounded)], nodes))
+    finish(two_launchers([*DPO, *dpo_args(tiny_model_dir, out, "max_steps=3", bounded, "resume_from_checkpoint=true")], nodes))
     assert train_losses(out) == train_losses(two_ranks)
     assert [step for step, m in read_log(out) if "loss" in m] == [1, 2, 3]
     a, b = hf_weights(out / "checkpoints" / "step_0000003"), hf_weights(two_ranks / "checkpoints" / "step_0000003")
@@ -354,12 +355,13 @@ def test_a_node_that_dies_or_hangs_ends_the_other_with_one_line(tmp_path, tiny_m
         for proc in ranks:
             proc.send_signal(signal.SIGSTOP)
     try:
-        _, err = launchers[0].communicate(timeout=120)
+        launchers[0].wait(timeout=120)
     finally:
         for proc in [node1, *ranks]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(signal.SIGKILL)
         launchers[1].wait()
+    err = stderr_of(launchers[0])
     assert launchers[0].returncode != 0, err[-3000:]
     assert "training error: rank 0 of 2 lost contact with another rank" in err, err[-3000:]
     assert "restart every launcher with resume_from_checkpoint=true" in err
