@@ -122,7 +122,8 @@ class RewardHeads(nn.Module):
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, optionally cached on disk.
+    """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, cached on disk with a
+    `cache_path`, else the last MEMO texts in memory (the router's budget re-reads the replies judged).
 
     Three parts of the text are read (`encode(texts, part=...)`): a response's first
     `max_seq_length` tokens (128 for the packaged heads, the encoder's training length: what the

@@ -337,6 +337,7 @@ def rank_for_review(
     budget: Optional[int] = None,
     embed: Optional[Callable[[List[Dict[str, Any]]], torch.Tensor]] = None,
     within: str = "typical",
+    seed: int = 0,
 ) -> List[Dict[str, Any]]:
     """Routed pairs, those a person's answer would teach the judge most first. High-stakes ones
     always lead. Given a `budget` smaller than the rest and `embed` (pair -> vector), the rest go
@@ -358,19 +359,21 @@ def rank_for_review(
     k = None if budget is None else budget - len(high)
     if embed is None or k is None or k <= 0 or len(rest) <= k:
         return ranked
-    picks = cluster_picks(embed(rest), k, [_certainty(c["ai"]) for c in rest], within)
+    picks = cluster_picks(embed(rest), k, [_certainty(c["ai"]) for c in rest], within, seed=seed)
     taken = set(picks)
     return high + [rest[i] for i in picks] + [c for i, c in enumerate(rest) if i not in taken]
 
 
-def cluster_picks(x: torch.Tensor, k: int, certainty: Sequence[float], within: str = "typical", neighbours: int = 20) -> List[int]:
+def cluster_picks(
+    x: torch.Tensor, k: int, certainty: Sequence[float], within: str = "typical", neighbours: int = 20, seed: int = 0
+) -> List[int]:
     """One row index per k-means cluster of `x` ([n, d]), largest cluster first: its most typical
     row (the inverse mean distance to its `neighbours` nearest rows of the cluster is highest) or,
-    with within="uncertain", its least certain (ties: the more typical). Seeded: the same rows
-    give the same picks."""
+    with within="uncertain", its least certain (ties: the more typical). k-means is seeded: the
+    same rows give the same picks."""
     if within not in ("typical", "uncertain"):
         raise ValueError(f"within={within!r}: typical or uncertain")
-    labels = kmeans(x, k)
+    labels = kmeans(x, k, seed=seed)
     picks = []
     for cluster in sorted(set(labels.tolist()), key=lambda c: (-(labels == c).sum().item(), c)):
         rows = (labels == cluster).nonzero().squeeze(1)
