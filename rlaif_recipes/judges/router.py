@@ -21,7 +21,8 @@ routed pairs that would teach the judge most go first (`rank_for_review`): high-
 (`rank: clusters`) one pair from each of as many k-means clusters of the pairs' sentence
 embeddings as the budget has room for, the most typical of its cluster: on a small budget, labels
 that cover the kinds of pair the judge meets teach it more than the most uncertain ones, which are
-its outliers (bench/RESULTS.md, "People teach the judge"); or (`rank: uncertainty`, and beyond
+its outliers (bench/RESULTS.md, "A budget-aware ranking": ahead of them at 25-100 labels, level
+with a random draw); or (`rank: uncertainty`, and beyond
 the budget) by uncertainty (P(A) nearest 0.5; an abstain or an order disagreement counts as fully
 uncertain); and at most `max_per_prompt` pairs of one request (spaces and case aside) in the
 queue, so not fifty near-identical pairs. A routed pair beyond the budget is not queued and abstains ("beyond
