@@ -22,13 +22,13 @@ routed pairs that would teach the judge most go first (`rank_for_review`): high-
 embeddings as the budget has room for, the most typical of its cluster: on a small budget, labels
 that cover the kinds of pair the judge meets teach it more than the most uncertain ones, which are
 its outliers (bench/RESULTS.md, "A budget-aware ranking": ahead of them at 25-100 labels, level
-with a random draw); or (`rank: uncertainty`, and beyond
-the budget) by uncertainty (P(A) nearest 0.5; an abstain or an order disagreement counts as fully
-uncertain); and at most `max_per_prompt` pairs of one request (spaces and case aside) in the
-queue, so not fifty near-identical pairs. A routed pair beyond the budget is not queued and abstains ("beyond
-the review budget"), whatever `pending` says: nobody will check it, and the AI was unsure of it,
-so the policy does not train on it. A pair a person answered is never queued again. `metrics`
-count `routed`, `queued` and `over_budget`.
+with a random draw); or (`rank: uncertainty`, and beyond the budget) by uncertainty (P(A) nearest
+0.5; an abstain or an order disagreement counts as fully uncertain); and at most `max_per_prompt`
+pairs of one request (spaces and case aside) in the queue, so not fifty near-identical pairs. A
+routed pair beyond the budget is not queued and abstains ("beyond the review budget"), whatever
+`pending` says: nobody will check it, and the AI was unsure of it, so the policy does not train
+on it. A pair a person answered is never queued again. `metrics` count `routed`, `queued` and
+`over_budget`.
 
 Escalation (`escalate`, a cascade): another AI judge (e.g. an `openai` judge) is asked first about
 the pairs the first judge doubts (not the high-stakes ones: those go to people). Where it is sure
@@ -347,7 +347,7 @@ def rank_for_review(
     will meet teach more than its oddest pairs), the pick being the cluster's most typical pair
     (`within="typical"`) or its most uncertain (`"uncertain"`); after them, and without a budget,
     the most uncertain first (P(A) nearest 0.5; abstains and order disagreements count as 0.5),
-    and among equals the request seen fewest times so far in this list."""
+    and among equals the request seen fewest times so far in this list. `seed`: k-means's."""
     seen: Counter = Counter()
     ranked = sorted(candidates, key=lambda c: (not _high_stakes(c), _certainty(c["ai"])))
     order = []
