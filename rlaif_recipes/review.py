@@ -85,7 +85,7 @@ def answered_pairs(targets: Sequence[Tuple[Path, Path]]) -> Tuple[List[Answered]
         queued.update((e["pair_id"], e) for e in load_queue(queue))
     votes: Dict[str, Dict[str, str]] = {}  # pair_id -> annotator -> verdict (their last one)
     counts: Counter = Counter()
-    for _, labels in targets:
+    for labels in dict.fromkeys(labels for _, labels in targets):  # a labels file several runs share is read once
         for n, row in _answer_lines(labels):
             if row["pair_id"] not in queued:
                 raise DataError(f"{labels}: line {n}: pair_id {row['pair_id']} is in none of the review queues of "

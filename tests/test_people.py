@@ -172,6 +172,12 @@ def test_training_and_audits_join_answers_alike_by_majority_and_name_a_foreign_a
     for join in (review_answers, reviewed_pairs):
         with pytest.raises(DataError, match=r"other/human_labels.jsonl: line 2: pair_id not-in-any-queue is in none of the review queues"):
             join(str(foreign))
+    router(tmp_path / "third").judge([pair("R p=0.5")])  # two runs' answers in one file: audit them together, not one alone
+    shared = tmp_path / "shared_labels.jsonl"
+    shared.write_text((tmp_path / "run" / "human_labels.jsonl").read_text() + json.dumps({"pair_id": pair_id(pair("R p=0.5")), "verdict": "A"}) + "\n")
+    assert len(reviewed_pairs([str(tmp_path / "run"), str(tmp_path / "third")], labels=str(shared))) == 3
+    with pytest.raises(DataError, match=r"shared_labels.jsonl: line 9: pair_id \w+ is in none of the review queues"):
+        reviewed_pairs(str(tmp_path / "run"), labels=str(shared))
     only_ties = answered_run(tmp_path / "ties", [votes[5]])
     for join in (review_answers, reviewed_pairs):
         with pytest.raises(DataError, match="no .*pair .*with a winner"):

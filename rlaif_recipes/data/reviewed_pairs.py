@@ -12,7 +12,7 @@ label whose pair is not in the queue is an error naming its file and line.
 """
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from datasets import Dataset
 
@@ -22,11 +22,15 @@ from rlaif_recipes.review import answered_pairs, queue_and_labels
 log = logging.getLogger(__name__)
 
 
-def reviewed_pairs(target: str, labels: Optional[str] = None) -> Dataset:
-    """`target`: a run directory (its review_queue.jsonl and human_labels.jsonl) or a queue file;
-    `labels`: the human-labels file when it is elsewhere."""
-    queue, labels_path = queue_and_labels(target, labels)
-    answered, counts = answered_pairs([(queue, labels_path)])
+def reviewed_pairs(target: Union[str, Sequence[str]], labels: Optional[str] = None) -> Dataset:
+    """`target`: a run directory (its review_queue.jsonl and human_labels.jsonl) or a queue file,
+    or a list of them (runs that share one labels file); `labels`: the human-labels file when it
+    is elsewhere."""
+    targets = [target] if isinstance(target, str) else list(target)
+    files = [queue_and_labels(t, labels) for t in targets]
+    answered, counts = answered_pairs(files)
+    labels_path = ", ".join(sorted({str(lab) for _, lab in files}))
+    queue = ", ".join(str(q) for q, _ in files)
     rows = [
         {
             "pair_id": a.entry["pair_id"],
@@ -41,5 +45,5 @@ def reviewed_pairs(target: str, labels: Optional[str] = None) -> Dataset:
     log.info("reviewed pairs from %s: %s", labels_path, counts)
     if not rows:
         raise DataError(f"{labels_path} holds no answered pair of {queue} with a winner ({counts}); "
-                        f"label some with `rlaif review {target}` first")
+                        f"label some with `rlaif review {targets[0]}` first")
     return Dataset.from_list(rows)
