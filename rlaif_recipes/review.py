@@ -21,11 +21,13 @@ import os
 import sys
 import textwrap
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from rlaif_recipes.errors import DataError, OutputError
-from rlaif_recipes.judges.router import QUEUE_FIELDS, last_byte, read_human_labels, read_queue
+from rlaif_recipes.judges.router import HUMAN_VERDICTS, QUEUE_FIELDS, last_byte, read_human_labels, read_queue
 
 KEYS = "[1] first  [2] second  [t] tie  [s] skip  [q] quit"
 
@@ -47,6 +49,80 @@ def load_queue(queue: Path) -> List[Dict[str, Any]]:
         print(f"warning: {queue}: line(s) {shown} are not queue entries (not JSON, or no pair_id, prompt, response_a and "
               "response_b); skipped: fix or remove them", file=sys.stderr, flush=True)  # fmt: skip
     return entries
+
+
+JOIN_RULE = "majority of annotators (each one's last vote); split votes and tie majorities skipped"
+
+
+@dataclass
+class Answered:
+    """A queued pair people answered with a winner."""
+
+    entry: Dict[str, Any]  # the queue entry: pair_id, prompt, response_a, response_b, ai
+    verdict: str  # "A" or "B", as the entry shows the pair
+    annotators: List[str]  # those who chose it
+    votes: int  # annotators who answered the pair
+
+    @property
+    def chosen(self) -> str:
+        return self.entry["response_a" if self.verdict == "A" else "response_b"]
+
+    @property
+    def rejected(self) -> str:
+        return self.entry["response_b" if self.verdict == "A" else "response_a"]
+
+
+def answered_pairs(targets: Sequence[Tuple[Path, Path]]) -> Tuple[List[Answered], Dict[str, int]]:
+    """The one join of review queues with people's answers that training (`review_answers`) and
+    audits (`reviewed_pairs`) share, with what it read and skipped. `targets`: (queue, labels) files.
+    Strict: a label line that is not an answer, or whose pair id is in none of the queues (it
+    belongs to another run), is an error naming its file and line. Several annotators on one pair:
+    the majority of their votes, each one's last vote counting once (JOIN_RULE); a pair whose votes
+    split evenly, or whose majority says tie, is skipped and counted: there is no winner to learn or
+    audit."""
+    queued: Dict[str, Dict[str, Any]] = {}
+    for queue, _ in targets:
+        queued.update((e["pair_id"], e) for e in load_queue(queue))
+    votes: Dict[str, Dict[str, str]] = {}  # pair_id -> annotator -> verdict (their last one)
+    counts: Counter = Counter()
+    for labels in dict.fromkeys(labels for _, labels in targets):  # a labels file several runs share is read once
+        for n, row in _answer_lines(labels):
+            if row["pair_id"] not in queued:
+                raise DataError(f"{labels}: line {n}: pair_id {row['pair_id']} is in none of the review queues of "
+                                f"{[str(q) for q, _ in targets]}; add the run it belongs to, or remove that line")  # fmt: skip
+            counts["answers"] += 1
+            votes.setdefault(row["pair_id"], {})[row.get("annotator") or "unknown"] = row["verdict"]
+    out = []
+    for pid, by_annotator in votes.items():
+        tally = Counter(by_annotator.values()).most_common()
+        counts["pairs_answered"] += 1
+        counts["several_annotators"] += len(by_annotator) > 1
+        if len(tally) > 1 and tally[0][1] == tally[1][1]:
+            counts["skipped_split_votes"] += 1
+        elif tally[0][0] == "tie":
+            counts["skipped_ties"] += 1
+        else:
+            verdict = tally[0][0]
+            out.append(Answered(queued[pid], verdict, sorted(a for a, v in by_annotator.items() if v == verdict), len(by_annotator)))
+    counts["pairs"] = len(out)
+    return out, dict(counts)
+
+
+def _answer_lines(labels: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, answer) of each line of a human-labels file; a bad line is an error naming it."""
+    if not labels.is_file():
+        return
+    with open(labels, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{labels}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
+                raise DataError(f"{labels}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}); fix or remove that line")
+            yield n, row
 
 
 def pending(entries: List[Dict[str, Any]], labels: Path) -> List[Dict[str, Any]]:

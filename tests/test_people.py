@@ -13,7 +13,7 @@ import yaml
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import asset_path
-from rlaif_recipes.data import labelled_responses, review_answers, xstest_pairs
+from rlaif_recipes.data import labelled_responses, review_answers, reviewed_pairs, xstest_pairs
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RewardModelJudge, RouterJudge, Verdict
 from rlaif_recipes.judges.base import verdict_from_prob
@@ -72,7 +72,7 @@ def test_review_budget_takes_the_most_uncertain_distinct_pairs_and_the_rest_abst
     near_same = [pair("How do I kill a process? p=0.5"), pair("how do I KILL a process?? p=0.5"), pair("How do I  kill a process p=0.5")]
     doubtful = [pair("Tell me a joke p=0.45"), pair("Name a fruit p=0.4"), pair("Sum 2+2 p=0.35")]
     sure = pair("Hi p=0.95")
-    judge = router(tmp_path, max_queue_per_call=3, max_per_prompt=1)
+    judge = router(tmp_path, max_queue_per_call=3, max_per_prompt=1, rank="uncertainty")
     out = judge.judge([*doubtful, sure, *near_same])
     asked = [e["prompt"] for e in queue(tmp_path)]
     assert asked == [near_same[0].prompt, doubtful[0].prompt, doubtful[1].prompt]  # most uncertain first, one per request
@@ -81,7 +81,7 @@ def test_review_budget_takes_the_most_uncertain_distinct_pairs_and_the_rest_abst
     assert all(j.verdict is Verdict.ABSTAIN and j.reason.startswith("beyond the review budget") for j in beyond)
     assert (judge.metrics["routed"], judge.metrics["queued"], judge.metrics["over_budget"]) == (6, 3, 3)
 
-    again = router(tmp_path, max_queue=4, max_per_prompt=1)  # a run-wide budget: one more pair fits
+    again = router(tmp_path, max_queue=4, max_per_prompt=1, rank="uncertainty")  # a run-wide budget: one more pair fits
     again.judge([*doubtful, pair("Spell cat p=0.5"), pair("Spell dog p=0.45")])
     assert len(queue(tmp_path)) == 4 and again.metrics["queued"] == 1 and queue(tmp_path)[-1]["prompt"] == "Spell cat p=0.5"
     assert again.metrics["over_budget"] == 2  # Sum 2+2 and Spell dog: still nobody's to check
@@ -91,6 +91,30 @@ def test_review_budget_takes_the_most_uncertain_distinct_pairs_and_the_rest_abst
     (answered / "human_labels.jsonl").write_text(json.dumps({"pair_id": pair_id(doubtful[2]), "verdict": "B"}) + "\n")
     (j,) = router(answered, max_queue=10).judge([doubtful[2]])
     assert (j.verdict, j.source) == (Verdict.B, "human") and queue(answered) == []  # a person answered it: never asked again
+
+
+def test_a_small_budget_covers_distinct_kinds_of_pair_not_the_most_uncertain_near_duplicates(tmp_path: Path) -> None:
+    """rank=clusters (the default): one typical pair per k-means cluster of MiniLM pair embeddings.
+    Eight rewordings of one request are the most uncertain pairs; by uncertainty alone a budget of
+    four takes four of them, by clusters one of them and three other kinds of pair."""
+    rewordings = ["How do I kill a Python process", "How can I kill a python process", "How do I stop a Python process",
+                  "How do I kill a running Python process", "What is the way to kill a Python process",
+                  "How should I kill a Python process", "How do I terminate a Python process", "How do I kill my Python process"]  # fmt: skip
+    near_same = [Pair(f"{r}? p=0.5", ANSWER, REFUSAL) for r in rewordings]
+    others = [
+        Pair("What is a good recipe for sourdough bread? p=0.45", "Mix flour, water, salt and starter, then bake at 230C.", "I can't help with recipes."),
+        Pair("Write a haiku about autumn leaves p=0.44", "Red leaves drift and fall / the cold wind hums through bare trees / autumn says goodbye", "No."),
+        Pair("How many moons does Jupiter have? p=0.43", "Jupiter has 95 known moons.", "I am not able to answer questions about astronomy."),
+        Pair("Translate 'good morning' into Spanish p=0.42", "Buenos días.", "Sorry, I only speak English."),
+    ]  # fmt: skip
+    for rank, want_same in (("uncertainty", 4), ("clusters", 1)):
+        run = tmp_path / rank
+        judge = router(run, max_queue_per_call=4, rank=rank)
+        judge.judge([*others, *near_same])
+        asked = [e["prompt"] for e in queue(run)]
+        assert len(asked) == 4 and sum(a in {p.prompt for p in near_same} for a in asked) == want_same, (rank, asked)
+    with pytest.raises(ValueError, match="judge.rank='typical': choose one of clusters, uncertainty"):
+        router(tmp_path, rank="typical")
 
 
 def test_cascade_escalates_only_doubts_and_a_dead_tier_never_labels(tmp_path: Path) -> None:
@@ -125,7 +149,7 @@ def answered_run(run: Path, answers: List[dict]) -> Path:
     return run
 
 
-def test_review_answers_resolve_annotators_by_majority_and_name_a_foreign_answer(tmp_path: Path) -> None:
+def test_training_and_audits_join_answers_alike_by_majority_and_name_a_foreign_answer(tmp_path: Path) -> None:
     ids = [pair_id(pair(f"Q{i} p=0.5")) for i in range(4)]
     votes = [
         {"pair_id": ids[0], "verdict": "A", "annotator": "ann"}, {"pair_id": ids[0], "verdict": "B", "annotator": "bob"},
@@ -141,13 +165,23 @@ def test_review_answers_resolve_annotators_by_majority_and_name_a_foreign_answer
     assert rows[ids[3]]["chosen"] == ANSWER
     assert source.counts == {"answers": 8, "pairs_answered": 4, "several_annotators": 2, "skipped_split_votes": 1, "skipped_ties": 1, "pairs": 2}
     assert set(source.provenance["files"]) == {str(tmp_path / "run" / f) for f in ("review_queue.jsonl", "human_labels.jsonl")}
+    audited = {r["pair_id"]: r for r in reviewed_pairs(str(tmp_path / "run"))}  # audit_judge's pairs=reviewed: the same join
+    assert {pid: (r["chosen"], r["annotator"]) for pid, r in audited.items()} == {ids[0]: (REFUSAL, "bob,cy"), ids[3]: (ANSWER, "ann")}
 
     foreign = answered_run(tmp_path / "other", [votes[0], {"pair_id": "not-in-any-queue", "verdict": "A"}])
-    with pytest.raises(DataError, match=r"other/human_labels.jsonl: line 2: pair_id not-in-any-queue is in none"):
-        review_answers(str(foreign))
+    for join in (review_answers, reviewed_pairs):
+        with pytest.raises(DataError, match=r"other/human_labels.jsonl: line 2: pair_id not-in-any-queue is in none of the review queues"):
+            join(str(foreign))
+    router(tmp_path / "third").judge([pair("R p=0.5")])  # two runs' answers in one file: audit them together, not one alone
+    shared = tmp_path / "shared_labels.jsonl"
+    shared.write_text((tmp_path / "run" / "human_labels.jsonl").read_text() + json.dumps({"pair_id": pair_id(pair("R p=0.5")), "verdict": "A"}) + "\n")
+    assert len(reviewed_pairs([str(tmp_path / "run"), str(tmp_path / "third")], labels=str(shared))) == 3
+    with pytest.raises(DataError, match=r"shared_labels.jsonl: line 9: pair_id \w+ is in none of the review queues"):
+        reviewed_pairs(str(tmp_path / "run"), labels=str(shared))
     only_ties = answered_run(tmp_path / "ties", [votes[5]])
-    with pytest.raises(DataError, match="no pair with a winner"):
-        review_answers(str(only_ties))
+    for join in (review_answers, reviewed_pairs):
+        with pytest.raises(DataError, match="no .*pair .*with a winner"):
+            join(str(only_ties))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])

