@@ -3,15 +3,19 @@
     python bench/dpo_throughput.py                       # CPU: tiny model, 2 ranks (gloo), fp32
     python bench/dpo_throughput.py --size smollm2 --dtype bf16 --compile both --batch-size 4 --steps 8 --warmup 3
                                                          # CPU: SmolLM2-135M-Instruct, compile off and on, both recipes
+                                                         # (add --clock cpu on a shared machine)
     python bench/dpo_throughput.py --size 1b --device cuda --dtype bf16 --nproc 1 --batch-size 8 --max-seq-len 512
                                                          # GPU (what bench/gpu_check.sh runs)
 
 Like for like: the same HF model directory, the same token ids (our `tokenize_preferences` output
-is handed to torchtune's recipe as its dataset), world size, batch size, sequence cap, optimizer,
+is handed to torchtune's recipe as its dataset, laid out so that each rank trains on the same pairs
+at every step in both recipes: the same batches, so the same padded token counts), world size, batch size, sequence cap, optimizer,
 steps, gradient clipping and `compile` (torchtune's own option on both sides; our time spent compiling is
 logged apart as `compile_seconds` and left out of our tokens/s, torchtune's falls in its warm-up steps). Both recipes log `tokens_per_second_per_gpu` the same way (padded
 input tokens of chosen + rejected rows, summed over ranks, per second per rank); the table shows
-the median over the steps after `--warmup` steps (of all `--rounds`). Peak memory: CUDA max allocated (GPU), or rank
+the median over the steps after `--warmup` steps (of all `--rounds`). `--clock cpu` makes both
+recipes' step timers read each rank's CPU time instead of wall time, for a machine that other jobs
+share (their load then slows neither figure; a rank's wait on the other is left out). Peak memory: CUDA max allocated (GPU), or rank
 0's peak RSS (CPU, mostly library overhead at tiny sizes). MFU (GPU) counts 6N FLOPs per token
 for the policy's forward + backward plus 2N for a reference forward when one runs (N: weights
 except the embedding table), against `--peak-tflops`.
@@ -41,6 +45,7 @@ SIZES = {  # make_tiny_model arguments
     "1b": dict(dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_dim=8192, max_seq_len=2048),
     "smollm2": None,  # SmolLM2-135M-Instruct from the shared cache (`rlaif get-model`), real weights
 }
+SEED = 0  # our recipe's data order; torchtune's recipe reads the rows in that order
 
 
 # ---- components torchtune's recipe instantiates (dotted paths into this file) ----------------
@@ -52,7 +57,8 @@ def pad_tokenizer(pad_id: int = 0) -> SimpleNamespace:
 
 
 def pretokenized_pairs(tokenizer: Any, path: str) -> List[Dict[str, List[int]]]:
-    """Our token ids in torchtune's DPO sample layout (labels: -100 on the prompt)."""
+    """Our token ids in torchtune's DPO sample layout (labels: -100 on the prompt), in the order
+    `in_our_order` wrote them."""
     out = []
     for row in json.loads(Path(path).read_text()):
         p = row["prompt_ids"]
@@ -64,12 +70,32 @@ def pretokenized_pairs(tokenizer: Any, path: str) -> List[Dict[str, List[int]]]:
     return out
 
 
+def in_our_order(rows: List[Any], seed: int, steps: int, batch_size: int, world_size: int) -> List[Any]:
+    """`rows` laid out so that torchtune's unshuffled `DistributedSampler` (rank r reads rows r,
+    r + W, r + 2W, ...) hands each rank, step by step, the pairs our `dpo` recipe's permutation
+    gives it (rank r of step k: `order[k*G + r*b : k*G + (r+1)*b]`, G = b*W): both recipes then
+    train on the same batches, so the same padded tokens, and their rates compare like for like."""
+    import torch
+
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
+    out: List[Any] = [None] * (steps * batch_size * world_size)
+    for k in range(steps):
+        for r in range(world_size):
+            for j in range(batch_size):
+                out[(k * batch_size + j) * world_size + r] = rows[order[(k * world_size + r) * batch_size + j]]
+    return out
+
+
 # ---- worker: one rank of one recipe (started by torchrun) ------------------------------------
 
 
 def worker(recipe: str, result: str, args: List[str]) -> None:
     import torch
     import torch.distributed as dist
+
+    clock = SimpleNamespace(**vars(time))  # what the recipes' `time.perf_counter()` step timers read
+    if os.environ.get("DPO_BENCH_CLOCK") == "cpu":
+        clock.perf_counter = time.process_time
 
     if recipe == "torchtune":
         import importlib.util
@@ -86,6 +112,7 @@ def worker(recipe: str, result: str, args: List[str]) -> None:
             dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
 
         tt.init_process_group = init_process_group
+        tt.time = clock
         if not torch.cuda.is_available():  # it logs CUDA memory stats and empties the CUDA cache unconditionally
             training.get_memory_stats = lambda device: {}
             training.log_memory_stats = lambda stats, message="": None
@@ -94,7 +121,11 @@ def worker(recipe: str, result: str, args: List[str]) -> None:
         sys.argv = ["full_dpo_distributed", *args]
         main_fn = tt.recipe_main
     else:
-        from rlaif_recipes.recipes.dpo import recipe_main as main_fn
+        from rlaif_recipes import policy
+        from rlaif_recipes.recipes import dpo
+
+        dpo.time = policy.time = clock  # the step timer and the compile clock it subtracts
+        main_fn = dpo.recipe_main
 
         sys.argv = ["dpo", *args]
     try:
@@ -127,9 +158,7 @@ def prepare(out: Path, size: str, max_seq_len: int) -> tuple:
     text = out / "pairs.jsonl"
     text.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n" for r in pairs))
     ids = tokenize_preferences(preference_dataset(str(text)), str(model_dir), max_seq_len)
-    ids_path = out / f"pairs-ids-{max_seq_len}.json"
-    ids_path.write_text(json.dumps([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in ids]))
-    return model_dir, text, ids_path, len(ids)
+    return model_dir, text, [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in ids]
 
 
 def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argparse.Namespace, compile_: bool) -> None:
@@ -149,8 +178,8 @@ def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argpa
         "ref_checkpointer": checkpointer,
         "resume_from_checkpoint": False,
         "dataset": {"_component_": "dpo_throughput.pretokenized_pairs", "path": str(ids)},
-        "seed": 0,
-        "shuffle": True,
+        "seed": SEED,
+        "shuffle": False,  # the rows are already in our recipe's order (`in_our_order`)
         "batch_size": a.batch_size,
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-5, "weight_decay": 0.0},
         "lr_scheduler": {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup", "num_warmup_steps": 2},
@@ -173,7 +202,7 @@ def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argpa
 
 def our_overrides(run: Path, model_dir: Path, text: Path, a: argparse.Namespace, reference: str, compile_: bool) -> List[str]:
     return [
-        "--config", "dpo", f"checkpoint_dir={model_dir}", f"output_dir={run}", f"dataset.source={text}",
+        "--config", "dpo", f"seed={SEED}", f"checkpoint_dir={model_dir}", f"output_dir={run}", f"dataset.source={text}",
         "dataset.split=all", "eval_dataset=null", f"max_seq_len={a.max_seq_len}", f"batch_size={a.batch_size}",
         f"max_steps={a.steps}", f"device={a.device}", f"dtype={a.dtype}", "optimizer.lr=1e-5",
         "lr_scheduler.num_warmup_steps=2", "clip_grad_norm=1.0", f"reference={reference}",
@@ -185,7 +214,7 @@ def launch(recipe: str, run: Path, args: List[str], a: argparse.Namespace) -> Di
     result = run / "peak.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_port", str(a.port),
            str(Path(__file__).resolve()), "_worker", recipe, str(result), *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "DPO_BENCH_CLOCK": a.clock, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -234,6 +263,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="run the three recipes this many times, interleaved")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile in both recipes (both: each run twice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what both recipes' step timers read: wall time, or each rank's CPU time (on a shared machine: "
+                        "another process's load then slows neither recipe's figure; time a rank waits on the other is left out)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--port", type=int, default=0, help="torchrun master port (0: a free one)")
     a = p.parse_args()
@@ -241,9 +273,11 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, text, ids, n_pairs = prepare(out, a.size, a.max_seq_len)
-    if n_pairs < a.steps * a.batch_size * a.nproc:
-        sys.exit(f"{n_pairs} pairs < steps x batch x ranks = {a.steps * a.batch_size * a.nproc}; lower --steps or --batch-size")
+    model_dir, text, rows = prepare(out, a.size, a.max_seq_len)
+    if len(rows) < a.steps * a.batch_size * a.nproc:
+        sys.exit(f"{len(rows)} pairs < steps x batch x ranks = {a.steps * a.batch_size * a.nproc}; lower --steps or --batch-size")
+    ids = out / f"pairs-ids-{a.max_seq_len}-ordered.json"
+    ids.write_text(json.dumps(in_our_order(rows, SEED, a.steps, a.batch_size, a.nproc)))
     load_before = os.getloadavg()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
     runs = [(f"{name}{', compile' if c else ''}", recipe, reference, c) for c in compiles for name, recipe, reference in (
@@ -273,7 +307,7 @@ def main() -> None:
     fpt = flops_per_token(model_dir)
     print(f"\nOffline DPO throughput: {a.size} model ({fpt / 2 / 1e6:.1f}M non-embedding params), {a.device} {a.dtype}, "
           f"{a.nproc} rank(s), batch {a.batch_size} pairs/rank, max_seq_len {a.max_seq_len}, {a.steps} steps "
-          f"x {a.rounds} round(s) (median of steps {a.warmup + 1}-{a.steps}); load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+          f"x {a.rounds} round(s) (median of steps {a.warmup + 1}-{a.steps}), {a.clock} clock; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     mem = "peak CUDA alloc GB" if a.device == "cuda" else "peak RSS GB (rank 0)"
     print(f"| run | tokens/s/rank | vs torchtune | vs torchtune, same compile | {mem} | MFU | compile s (ours, apart) |")
     print("|---|---|---|---|---|---|---|")

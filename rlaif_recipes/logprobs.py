@@ -141,11 +141,15 @@ def pair_logprobs(model: nn.Module, batch: PairBatch) -> PairLogprobs:
 
 
 def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
-    """On CPU, plain (math) attention: PyTorch's CPU flash-attention backward is slow on these
-    short training sequences (SmolLM2, bf16, 16 x 86 tokens: backward 4.4 s with it, 3.1 s without;
-    bench/RESULTS.md, "Online DPO on SmolLM2"). The backend chosen in the forward also runs the
-    backward; activation checkpointing recomputes under this context too (`policy.build_policy`)."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
+    """On CPU, plain (math) attention where gradients flow: PyTorch's CPU flash-attention backward
+    is slow on these short training sequences (SmolLM2, bf16, 16 x 86 tokens: backward 4.4 s with
+    it, 3.1 s without; bench/RESULTS.md, "Online DPO on SmolLM2"). The backend chosen in the forward
+    also runs the backward; activation checkpointing recomputes under this context too
+    (`policy.build_policy`). Forward-only passes (reference, eval, precomputed reference log-probs)
+    keep PyTorch's default, flash attention, which is the faster forward at every length measured
+    (bench/RESULTS.md, "Offline `dpo` against torchtune on the same batches")."""
+    grads = torch.is_grad_enabled()
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and grads else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

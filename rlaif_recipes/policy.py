@@ -114,9 +114,13 @@ def compile_training(models: Sequence[nn.Module], loss_fn: nn.Module, verbose: b
     `training.compile_model` does, so parameter names, FSDP2 shards, LoRA adapters and weight
     pushes are untouched) and return the loss compiled (`training.compile_loss`).
 
-    Unlike torchtune's, shapes are dynamic from the first call: online steps change the sequence
-    length every step, and one kernel for every length keeps a resumed run bitwise equal to an
-    uninterrupted one (a static first kernel would run only the first step of each process).
+    Unlike torchtune's, the batch and sequence dimensions are dynamic from the first call (the
+    layers' input is marked so): online steps change the sequence length every step, and one kernel
+    for every length keeps a resumed run bitwise equal to an uninterrupted one (a static first
+    kernel would run only the first step of each process). Only those dimensions: `dynamic=True`
+    would make every shape symbolic, FSDP2's gathered weights included, and that ran SmolLM2's
+    sharded layers 1.4x slower (bench/RESULTS.md, "Offline `dpo` against torchtune on the same
+    batches").
     """
     backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
     handler = torch._dynamo.callback_handler
@@ -128,8 +132,15 @@ def compile_training(models: Sequence[nn.Module], loss_fn: nn.Module, verbose: b
     for model in models:
         for m in model.modules():
             if isinstance(m, modules.TransformerSelfAttentionLayer):
-                m.compile(backend=backend, dynamic=True)
+                m.compile(backend=backend)
+        model.tok_embeddings.register_forward_hook(_dynamic_batch_and_length)
     return torch.compile(loss_fn, backend=backend, dynamic=True)
+
+
+def _dynamic_batch_and_length(_module: nn.Module, _args: Any, hidden: torch.Tensor) -> None:
+    """The embeddings feed the first compiled layer: its (batch, length) compile as symbols."""
+    torch._dynamo.maybe_mark_dynamic(hidden, 0)
+    torch._dynamo.maybe_mark_dynamic(hidden, 1)
 
 
 _compile_clock = {"seconds": 0.0, "since": None}  # this process's time inside torch.compile, outermost sections only

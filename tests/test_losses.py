@@ -18,6 +18,7 @@ from rlaif_recipes.logprobs import (
     sequence_logprobs,
 )
 from rlaif_recipes.losses import IPOLoss, LengthNormalizedDPOLoss, wants_average_logprobs
+from rlaif_recipes.policy import compile_training
 from rlaif_recipes.recipes.dpo import DPOSettings
 
 # policy chosen/rejected, reference chosen/rejected: pair 0 prefers chosen more than the reference
@@ -147,3 +148,35 @@ def test_response_logprobs_match_torchtune_on_full_logits(policy):
         policy.output.weight.grad.abs().sum().item()
     )
     assert counts.tolist() == [4, 1, 2, 6]
+
+
+def test_forward_only_passes_use_flash_attention_and_score_the_same(policy):
+    """Reference, eval and precomputed passes run the faster flash forward; training keeps the math
+    backend (whose backward is the fast one on CPU), and both score the same log-probs."""
+    batch = collate_pairs([encode_pair(list(range(1, 40)), list(range(60, 90)), [7, 8, 9])] * 2, pad_id=0)
+
+    def scored(grad: bool):
+        with torch.profiler.profile() as prof, torch.set_grad_enabled(grad):
+            out = pair_logprobs(policy, batch)
+        ops = {e.name for e in prof.events()}
+        return torch.cat([out.chosen, out.rejected]).detach(), ops
+
+    reference, ops = scored(grad=False)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops and "aten::_scaled_dot_product_attention_math" not in ops
+    trained, ops = scored(grad=True)
+    assert "aten::_scaled_dot_product_attention_math" in ops and "aten::_scaled_dot_product_flash_attention_for_cpu" not in ops
+    assert torch.allclose(reference, trained, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_layers_take_any_batch_and_length_without_recompiling(policy):
+    """compile=true: one kernel for every (batch, length), so a resumed run runs the kernels an
+    uninterrupted one ran, while the weights' shapes stay static (faster under FSDP2)."""
+    compile_training([policy], DPOLoss(), verbose=False)
+    try:
+        batch = collate_pairs([encode_pair([1, 2, 3], [4, 5, 6, 7], [8])] * 2, pad_id=0)
+        pair_logprobs(policy, batch).chosen.sum().backward()
+        longer = collate_pairs([encode_pair(list(range(1, 12)), list(range(20, 33)), [8])] * 3, pad_id=0)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            pair_logprobs(policy, longer).chosen.sum().backward()
+    finally:
+        torch._dynamo.reset()
