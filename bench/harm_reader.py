@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data import harm_requests
-from rlaif_recipes.judges.harm_reader import HarmReader, accuracy_by_group, source_weights, train_harm_reader
+from rlaif_recipes.judges.readers import Reader, accuracy_by_group, source_weights, train_reader
 from rlaif_recipes.judges.reward_model import SentenceEncoder
 
 
@@ -79,9 +79,9 @@ def main() -> None:
         return torch.tensor(rows)
 
     def fit_and_read(train: torch.Tensor, test: torch.Tensor) -> Dict[str, torch.Tensor]:
-        reader = HarmReader(encoder.layers, settings["layers"], encoder.dim)
+        reader = Reader(encoder.layers, settings["layers"], encoder.dim)
         weights = source_weights([source[i] for i in train.tolist()], harmful[train], settings.get("source_weight"))
-        train_harm_reader(reader, states[train], mask[train], harmful[train], weights, epochs=epochs, lr=settings["lr"],
+        train_reader(reader, states[train], mask[train], harmful[train], weights, name="harm reader", epochs=epochs, lr=settings["lr"],
                           head_lr=settings["head_lr"], batch_size=settings["batch_size"], seed=0)  # fmt: skip
         return {
             "reader": torch.sigmoid(reader.logits(states[test], mask[test])),

@@ -5,8 +5,9 @@ answers on another style's pairs, routed or random, then agreement on that style
         [--rankings clusters uncertainty] [--cluster-seeds 1] [--validate]
 
 1. `one-style` heads: `rlaif train-reward-model` on Llama-2-chat's XSTest pairs only, the harm
-   reader frozen from the shipped head (`init_from`); `both-styles`: the same on Llama-2's and
-   SmolLM2's pairs (the reference the gap is measured to).
+   reader frozen from the shipped head (`init_from`), without an answer reader (the shipped one
+   read both styles: `answer_reader.layers=0`); `both-styles`: the same on Llama-2's and SmolLM2's
+   pairs (the reference the gap is measured to).
 2. The one-style judge (judge=reward_model, rubric helpful_harmless) judges SmolLM2's training-split
    pairs, each shown in a hash-picked order; every pair is a router candidate. "People" (simulated
    from XSTest's own labels: the human-preferred side wins) answer N of them, picked by the
@@ -50,9 +51,9 @@ RANKINGS = {"clusters": "typical", "clusters-uncertain": "uncertain", "uncertain
 
 
 def train(out: Path, name: str, styles: List[str], taught: str, cache: str, feedback_run: Path = None) -> Dict[str, float]:
-    """Retrain the heads (harm reader frozen from the shipped head); agreement on `taught`'s held-out pairs."""
+    """Retrain the heads (harm reader frozen from the shipped head, no answer reader); agreement on `taught`'s held-out pairs."""
     overrides = [
-        f"output_dir={out / name}", f"init_from={asset_path('reward_model')}", f"encoder.cache_path={cache}",
+        f"output_dir={out / name}", f"init_from={asset_path('reward_model')}", f"encoder.cache_path={cache}", "answer_reader.layers=0",
         "train_data.completions=[" + ",".join(asset_path(s) for s in styles) + "]",
         f"eval_data.completions=[{asset_path(taught)}]",
     ]  # fmt: skip

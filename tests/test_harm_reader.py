@@ -103,8 +103,11 @@ def test_two_replies_alike_by_the_rubric_are_settled_ties_that_never_train(judge
     unfiltered = RewardModelJudge(rubric=RUBRIC)  # the default: judging and audits compare, they do not settle
     assert all(j.verdict in (Verdict.A, Verdict.B) for j in unfiltered.judge(pairs[:2]))  # the filter is what stops them
     assert unfiltered.identity() != judge.identity()  # and it is part of the cache key
-    wide = RewardModelJudge(rubric=RUBRIC, settle_same_kind=True, settle_margin=0.1)
-    assert wide.judge(pairs[:1])[0].verdict is not Verdict.TIE  # P(A) = 0.32: a gap wider than 0.1 is a preference
+    # The margin is a gap in P(right by the rubric): the two answers' 0.01 and 0.04 are alike (a
+    # four-fold odds gap: P(A) 0.16, which a margin on P(A) would have trained), and no margin settles nothing.
+    assert got[0].prob_a < 0.25
+    strict = RewardModelJudge(rubric=RUBRIC, settle_same_kind=True, settle_margin=0.0)
+    assert all(j.verdict is not Verdict.TIE for j in strict.judge(pairs))
 
 
 @pytest.mark.slow
@@ -118,12 +121,13 @@ def test_the_router_queues_doubtful_pairs_but_not_settled_ones(judge: RewardMode
 
 
 @pytest.mark.slow
-def test_a_changed_harm_reader_is_a_new_judge_and_an_old_one_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["harm", "answer_reader"])
+def test_a_changed_reader_is_a_new_judge_and_an_old_one_is_refused(reader: str, tmp_path: Path) -> None:
     shipped = Path(rlaif_config.asset_path("reward_model"))
     changed = tmp_path / "changed"
     shutil.copytree(shipped, changed)
     state = load_file(str(changed / HEAD_WEIGHTS))
-    key = next(k for k in state if k.startswith("harm.layers."))
+    key = next(k for k in state if k.startswith(f"{reader}.layers."))
     state[key] = state[key] + 0.01
     save_file(state, str(changed / HEAD_WEIGHTS))
     config = json.loads((changed / HEAD_CONFIG).read_text())
@@ -136,6 +140,7 @@ def test_a_changed_harm_reader_is_a_new_judge_and_an_old_one_is_refused(tmp_path
     reread = RewardModelJudge(str(changed), rubric=RUBRIC, cache_path=cache)
     reread.judge(pair)
     assert reread.metrics["cache_hits"] == 0  # the old reader's judgment is not reused for the new one
+    assert after.judge(pair)[0].prob_a != before.judge(pair)[0].prob_a  # and the changed reader is read
 
     old = tmp_path / "old"
     shutil.copytree(shipped, old)

@@ -204,9 +204,10 @@ LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smol
 
 
 def retrain(out: Path, cache: Path, feedback_run: Path = None) -> dict:
-    """train_reward_model on Llama-2's pairs only (harm reader frozen from the shipped head), with
-    people's answers from `feedback_run`; returns head.json."""
-    overrides = [f"output_dir={out}", f"init_from={asset_path('reward_model')}", f"encoder.cache_path={cache}",
+    """train_reward_model on Llama-2's pairs only (harm reader frozen from the shipped head; its
+    answer reader, which read both styles, dropped), with people's answers from `feedback_run`;
+    returns head.json."""
+    overrides = [f"output_dir={out}", f"init_from={asset_path('reward_model')}", f"encoder.cache_path={cache}", "answer_reader.layers=0",
                  f"train_data.completions=[{asset_path(LLAMA)}]", f"eval_data.completions=[{asset_path(SMOL)}]"]  # fmt: skip
     if feedback_run:
         overrides.append(f"feedback=[{{data: {{_component_: rlaif_recipes.data.review_answers, runs: [{feedback_run}]}}, weight: 1.0}}]")

