@@ -144,7 +144,7 @@ class RewardHeads(nn.Module):
     def features(self, encoder: "SentenceEncoder", responses: Sequence[str]) -> ResponseFeatures:
         """Everything the heads read of each response."""
         responses = list(responses)
-        read = read_texts(self.answer_reader, encoder, responses, part="response") if self.answer_reader else torch.zeros(len(responses))
+        read = read_answers(self.answer_reader, encoder, responses)
         return ResponseFeatures(encoder.encode(responses), encoder.encode(responses, part="opening"), read)
 
 
@@ -386,6 +386,13 @@ def read_texts(reader: Reader, encoder: SentenceEncoder, texts: Sequence[str], p
     logits = reader.logits(*encoder.token_states(unique, below=len(reader.layers), part=part))
     index = {t: i for i, t in enumerate(unique)}
     return logits[[index[t] for t in texts]] if texts else logits
+
+
+def read_answers(reader: Optional[Reader], encoder: SentenceEncoder, responses: Sequence[str]) -> torch.Tensor:
+    """The answer reader's logit for each response; zeros for heads trained without one."""
+    if reader is None:
+        return torch.zeros(len(responses))
+    return read_texts(reader, encoder, responses, part="response")
 
 
 def resolve_objective(objective: Optional[str], rubric_cfg: Any, rubric_name: Optional[str]) -> str:

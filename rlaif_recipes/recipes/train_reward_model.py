@@ -68,6 +68,7 @@ from rlaif_recipes.judges.reward_model import (
     ResponseFeatures,
     RewardHeads,
     load_heads,
+    read_answers,
     read_head_config,
     read_texts,
     save_heads,
@@ -299,11 +300,6 @@ class TrainRewardModelRecipe:
                 seed=self._seed, log_every=1,
             )  # fmt: skip
 
-    def _answer_reads(self, texts: Sequence[str]) -> torch.Tensor:
-        if self._answer_reader is None:
-            return torch.zeros(len(texts))
-        return read_texts(self._answer_reader, self._encoder, texts, part="response")
-
     def train(self) -> None:
         self._train_readers()
         self._harm.requires_grad_(False)
@@ -313,10 +309,10 @@ class TrainRewardModelRecipe:
             d["harm"] = read_texts(self._harm, self._encoder, d["prompt"])
             for side in ("chosen", "rejected", "fragment"):
                 if f"{side}_text" in d:
-                    d[f"{side}_read"] = self._answer_reads(d[f"{side}_text"])
+                    d[f"{side}_read"] = read_answers(self._answer_reader, self._encoder, d[f"{side}_text"])
         for f in self._feedback:
             if "response_text" in f:
-                f["response_read"] = self._answer_reads(f["response_text"])
+                f["response_read"] = read_answers(self._answer_reader, self._encoder, f["response_text"])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
         try:
@@ -341,8 +337,8 @@ class TrainRewardModelRecipe:
         is_reply = torch.cat([torch.ones(len(responses)), torch.zeros(len(d["fragment"])), torch.ones(len(d["first_sentence"]))])
         reply_weights = torch.cat([w2, w2, torch.full((len(d["first_sentence"]),), w.mean().item())])
         loss = _weighted(F.binary_cross_entropy_with_logits(heads.reply(replies).squeeze(-1), is_reply, reduction="none"), reply_weights)
-        read = ResponseFeatures(responses, torch.cat([d["chosen_opening"], d["rejected_opening"]]), torch.cat([d["chosen_read"], d["rejected_read"]]))
-        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.answer_logit(read), answers, reduction="none"), w2)
+        features = ResponseFeatures(responses, torch.cat([d["chosen_opening"], d["rejected_opening"]]), torch.cat([d["chosen_read"], d["rejected_read"]]))
+        loss = loss + _weighted(F.binary_cross_entropy_with_logits(heads.answer_logit(features), answers, reduction="none"), w2)
         for objective in OBJECTIVES:
             rows = d["harmful"] == 0 if objective == "false_refusal" else slice(None)
             chosen, rejected = _scores(heads, objective, d, "chosen", rows), _scores(heads, objective, d, "rejected", rows)
@@ -424,7 +420,7 @@ class TrainRewardModelRecipe:
         if self._answer_reader is None:
             return None
         a = self._labelled_responses(self._held_out)
-        p_answer = torch.sigmoid(self._answer_reads(a["text"]))
+        p_answer = torch.sigmoid(read_answers(self._answer_reader, self._encoder, a["text"]))
         accuracy, mean_p = accuracy_by_group(p_answer, a["answers"], a["source"], names=("answer", "refusal"))
         _print_reader_table("answer reader on held-out responses (accuracy at P=0.5 | mean P(answer)):", accuracy, mean_p, a["source"], a["answers"], ("answer", "refusal"))
         return {"accuracy": accuracy, "mean_p_answer": mean_p}
