@@ -17,15 +17,19 @@ from torch import nn
 from torchtune import config
 
 from rlaif_recipes.logprobs import PairLogprobs
-from rlaif_recipes.losses import wants_average_logprobs
+from rlaif_recipes.losses import chosen_nll_weight, wants_average_logprobs
 
 
 def dpo_loss(loss_fn: nn.Module, policy: PairLogprobs, reference: PairLogprobs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses, chosen_rewards, rejected_rewards) per pair, on summed log-probs or, for a loss that
-    asks for them (`average_logprobs`), per-token averages."""
+    asks for them (`average_logprobs`), per-token averages; plus the chosen reply's NLL per token
+    for a loss that weights it (RPO)."""
+    nll = -policy.averaged().chosen
     if wants_average_logprobs(loss_fn):
         policy, reference = policy.averaged(), reference.averaged()
-    return loss_fn(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
+    losses, chosen_rewards, rejected_rewards = loss_fn(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
+    weight = chosen_nll_weight(loss_fn)
+    return (losses + weight * nll if weight else losses), chosen_rewards, rejected_rewards
 
 
 def pair_sums(losses, chosen_rewards, rejected_rewards, policy: PairLogprobs, reference: PairLogprobs) -> Counter:

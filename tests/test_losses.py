@@ -9,15 +9,17 @@ from torchtune import rlhf
 from torchtune.rlhf.loss import DPOLoss, RSOLoss
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.dpo_training import dpo_loss
 from rlaif_recipes.logprobs import (
     IGNORE_INDEX,
     PairIds,
+    PairLogprobs,
     collate_pairs,
     encode_pair,
     pair_logprobs,
     sequence_logprobs,
 )
-from rlaif_recipes.losses import IPOLoss, LengthNormalizedDPOLoss, wants_average_logprobs
+from rlaif_recipes.losses import IPOLoss, LengthNormalizedDPOLoss, RPOLoss, wants_average_logprobs
 from rlaif_recipes.policy import compile_training
 from rlaif_recipes.recipes.dpo import DPOSettings
 
@@ -80,9 +82,19 @@ def test_length_normalised_dpo_and_hinge():
     assert torch.allclose(losses, torch.relu(1 - 0.5 * margins()))
 
 
+def test_rpo_adds_the_chosen_replys_token_nll_to_dpo():
+    tokens = torch.tensor([5.0, 4.0])
+    policy, reference = PairLogprobs(LOGPS[0], LOGPS[1], tokens, tokens), PairLogprobs(LOGPS[2], LOGPS[3], tokens, tokens)
+    rpo, _, _ = dpo_loss(RPOLoss(beta=0.1, alpha=0.5), policy, reference)
+    dpo, _, _ = dpo_loss(DPOLoss(beta=0.1), policy, reference)
+    assert torch.allclose(rpo - dpo, 0.5 * -LOGPS[0] / tokens)
+    with pytest.raises(ValueError, match="alpha"):
+        RPOLoss(alpha=-1.0)
+
+
 @pytest.mark.parametrize(
     "option,cls",
-    [("dpo", DPOLoss), ("hinge", RSOLoss), ("ipo", IPOLoss), ("dpo_norm", LengthNormalizedDPOLoss)],
+    [("dpo", DPOLoss), ("hinge", RSOLoss), ("ipo", IPOLoss), ("dpo_norm", LengthNormalizedDPOLoss), ("rpo", RPOLoss)],
 )
 def test_loss_group_options_compose_and_build(option, cls, tiny_model_dir):
     cfg = rlaif_config.load("dpo", [f"loss={option}", f"checkpoint_dir={tiny_model_dir}"], DPOSettings)

@@ -1,5 +1,5 @@
-"""The DPO-family losses torchtune lacks (IPO, length-normalised DPO). Sigmoid DPO and the hinge
-loss are torchtune's own (DPOLoss, RSOLoss), used as they are by conf/loss/dpo.yaml and hinge.yaml."""
+"""The DPO-family losses torchtune lacks (IPO, length-normalised DPO, RPO). Sigmoid DPO and the
+hinge loss are torchtune's own (DPOLoss, RSOLoss), used as they are by conf/loss/dpo.yaml and hinge.yaml."""
 
 from typing import Tuple
 
@@ -49,3 +49,24 @@ class LengthNormalizedDPOLoss(DPOLoss):
     (and judges' taste for longer answers). beta is per token, so it is usually larger (1-2.5)."""
 
     average_logprobs = True
+
+
+class RPOLoss(DPOLoss):
+    """Sigmoid DPO plus the chosen reply's negative log-likelihood per token (RPO, Pang et al. 2024;
+    TRL's `rpo_alpha`). DPO only widens the gap between the two replies, and often lowers both: when
+    one reply style is rejected on some requests and chosen on others (a refusal, wrong for a benign
+    request and right for a harmful one), lowering it everywhere is the easy way to widen the gap.
+    The NLL term raises the chosen reply where it was chosen, so each kind of request keeps its own
+    pull. The recipes add `alpha * NLL` per pair (`rlaif_recipes.dpo_training.dpo_loss`), because
+    the term needs the reply's token count, which the loss signature does not carry.
+
+    Args:
+        beta, label_smoothing: as torchtune's DPOLoss.
+        alpha: weight of the chosen reply's mean token NLL (TRL suggests 1.0).
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, alpha: float = 1.0) -> None:
+        super().__init__(beta=beta, label_smoothing=label_smoothing)
+        if alpha < 0:
+            raise ConfigError(f"loss.alpha={alpha}: the NLL weight must be >= 0")
+        self.chosen_nll_weight = alpha
