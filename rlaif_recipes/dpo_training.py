@@ -24,11 +24,11 @@ def dpo_loss(loss_fn: nn.Module, policy: PairLogprobs, reference: PairLogprobs) 
     """(losses, chosen_rewards, rejected_rewards) per pair, on summed log-probs or, for a loss that
     asks for them (`average_logprobs`), per-token averages; plus the chosen reply's NLL per token
     for a loss that weights it (RPO)."""
-    nll = -policy.averaged().chosen
+    weight = chosen_nll_weight(loss_fn)
+    nll = -policy.averaged().chosen if weight else None  # before any averaging below: per token either way
     if wants_average_logprobs(loss_fn):
         policy, reference = policy.averaged(), reference.averaged()
     losses, chosen_rewards, rejected_rewards = loss_fn(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
-    weight = chosen_nll_weight(loss_fn)
     return (losses + weight * nll if weight else losses), chosen_rewards, rejected_rewards
 
 
