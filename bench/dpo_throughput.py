@@ -12,7 +12,9 @@ is handed to torchtune's recipe as its dataset, laid out so that each rank train
 at every step in both recipes: the same batches, so the same padded token counts), world size, batch size, sequence cap, optimizer,
 steps, gradient clipping and `compile` (torchtune's own option on both sides; our time spent compiling is
 logged apart as `compile_seconds` and left out of our tokens/s, torchtune's falls in its warm-up steps). Both recipes log `tokens_per_second_per_gpu` the same way (padded
-input tokens of chosen + rejected rows, summed over ranks, per second per rank); the table shows
+input tokens of chosen + rejected rows as torchtune lays them out, summed over ranks, per second per
+rank: ours counts them so also when it packs each pair into one row, `pack_pairs`, so the ratio is the
+ratio of pairs per second; `--pack both` runs ours packed and unpacked); the table shows
 the median over the steps after `--warmup` steps (of all `--rounds`). `--clock cpu` makes both
 recipes' step timers read each rank's CPU time instead of wall time, for a machine that other jobs
 share (their load then slows neither figure; a rank's wait on the other is left out). Peak memory: CUDA max allocated (GPU), or rank
@@ -200,13 +202,14 @@ def torchtune_config(path: Path, run: Path, model_dir: Path, ids: Path, a: argpa
     path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
 
 
-def our_overrides(run: Path, model_dir: Path, text: Path, a: argparse.Namespace, reference: str, compile_: bool) -> List[str]:
+def our_overrides(run: Path, model_dir: Path, text: Path, a: argparse.Namespace, reference: str, compile_: bool, pack: bool) -> List[str]:
     return [
         "--config", "dpo", f"seed={SEED}", f"checkpoint_dir={model_dir}", f"output_dir={run}", f"dataset.source={text}",
         "dataset.split=all", "eval_dataset=null", f"max_seq_len={a.max_seq_len}", f"batch_size={a.batch_size}",
         f"max_steps={a.steps}", f"device={a.device}", f"dtype={a.dtype}", "optimizer.lr=1e-5",
         "lr_scheduler.num_warmup_steps=2", "clip_grad_norm=1.0", f"reference={reference}",
         f"enable_activation_checkpointing={str(a.activation_checkpointing).lower()}", f"compile={str(compile_).lower()}",
+        f"pack_pairs={str(pack).lower()}",
     ]
 
 
@@ -263,6 +266,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="run the three recipes this many times, interleaved")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile in both recipes (both: each run twice)")
+    p.add_argument("--pack", choices=["on", "off", "both"], default="on",
+                   help="our pack_pairs (each pair's prompt run once; off: torchtune's chosen-over-rejected rows; both: our runs twice)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="what both recipes' step timers read: wall time, or each rank's CPU time (on a shared machine: "
                         "another process's load then slows neither recipe's figure; time a rank waits on the other is left out)")
@@ -280,20 +285,22 @@ def main() -> None:
     ids.write_text(json.dumps(in_our_order(rows, SEED, a.steps, a.batch_size, a.nproc)))
     load_before = os.getloadavg()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
-    runs = [(f"{name}{', compile' if c else ''}", recipe, reference, c) for c in compiles for name, recipe, reference in (
-        ("torchtune full_dpo_distributed", "torchtune", "model"), ("ours, reference copy", "ours", "model"),
-        ("ours, precomputed reference", "ours", "precomputed"))]
+    packs = {"on": [True], "off": [False], "both": [True, False]}[a.pack]
+    ours = [(f"{name}{'' if pack else ', unpacked pairs'}", reference, pack) for pack in packs
+            for name, reference in (("ours, reference copy", "model"), ("ours, precomputed reference", "precomputed"))]
+    runs = [(f"{name}{', compile' if c else ''}", recipe, reference, c, pack) for c in compiles for name, recipe, reference, pack in (
+        ("torchtune full_dpo_distributed", "torchtune", "model", False), *((name, "ours", ref, pack) for name, ref, pack in ours))]
     results: Dict[str, Dict[str, Any]] = {name: {"reference": ref, "step_tokens_per_s": [], "peak_gb": 0.0, "compile_s": []}
-                                          for name, _, ref, _ in runs}
+                                          for name, _, ref, _, _ in runs}
     for round_ in range(a.rounds):  # rounds interleave the recipes, so a burst of load hits all of them
-        for name, recipe, reference, compile_ in runs:
-            run = out / "runs" / f"{recipe}-{reference}-{'compile-' if compile_ else ''}{int(time.time())}"
+        for name, recipe, reference, compile_, pack in runs:
+            run = out / "runs" / f"{recipe}-{reference}-{'compile-' if compile_ else ''}{'' if pack else 'unpacked-'}{int(time.time())}"
             run.mkdir(parents=True)
             if recipe == "torchtune":
                 torchtune_config(run / "config.yaml", run, model_dir, ids, a, compile_)
                 args = ["--config", str(run / "config.yaml")]
             else:
-                args = our_overrides(run, model_dir, text, a, reference, compile_)
+                args = our_overrides(run, model_dir, text, a, reference, compile_, pack)
             r = launch(recipe, run, args, a)
             results[name]["step_tokens_per_s"] += r["step_tokens_per_s"]
             results[name]["peak_gb"] = max(results[name]["peak_gb"], r["peak_gb"])

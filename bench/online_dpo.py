@@ -27,8 +27,9 @@ metrics.jsonl: policy forward + backward, reference forward, optimizer step) cos
 6 + 2 = 8 x params per trained token. The peaks are the best fp32 and bf16 square matmuls measured
 in the same run; shares are against the peak of the run's dtype, and the train phase's also against
 the peak of its own matmul shapes (`shape_peak`: thin matmuls cannot reach a square one's peak).
-`--variants` runs ours again with `compile=true` and with the per-parameter AdamW
-(`optimizer.fused=false`), side by side; compile time is reported apart from the step rates. TRL's train phase is timed from
+`--variants` runs ours again with `compile=true`, with the per-parameter AdamW
+(`optimizer.fused=false`) and with torchtune's chosen-over-rejected rows (`pack_pairs=false`: each
+pair's prompt runs twice), side by side; compile time is reported apart from the step rates. TRL's train phase is timed from
 the end of its generate call to the end of its step, with its own token counts.
 
 Peak RSS is each recipe process's (os.wait4's ru_maxrss: the run and everything it waited for),
@@ -65,6 +66,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = [  # ours with one change undone or added, beside the defaults
     ("compile=true (layers and loss, inductor)", ("compile=true",)),
     ("per-parameter AdamW (optimizer.fused=false)", ("optimizer.fused=false",)),
+    ("unpacked pairs (pack_pairs=false: the prompt runs twice)", ("pack_pairs=false",)),
 ]
 
 
@@ -157,14 +159,16 @@ def run_ours(model_dir: Path, out: Path, settings: Dict[str, Any], model_option:
         **{k: sum(m[f"time/{k}"] for m in timed) / len(timed) for k in ("sample", "judge", "train", "sync")},
         sync_share=sum(m["time/sync"] for m in timed) / step_time,
         response_tokens=sum(m["response/tokens_mean"] for m in timed) / len(timed),
-        tokens=step_tokens(out, range(2, settings["steps"] + 1)),
+        tokens=step_tokens(out, range(2, settings["steps"] + 1), packed="pack_pairs=false" not in extra),
         peak_rss=usage.ru_maxrss * 1024,  # Linux reports KiB
     )
 
 
-def step_tokens(out: Path, steps: range) -> Dict[str, float]:
+def step_tokens(out: Path, steps: range, packed: bool) -> Dict[str, float]:
     """Per-step token counts from the run's step files: sampled (every response with its prompt),
-    trained (chosen and rejected sequences) and, of those, response tokens."""
+    trained (what the train phase runs through the model: a packed pair's prompt once, plus the copy
+    of its last token before the second response; unpacked, the prompt twice) and, of those,
+    response tokens."""
     counts = dict(sampled=0, sampled_response=0, trained=0, trained_response=0)
     for step in steps:
         for row in pq.read_table(out / "steps" / f"step-{step:05d}.parquet").to_pylist():
@@ -173,7 +177,7 @@ def step_tokens(out: Path, steps: range) -> Dict[str, float]:
             counts["sampled_response"] += sum(lengths)
             if row["chosen"] is not None:
                 response = lengths[row["chosen"]] + lengths[row["rejected"]]
-                counts["trained"] += 2 * prompt + response
+                counts["trained"] += (prompt + 1 if packed else 2 * prompt) + response
                 counts["trained_response"] += response
     return {k: v / len(steps) for k, v in counts.items()}
 
@@ -272,7 +276,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, help="new tokens per response; default 48 for smollm2, 64 for tiny")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="both sides; default bf16 for smollm2, fp32 for tiny")
     p.add_argument("--skip-lora", action="store_true", help="leave out the model=hf_lora run (peak RSS comparison)")
-    p.add_argument("--variants", action="store_true", help="also run ours with compile=true and with the per-parameter AdamW")
+    p.add_argument("--variants", action="store_true", help="also run ours with compile=true, with the per-parameter AdamW and unpacked")
     p.add_argument("--ours", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run of ours (sampler.enforce_eager=false)")
     p.add_argument("--out-dir", default="outputs/bench")
     args = p.parse_args()

@@ -6,11 +6,12 @@ the speedup over TRL. This runs the phase the recipe runs (policy forward + back
 rejected rows in one batch, reference forward on a frozen copy, DPO loss, AdamW step; bf16) on the
 real pairs of a step that `bench/online_dpo.py` trained (its step-00002.parquet), in one process:
 
-- eager with the per-parameter AdamW loop (the recipe before this change), eager with the fused
-  AdamW (the configs now), and compiled (`compile=true`: layers and loss) with the fused AdamW;
-  compile time is reported apart, the timed reps come after a warm-up rep;
-- the padding share of the batch (positions that are padding, and so compute that a padding-free
-  batch would not do) and torch.profiler's top operators of one eager step;
+- eager with the per-parameter AdamW loop, eager with the fused AdamW, each on torchtune's
+  chosen-over-rejected rows (`pack_pairs=false`), then eager and compiled (`compile=true`: layers
+  and loss) on packed pairs (the configs now: each pair's prompt runs once); compile time is
+  reported apart, the timed reps come after a warm-up rep;
+- each layout's positions, real tokens and padding share, and torch.profiler's top operators of
+  one eager step;
 - GFLOP/s of the phase (8 x matmul params per token: 6 policy + 2 reference; the head only on
   response tokens) against the best square bf16 matmul and against the phase's own matmul shapes
   (`online_dpo.shape_peak`), both measured in this process.
@@ -38,6 +39,7 @@ from online_dpo import flops, matmul_params, peak_flops, shape_peak  # noqa: E40
 from rlaif_recipes.logprobs import collate_pairs, encode_pair, pair_logprobs  # noqa: E402
 from rlaif_recipes.models import decoder_from_hf_dir, hf_checkpointer  # noqa: E402
 from rlaif_recipes.models.get_model import get_model  # noqa: E402
+from rlaif_recipes.models.hf_model import hf_config  # noqa: E402
 from rlaif_recipes.policy import compile_seconds, compile_training  # noqa: E402
 
 
@@ -69,26 +71,31 @@ def main() -> None:
     weights = hf_checkpointer(str(model_dir), output_dir="/tmp/train_step_unused").load_checkpoint()["model"]
     rows = [r for r in pq.read_table(a.step_file).to_pylist() if r["chosen"] is not None]
     pairs = [encode_pair(r["prompt_token_ids"], r["response_token_ids"][r["chosen"]], r["response_token_ids"][r["rejected"]]) for r in rows]
-    batch = collate_pairs(pairs, pad_id=0)
-    real = sum(2 * len(q.prompt) + len(q.chosen) + len(q.rejected) for q in pairs)
     response = sum(len(q.chosen) + len(q.rejected) for q in pairs)
-    positions = batch.input_ids.numel()
     params = matmul_params(model_dir)
-    phase_flops = flops(params, real, response, 8)
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load {'/'.join(f'{x:.2f}' for x in os.getloadavg())}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{len(pairs)} pairs: batch {tuple(batch.input_ids.shape)} = {positions} positions, {real} real tokens "
-          f"({100 * (1 - real / positions):.1f}% padding), {response} response tokens; {phase_flops / 1e9:.1f} GFLOP a phase")
+    context = hf_config(str(model_dir))["max_position_embeddings"]
+    layouts = {}  # packed or not -> (batch, GFLOP of a phase)
+    for packed in (False, True):
+        batch = collate_pairs(pairs, pad_id=0, pack_within=context if packed else None)
+        real = sum((len(q.prompt) + 1 if packed else 2 * len(q.prompt)) + len(q.chosen) + len(q.rejected) for q in pairs)
+        layouts[packed] = batch, flops(params, real, response, 8)
+        print(f"{len(pairs)} pairs, {'packed' if packed else 'unpacked'}: batch {tuple(batch.input_ids.shape)} = {batch.input_ids.numel()} "
+              f"positions, {real} real tokens ({100 * (1 - real / batch.input_ids.numel()):.1f}% padding), {response} response tokens; "
+              f"{layouts[packed][1] / 1e9:.1f} GFLOP a phase")
     square = peak_flops(torch.bfloat16)
-    own = shape_peak(model_dir, positions, response, torch.bfloat16)
-    print(f"bf16 peaks: square {square / 1e9:.0f} GFLOP/s, the phase's own shapes {own / 1e9:.0f} GFLOP/s")
+    own = shape_peak(model_dir, layouts[False][0].input_ids.numel(), response, torch.bfloat16)
+    print(f"bf16 peaks: square {square / 1e9:.0f} GFLOP/s, the unpacked phase's own shapes {own / 1e9:.0f} GFLOP/s")
 
-    settings = [("eager, per-parameter AdamW", dict(fused=False, foreach=False), False),
-                ("eager, fused AdamW", dict(fused=True), False)]
+    settings = [("eager, per-parameter AdamW, unpacked", dict(fused=False, foreach=False), False, False),
+                ("eager, fused AdamW, unpacked", dict(fused=True), False, False),
+                ("eager, fused AdamW, packed", dict(fused=True), False, True)]
     if not a.skip_compile:
-        settings.append(("compile, fused AdamW", dict(fused=True), True))
+        settings.append(("compile, fused AdamW, packed", dict(fused=True), True, True))
     results = {}
-    for name, opt_kwargs, compiled in settings:
+    for name, opt_kwargs, compiled, packed in settings:
+        batch, phase_flops = layouts[packed]
         with training.set_default_dtype(torch.bfloat16):
             model, ref = decoder_from_hf_dir(str(model_dir)), decoder_from_hf_dir(str(model_dir))
         model.load_state_dict(weights)
@@ -109,7 +116,7 @@ def main() -> None:
         print(f"| {name} | {total:.2f} | " + " | ".join(f"{results[name][k]:.2f}" for k in reps[0])
               + f" | {phase_flops / total / 1e9:.1f} | {100 * phase_flops / total / square:.1f}% | {100 * phase_flops / total / own:.1f}% | "
               f"{warmup:.0f} (compile {compile_s:.0f}) | load {os.getloadavg()[0]:.2f} |", flush=True)
-        if name == "eager, fused AdamW":
+        if name == "eager, fused AdamW, packed":
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 train_phase(model, ref, loss_fn, opt, batch)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=55))

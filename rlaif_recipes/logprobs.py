@@ -1,27 +1,33 @@
-"""Preference pairs as token ids -> padded batches -> per-sequence response log-probs.
+"""Preference pairs as token ids -> packed batches -> per-sequence response log-probs.
 
 Shared by the offline `dpo` recipe (which tokenises text with the checkpoint's chat template) and
 `online_dpo` (which has the sampler's `prompt_token_ids` and completion `token_ids`). Stable API:
 
     pair = encode_pair(prompt_ids, chosen_ids, rejected_ids, max_seq_len=512)   # -> PairIds
-    batch = collate_pairs([pair, ...], pad_id=0)                               # -> PairBatch
+    batch = collate_pairs([pair, ...], pad_id=0, pack_within=model.max_seq_len)  # -> PairBatch
     out = pair_logprobs(model, batch)                                          # -> PairLogprobs
     out.chosen, out.rejected              # (B,) summed log-prob of each response's tokens
     out.chosen_tokens, out.rejected_tokens  # (B,) how many tokens were summed (for averages)
     input_ids, targets = collate_responses([(prompt_ids, response_ids), ...], pad_id=0)  # any sequences
     sequence_logprobs(model, input_ids, targets) -> (sums, counts)
 
-A batch stacks the chosen sequences over the rejected ones (rows 0..B-1 chosen, B..2B-1
-rejected), so one forward pass scores both, as torchtune's DPO recipes do. `targets` are already
-shifted: `targets[i, t]` is the token predicted from position t (`input_ids[i, t + 1]`) when that
-token belongs to the response, else IGNORE_INDEX. Only those positions go through the output
-projection and the log-softmax: prompt and padding positions cost no vocabulary-sized work, which
-is most of the speed-up over projecting every position.
+A pair is one packed row: the prompt once, then each response behind its own copy of the prompt's
+last token (`prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`). The attention mask lets a
+response see the shared prompt and its own segment only, and its positions restart where the other
+response's began, so each response is scored exactly as in its own (prompt + response) row while
+the prompt's tokens run through the layers once, not twice (bench/RESULTS.md, "Shared prompts").
+Without `pack_within` (the recipes' `pack_pairs: false`), or when a packed row would not fit in it,
+the batch has torchtune's layout: chosen rows stacked over rejected rows, causal attention, one
+forward pass for both.
+
+`targets` are already shifted: `targets[i, t]` is the token predicted from position t when that
+token belongs to a response, else IGNORE_INDEX. Only those positions go through the output
+projection and the log-softmax: prompt and padding positions cost no vocabulary-sized work.
 """
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,15 +48,20 @@ class PairIds:
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor  # (2B, T): chosen rows, then rejected rows, right-padded
-    targets: torch.Tensor  # (2B, T): next token where it is a response token, else IGNORE_INDEX
-
-    @property
-    def num_pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+    input_ids: torch.Tensor  # (rows, T) right-padded: B packed rows, or 2B rows (chosen, then rejected)
+    targets: torch.Tensor  # (rows, T): next token where it is a response token, else IGNORE_INDEX
+    sequences: torch.Tensor  # (rows, T): which response a target belongs to (pair b: chosen b, rejected B + b), else -1
+    mask: Optional[torch.Tensor]  # (B, T, T) packed rows' attention (True: query t sees key s); None: causal
+    input_pos: Optional[torch.Tensor]  # (B, T) packed rows' positions; None: 0..T-1
+    num_pairs: int
+    unpacked_tokens: int  # positions of the same pairs in torchtune's (2B, T') layout, which throughput counts
 
     def to(self, device: torch.device) -> "PairBatch":
-        return PairBatch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return PairBatch(move(self.input_ids), move(self.targets), move(self.sequences), move(self.mask),
+                         move(self.input_pos), self.num_pairs, self.unpacked_tokens)
 
 
 @dataclass
@@ -94,10 +105,44 @@ def encode_pair(
     return PairIds(prompt, chosen, rejected)
 
 
-def collate_pairs(pairs: Sequence[PairIds], pad_id: int, pad_to_multiple_of: int = 1) -> PairBatch:
-    """Right-pad chosen then rejected sequences of `pairs` into one (2B, T) batch."""
-    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    return PairBatch(*collate_responses(rows, pad_id, pad_to_multiple_of))
+def collate_pairs(pairs: Sequence[PairIds], pad_id: int, pack_within: Optional[int] = None) -> PairBatch:
+    """One packed row per pair (see the module docstring), right-padded, when the longest packed row
+    fits `pack_within` tokens (the model's context); otherwise, or with None, torchtune's chosen-over-
+    rejected rows."""
+    b = len(pairs)
+    unpacked_width = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
+    width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) + 1 for p in pairs)
+    if pack_within is None or width > pack_within:
+        rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        input_ids, targets = collate_responses(rows, pad_id)
+        sequences = torch.where(targets != IGNORE_INDEX, torch.arange(2 * b).unsqueeze(1), -1)
+        return PairBatch(input_ids, targets, sequences, None, None, b, 2 * b * unpacked_width)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    targets = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    sequences = torch.full((b, width), -1, dtype=torch.long)
+    segment = torch.full((b, width), _PADDING, dtype=torch.long)  # what a position may attend to
+    input_pos = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(pairs):
+        shared = len(p.prompt) - 1
+        input_ids[i, :shared] = torch.tensor(p.prompt[:shared], dtype=torch.long)
+        segment[i, :shared] = _PROMPT
+        input_pos[i, :shared] = torch.arange(shared)
+        start = shared
+        for seq, (kind, resp) in enumerate(((_CHOSEN, p.chosen), (_REJECTED, p.rejected))):
+            n = len(resp) + 1  # the prompt's last token, then the response
+            input_ids[i, start : start + n] = torch.tensor(p.prompt[-1:] + resp, dtype=torch.long)
+            targets[i, start : start + n - 1] = torch.tensor(resp, dtype=torch.long)
+            sequences[i, start : start + n - 1] = i + seq * b
+            segment[i, start : start + n] = kind
+            input_pos[i, start : start + n] = torch.arange(shared, shared + n)
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    mask = causal & (same | (segment == _PROMPT).unsqueeze(1))
+    return PairBatch(input_ids, targets, sequences, mask, input_pos, b, 2 * b * unpacked_width)
+
+
+_PADDING, _PROMPT, _CHOSEN, _REJECTED = range(4)  # segments of a packed row (a response sees the prompt and itself)
 
 
 def collate_responses(
@@ -122,22 +167,31 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.
 
     Works for any torchtune `TransformerDecoder`, sharded with FSDP2 or not, LoRA or not.
     """
-    mask = targets != IGNORE_INDEX
-    with _project_only(model, mask), training_attention(input_ids.device):
-        logits = model(input_ids)  # (N, V): one row per response token, in row-major order
-    picked = targets[mask]
-    token_logps = logits.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    row = mask.nonzero(as_tuple=True)[0]
-    sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    sums = sums.index_add(0, row, token_logps)
-    return sums, mask.sum(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(targets)
+    return _summed_logprobs(model, input_ids, targets, torch.where(targets != IGNORE_INDEX, rows, -1), input_ids.shape[0])
 
 
 def pair_logprobs(model: nn.Module, batch: PairBatch) -> PairLogprobs:
-    """One forward pass over chosen and rejected rows; see the module docstring."""
-    sums, counts = sequence_logprobs(model, batch.input_ids, batch.targets)
+    """One forward pass over every pair's chosen and rejected response; see the module docstring."""
+    sums, counts = _summed_logprobs(model, batch.input_ids, batch.targets, batch.sequences, 2 * batch.num_pairs,
+                                    mask=batch.mask, input_pos=batch.input_pos)
     b = batch.num_pairs
     return PairLogprobs(sums[:b], sums[b:], counts[:b], counts[b:])
+
+
+def _summed_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor, num_sequences: int, **model_kwargs: Any
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum the log-probs of `targets` into `sequences[pos]` (-1: not scored), with counts."""
+    scored = targets != IGNORE_INDEX
+    with _project_only(model, scored), training_attention(input_ids.device):
+        logits = model(input_ids, **model_kwargs)  # (N, V): one row per scored position, in row-major order
+    picked = targets[scored]
+    token_logps = logits.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    seq = sequences[scored]
+    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seq, token_logps)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
+    return sums, counts
 
 
 def training_attention(device: torch.device) -> contextlib.AbstractContextManager:

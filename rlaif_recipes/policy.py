@@ -134,6 +134,7 @@ def compile_training(models: Sequence[nn.Module], loss_fn: nn.Module, verbose: b
             if isinstance(m, modules.TransformerSelfAttentionLayer):
                 m.compile(backend=backend)
         model.tok_embeddings.register_forward_hook(_dynamic_batch_and_length)
+        model.register_forward_pre_hook(_dynamic_mask_and_positions, with_kwargs=True)
     return torch.compile(loss_fn, backend=backend, dynamic=True)
 
 
@@ -141,6 +142,15 @@ def _dynamic_batch_and_length(_module: nn.Module, _args: Any, hidden: torch.Tens
     """The embeddings feed the first compiled layer: its (batch, length) compile as symbols."""
     torch._dynamo.maybe_mark_dynamic(hidden, 0)
     torch._dynamo.maybe_mark_dynamic(hidden, 1)
+
+
+def _dynamic_mask_and_positions(_module: nn.Module, _args: Any, kwargs: Dict[str, Any]) -> None:
+    """Packed pairs (`logprobs.collate_pairs`) hand every layer their attention mask and positions:
+    dynamic in the same dimensions as the hidden states."""
+    for name in ("mask", "input_pos"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            for dim in range(kwargs[name].dim()):
+                torch._dynamo.maybe_mark_dynamic(kwargs[name], dim)
 
 
 _compile_clock = {"seconds": 0.0, "since": None}  # this process's time inside torch.compile, outermost sections only

@@ -15,6 +15,7 @@ from rlaif_recipes.logprobs import (
     PairIds,
     PairLogprobs,
     collate_pairs,
+    collate_responses,
     encode_pair,
     pair_logprobs,
     sequence_logprobs,
@@ -132,40 +133,70 @@ def test_encode_pair_truncates_prompt_left_and_responses_right():
         encode_pair([1], [], [2])
 
 
-def test_collate_layout_and_targets():
-    batch = collate_pairs([PairIds([1, 2], [3, 4], [5]), PairIds([6], [7], [8, 9, 10])], pad_id=0)
+def test_collate_packs_each_pair_into_one_row_with_the_prompt_once():
+    batch = collate_pairs([PairIds([1, 2], [3, 4], [5]), PairIds([6], [7], [8, 9, 10])], pad_id=0, pack_within=6)
+    X = IGNORE_INDEX
+    # prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 2, 5], [6, 7, 6, 8, 9, 10]]
+    assert batch.targets.tolist() == [[X, 3, 4, X, 5, X], [7, X, 8, 9, 10, X]]
+    assert batch.sequences.tolist() == [[-1, 0, 0, -1, 2, -1], [1, -1, 3, 3, 3, -1]]
+    assert batch.input_pos.tolist() == [[0, 1, 2, 3, 1, 2], [0, 1, 0, 1, 2, 3]]
+    # the rejected response (positions 4, 5) sees the shared prompt (0) and itself, not the chosen one
+    assert batch.mask[0, 5].tolist() == [True, False, False, False, True, True]
+    assert batch.mask[0, 3].tolist() == [True, True, True, True, False, False]
+    assert batch.mask[1, 4].tolist() == [False, False, True, True, True, False]  # a 1-token prompt: nothing shared
+    assert batch.unpacked_tokens == 2 * 2 * 4  # torchtune's (2B, T) layout: what throughput counts
+    padded = collate_pairs([PairIds([1, 2], [3], [4]), PairIds([6], [7], [8, 9, 10])], pad_id=0, pack_within=6)
+    assert padded.input_ids[0].tolist() == [1, 2, 3, 2, 4, 0] and padded.mask[0, 5].tolist() == [True, False, False, False, False, True]
+
+
+@pytest.mark.parametrize("pack_within", [None, 5])
+def test_collate_falls_back_to_chosen_over_rejected_rows_past_the_context(pack_within):
+    batch = collate_pairs([PairIds([1, 2], [3, 4], [5]), PairIds([6], [7], [8, 9, 10])], pad_id=0, pack_within=pack_within)
+    assert batch.mask is None and batch.input_pos is None
     assert batch.input_ids.tolist() == [[1, 2, 3, 4], [6, 7, 0, 0], [1, 2, 5, 0], [6, 8, 9, 10]]
     X = IGNORE_INDEX
     assert batch.targets.tolist() == [[X, 3, 4, X], [7, X, X, X], [X, 5, X, X], [8, 9, 10, X]]
+    assert batch.sequences.tolist() == [[-1, 0, 0, -1], [1, -1, -1, -1], [-1, 2, -1, -1], [3, 3, 3, -1]]
 
 
-def test_response_logprobs_match_torchtune_on_full_logits(policy):
+@pytest.mark.parametrize("packed", [True, False])
+def test_response_logprobs_match_torchtune_on_full_logits(policy, packed):
+    """Packed or not, each response scores what torchtune's recipe computes on its own
+    (prompt + response) row with full logits."""
     pairs = [
         encode_pair([1, 2, 3], [40, 41, 42, 43], [50, 51]),
         encode_pair([1, 2, 3, 4, 5], [60], [70, 71, 72, 73, 74, 75]),
     ]
-    batch = collate_pairs(pairs, pad_id=0)
+    batch = collate_pairs(pairs, pad_id=0, pack_within=512 if packed else None)
+    assert (batch.mask is not None) == packed
     out = pair_logprobs(policy, batch)
-    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)  # torchtune's layout: unshifted labels
-    labels[:, 1:] = batch.targets[:, :-1]
-    expected = rlhf.get_batch_log_probs(policy(batch.input_ids), labels)
+    unpacked = collate_pairs(pairs, pad_id=0)
+    labels = torch.full_like(unpacked.input_ids, IGNORE_INDEX)  # torchtune's layout: unshifted labels
+    labels[:, 1:] = unpacked.targets[:, :-1]
+    expected = rlhf.get_batch_log_probs(policy(unpacked.input_ids), labels)
     assert torch.allclose(torch.cat([out.chosen, out.rejected]), expected, atol=1e-5)
     assert out.chosen_tokens.tolist() == [4, 1] and out.rejected_tokens.tolist() == [2, 6]
     averaged = out.averaged()
     assert torch.allclose(averaged.rejected, out.rejected / torch.tensor([2.0, 6.0]))
     # gradients flow only through the scored positions' projection
-    sums, counts = sequence_logprobs(policy, batch.input_ids, batch.targets)
-    sums.sum().backward()
-    assert policy.output.weight.grad is not None and math.isfinite(
-        policy.output.weight.grad.abs().sum().item()
-    )
-    assert counts.tolist() == [4, 1, 2, 6]
+    (out.chosen.sum() + out.rejected.sum()).backward()
+    assert policy.output.weight.grad is not None and math.isfinite(policy.output.weight.grad.abs().sum().item())
+    policy.zero_grad(set_to_none=True)
+
+
+def test_sequence_logprobs_scores_each_row_as_a_pair_scores_its_chosen_response(policy):
+    rows = [([1, 2, 3], [40, 41, 42, 43]), ([1, 2, 3, 4, 5], [60])]
+    sums, counts = sequence_logprobs(policy, *collate_responses(rows, pad_id=0))
+    pairs = collate_pairs([encode_pair(prompt, response, [7]) for prompt, response in rows], pad_id=0, pack_within=512)
+    assert torch.allclose(sums, pair_logprobs(policy, pairs).chosen, atol=1e-5)
+    assert counts.tolist() == [4, 1]
 
 
 def test_forward_only_passes_use_flash_attention_and_score_the_same(policy):
     """Reference, eval and precomputed passes run the faster flash forward; training keeps the math
     backend (whose backward is the fast one on CPU), and both score the same log-probs."""
-    batch = collate_pairs([encode_pair(list(range(1, 40)), list(range(60, 90)), [7, 8, 9])] * 2, pad_id=0)
+    batch = collate_pairs([encode_pair(list(range(1, 40)), list(range(60, 90)), [7, 8, 9])] * 2, pad_id=0, pack_within=512)
 
     def scored(grad: bool):
         with torch.profiler.profile() as prof, torch.set_grad_enabled(grad):
@@ -185,9 +216,9 @@ def test_compiled_layers_take_any_batch_and_length_without_recompiling(policy):
     uninterrupted one ran, while the weights' shapes stay static (faster under FSDP2)."""
     compile_training([policy], DPOLoss(), verbose=False)
     try:
-        batch = collate_pairs([encode_pair([1, 2, 3], [4, 5, 6, 7], [8])] * 2, pad_id=0)
+        batch = collate_pairs([encode_pair([1, 2, 3], [4, 5, 6, 7], [8])] * 2, pad_id=0, pack_within=512)
         pair_logprobs(policy, batch).chosen.sum().backward()
-        longer = collate_pairs([encode_pair(list(range(1, 12)), list(range(20, 33)), [8])] * 3, pad_id=0)
+        longer = collate_pairs([encode_pair(list(range(1, 12)), list(range(20, 33)), [8])] * 3, pad_id=0, pack_within=512)
         with torch._dynamo.config.patch(error_on_recompile=True):
             pair_logprobs(policy, longer).chosen.sum().backward()
     finally:

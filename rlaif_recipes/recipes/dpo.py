@@ -57,7 +57,7 @@ from rlaif_recipes.distributed import (
 from rlaif_recipes.dpo_training import add_up, clip_grad_norm, dpo_loss, lr_schedule, pair_metrics, pair_sums
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.files import atomic_write, weights_stamp
-from rlaif_recipes.logprobs import PairIds, PairLogprobs, collate_pairs, pair_logprobs
+from rlaif_recipes.logprobs import PairBatch, PairIds, PairLogprobs, collate_pairs, pair_logprobs
 from rlaif_recipes.lora import adapter_shapes, fresh_adapters, merged_weights
 from rlaif_recipes.models import check_checkpoint_dir
 from rlaif_recipes.models.hf_model import hf_config
@@ -108,6 +108,7 @@ class DPOSettings:
     clip_grad_norm: Optional[float]
     enable_activation_checkpointing: bool
     compile: bool
+    pack_pairs: bool
     distributed_timeout_s: float
     eval_every_n_steps: Optional[int]
     save_every_n_steps: Optional[int]
@@ -183,6 +184,7 @@ class DPORecipe:
         training.disable_dropout(self._model)
         if self._lora:
             set_trainable_params(self._model, get_adapter_params(self._model))
+        self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
 
         self._ref_model = None
         self._ref_train = self._ref_eval = None
@@ -272,7 +274,7 @@ class DPORecipe:
         chunks = [mine[i : i + self._batch_size] for i in range(0, len(mine), self._batch_size)]
         rows: Dict[int, List[float]] = {}
         for chunk, real in in_lockstep(chunks, filler=[0]):
-            out = pair_logprobs(model, collate_pairs([pairs[j] for j in chunk], PAD_ID).to(self._device))
+            out = pair_logprobs(model, self._collate([pairs[j] for j in chunk]).to(self._device))
             if real:
                 rows.update(zip(chunk, _rows(out)))
         rows = {j: r for part in gather_from_ranks(rows) for j, r in part.items()}
@@ -296,7 +298,7 @@ class DPORecipe:
         return [step_idx[(m * self._world_size + self._rank) * b :][:b] for m in range(self._accum)]
 
     def _forward(self, idx: List[int], pairs: List[PairIds], ref: Optional[torch.Tensor]) -> Tuple[PairLogprobs, PairLogprobs, int]:
-        batch = collate_pairs([pairs[i] for i in idx], PAD_ID).to(self._device)
+        batch = self._collate([pairs[i] for i in idx]).to(self._device)
         policy = pair_logprobs(self._model, batch)
         with torch.no_grad():
             if ref is not None:
@@ -307,7 +309,10 @@ class DPORecipe:
             else:
                 with disable_adapter(self._model):
                     reference = pair_logprobs(self._model, batch)
-        return policy, reference, batch.input_ids.numel()
+        return policy, reference, batch.unpacked_tokens
+
+    def _collate(self, pairs: List[PairIds]) -> PairBatch:
+        return collate_pairs(pairs, PAD_ID, pack_within=self._pack_within)
 
     def train(self) -> None:
         self._model.train()

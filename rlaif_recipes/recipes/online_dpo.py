@@ -124,6 +124,7 @@ class OnlineDPOSettings:
     clip_grad_norm: Optional[float]
     enable_activation_checkpointing: bool
     compile: bool
+    pack_pairs: bool
     distributed_timeout_s: float
     save_steps: bool
     max_steps_without_pairs: Optional[int]
@@ -229,6 +230,7 @@ class OnlineDPORecipe:
         self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._max_steps, self.global_step)
         self._loss_fn = config.instantiate(cfg.loss)
         self._compile = cfg.compile
+        self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
         if self._compile:
             models = [m for m in (self._model, self._ref_model) if m is not None]
             self._loss_fn = compile_training(models, self._loss_fn, verbose=self._is_rank_zero)
@@ -303,7 +305,7 @@ class OnlineDPORecipe:
         if total_pairs > 0:
             chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
             for chunk, real in in_lockstep(chunks, filler=[_PLACEHOLDER_PAIR]):
-                batch = collate_pairs(chunk, pad_id=self._pad_id).to(self._device)
+                batch = collate_pairs(chunk, self._pad_id, pack_within=self._pack_within).to(self._device)
                 policy_lp = pair_logprobs(self._model, batch)
                 reference_lp = self._reference_logprobs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy_lp, reference_lp)
@@ -311,7 +313,7 @@ class OnlineDPORecipe:
                 (losses.sum() * scale).backward()
                 if real:
                     train_stats.update(pair_sums(losses, chosen_rewards, rejected_rewards, policy_lp, reference_lp))
-                    train_stats["tokens"] += batch.input_ids.numel()  # padded rows, as throughput counts them
+                    train_stats["tokens"] += batch.unpacked_tokens  # padded chosen and rejected rows, as torchtune counts them
             grad_norm = clip_grad_norm(self._model, self._clip_grad_norm)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
