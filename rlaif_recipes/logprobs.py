@@ -105,14 +105,27 @@ def encode_pair(
     return PairIds(prompt, chosen, rejected)
 
 
-def collate_pairs(pairs: Sequence[PairIds], pad_id: int, pack_within: Optional[int] = None) -> PairBatch:
+def collate_pairs(
+    pairs: Sequence[PairIds], pad_id: int, pack_within: Optional[int] = None, hidden_dim: Optional[int] = None
+) -> PairBatch:
     """One packed row per pair (see the module docstring), right-padded, when the longest packed row
-    fits `pack_within` tokens (the model's context); otherwise, or with None, torchtune's chosen-over-
-    rejected rows."""
+    fits `pack_within` tokens (the model's context) and packing costs less; otherwise, or with None,
+    torchtune's chosen-over-rejected rows.
+
+    The cost of a layout: its positions through the layers, plus its attention scores (rows x
+    width^2: plain attention computes the whole square) at 1/`hidden_dim` of a position each, which
+    is what they cost on CPU (SmolLM2, d=576: 1/570 fits both a packed offline batch that ran 1.3x
+    slower and an online one that ran 1.25x faster; bench/RESULTS.md, "Shared prompts"). Packing
+    wins when prompts are a large share of the rows; long replies double each row's length and
+    quadruple its scores. Without `hidden_dim`, scores cost nothing: a batch packs when it runs
+    fewer positions.
+    """
     b = len(pairs)
     unpacked_width = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
     width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) + 1 for p in pairs)
-    if pack_within is None or width > pack_within:
+    score_cost = 1 / hidden_dim if hidden_dim else 0.0
+    packing_costs_more = b * width * (1 + width * score_cost) >= 2 * b * unpacked_width * (1 + unpacked_width * score_cost)
+    if pack_within is None or width > pack_within or packing_costs_more:
         rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
         input_ids, targets = collate_responses(rows, pad_id)
         sequences = torch.where(targets != IGNORE_INDEX, torch.arange(2 * b).unsqueeze(1), -1)

@@ -150,6 +150,17 @@ def test_collate_packs_each_pair_into_one_row_with_the_prompt_once():
     assert padded.input_ids[0].tolist() == [1, 2, 3, 2, 4, 0] and padded.mask[0, 5].tolist() == [True, False, False, False, False, True]
 
 
+def test_collate_packs_where_it_costs_less():
+    """Attention scores cost 1/hidden_dim of a position each: a prompt with short replies packs (the
+    prompt runs once), the same prompt with long replies does not on a narrow model (a row twice as
+    long computes four times the scores)."""
+    short_replies = [PairIds(list(range(1, 41)), list(range(50, 60)), list(range(60, 70)))] * 2
+    long_replies = [PairIds(list(range(1, 41)), list(range(50, 150)), list(range(150, 250)))] * 2
+    assert collate_pairs(short_replies, pad_id=0, pack_within=512, hidden_dim=64).mask is not None
+    assert collate_pairs(long_replies, pad_id=0, pack_within=512, hidden_dim=64).mask is None
+    assert collate_pairs(long_replies, pad_id=0, pack_within=512, hidden_dim=4096).mask is not None  # a wide model's layers outweigh its scores
+
+
 @pytest.mark.parametrize("pack_within", [None, 5])
 def test_collate_falls_back_to_chosen_over_rejected_rows_past_the_context(pack_within):
     batch = collate_pairs([PairIds([1, 2], [3, 4], [5]), PairIds([6], [7], [8, 9, 10])], pad_id=0, pack_within=pack_within)

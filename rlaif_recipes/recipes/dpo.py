@@ -185,6 +185,7 @@ class DPORecipe:
         if self._lora:
             set_trainable_params(self._model, get_adapter_params(self._model))
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
+        self._hidden_dim = self._model.tok_embeddings.embedding_dim
 
         self._ref_model = None
         self._ref_train = self._ref_eval = None
@@ -312,7 +313,7 @@ class DPORecipe:
         return policy, reference, batch.unpacked_tokens
 
     def _collate(self, pairs: List[PairIds]) -> PairBatch:
-        return collate_pairs(pairs, PAD_ID, pack_within=self._pack_within)
+        return collate_pairs(pairs, PAD_ID, self._pack_within, self._hidden_dim)
 
     def train(self) -> None:
         self._model.train()

@@ -231,6 +231,7 @@ class OnlineDPORecipe:
         self._loss_fn = config.instantiate(cfg.loss)
         self._compile = cfg.compile
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
+        self._hidden_dim = self._model.tok_embeddings.embedding_dim
         if self._compile:
             models = [m for m in (self._model, self._ref_model) if m is not None]
             self._loss_fn = compile_training(models, self._loss_fn, verbose=self._is_rank_zero)
@@ -305,7 +306,7 @@ class OnlineDPORecipe:
         if total_pairs > 0:
             chunks = [pairs[k : k + self._micro_batch_size] for k in range(0, len(pairs), self._micro_batch_size)]
             for chunk, real in in_lockstep(chunks, filler=[_PLACEHOLDER_PAIR]):
-                batch = collate_pairs(chunk, self._pad_id, pack_within=self._pack_within).to(self._device)
+                batch = collate_pairs(chunk, self._pad_id, self._pack_within, self._hidden_dim).to(self._device)
                 policy_lp = pair_logprobs(self._model, batch)
                 reference_lp = self._reference_logprobs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(self._loss_fn, policy_lp, reference_lp)
