@@ -317,15 +317,17 @@ def with_vllm(name: str, model: Path) -> str:
     return throughput(name, model)
 
 
-def compile_stage(model: Path) -> str:
+def on_off_stage(model: Path, key: str) -> str:
+    """Online DPO with a boolean setting off, then on: `compile` (compile time apart) or
+    `pack_pairs` (whether each pair's prompt running once pays on this GPU's attention kernels)."""
     conf = (ROOT / "conf" / "online_dpo.yaml").read_text()
-    if not any(line.startswith("compile:") for line in conf.splitlines()):
-        raise Skip("online_dpo has no `compile` setting in this version (issue 25 adds it)")
+    if not any(line.startswith(f"{key}:") for line in conf.splitlines()):
+        raise Skip(f"online_dpo has no `{key}` setting in this version (issue 25 adds it)")
     results = []
     for on in ("false", "true"):
-        online_dpo(f"smol-compile-{on}", model, f"compile={on}")
-        compiled = sum(m.get("time/compile", 0.0) for m in metrics(SCRATCH / "runs" / f"smol-compile-{on}"))
-        results.append(f"compile={on}: {throughput(f'smol-compile-{on}', model)}" + (f", compiling {compiled:.0f} s (apart)" if compiled else ""))
+        online_dpo(f"smol-{key}-{on}", model, f"{key}={on}")
+        compiled = sum(m.get("time/compile", 0.0) for m in metrics(SCRATCH / "runs" / f"smol-{key}-{on}"))
+        results.append(f"{key}={on}: {throughput(f'smol-{key}-{on}', model)}" + (f", compiling {compiled:.0f} s (apart)" if compiled else ""))
     return "; ".join(results)
 
 
@@ -368,7 +370,8 @@ def main() -> None:
     stage("SmolLM2-shape activation checkpointing", lambda: (online_dpo("smol-ac", smol, "enable_activation_checkpointing=true"),
                                                    throughput("smol-ac", smol))[1])  # fmt: skip
     stage("SmolLM2-shape LoRA", lambda: (online_dpo("smol-lora", smol, "model=hf_lora", "optimizer.lr=1e-4"), throughput("smol-lora", smol))[1])
-    stage("SmolLM2-shape compile on/off", lambda: compile_stage(smol))
+    stage("SmolLM2-shape compile on/off", lambda: on_off_stage(smol, "compile"))
+    stage("SmolLM2-shape pack_pairs on/off", lambda: on_off_stage(smol, "pack_pairs"))
     stage("tiny kill -9 and resume", lambda: kill_and_resume(tiny))
     stage("tiny 2 processes", lambda: two_processes("tiny-2", tiny))
     stage("SmolLM2-shape 2 processes", lambda: two_processes("smol-2", smol))

@@ -1,24 +1,24 @@
-"""Preference pairs as token ids -> packed batches -> per-sequence response log-probs.
+"""Preference pairs as token ids -> batches (packed where cheaper) -> per-sequence response log-probs.
 
 Shared by the offline `dpo` recipe (which tokenises text with the checkpoint's chat template) and
 `online_dpo` (which has the sampler's `prompt_token_ids` and completion `token_ids`). Stable API:
 
     pair = encode_pair(prompt_ids, chosen_ids, rejected_ids, max_seq_len=512)   # -> PairIds
-    batch = collate_pairs([pair, ...], pad_id=0, pack_within=model.max_seq_len)  # -> PairBatch
+    batch = collate_pairs([pair, ...], 0, pack_within=model.max_seq_len, hidden_dim=576)  # -> PairBatch
     out = pair_logprobs(model, batch)                                          # -> PairLogprobs
     out.chosen, out.rejected              # (B,) summed log-prob of each response's tokens
     out.chosen_tokens, out.rejected_tokens  # (B,) how many tokens were summed (for averages)
     input_ids, targets = collate_responses([(prompt_ids, response_ids), ...], pad_id=0)  # any sequences
     sequence_logprobs(model, input_ids, targets) -> (sums, counts)
 
-A pair is one packed row: the prompt once, then each response behind its own copy of the prompt's
+A packed pair is one row: the prompt once, then each response behind its own copy of the prompt's
 last token (`prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`). The attention mask lets a
 response see the shared prompt and its own segment only, and its positions restart where the other
 response's began, so each response is scored exactly as in its own (prompt + response) row while
 the prompt's tokens run through the layers once, not twice (bench/RESULTS.md, "Shared prompts").
-Without `pack_within` (the recipes' `pack_pairs: false`), or when a packed row would not fit in it,
-the batch has torchtune's layout: chosen rows stacked over rejected rows, causal attention, one
-forward pass for both.
+Where packing would cost more (long responses: `collate_pairs`), without `pack_within` (the
+recipes' `pack_pairs: false`), or when a packed row would not fit in it, the batch has torchtune's
+layout: chosen rows stacked over rejected rows, causal attention, one forward pass for both.
 
 `targets` are already shifted: `targets[i, t]` is the token predicted from position t when that
 token belongs to a response, else IGNORE_INDEX. Only those positions go through the output
