@@ -259,11 +259,12 @@ def test_packed_pairs_train_like_chosen_over_rejected_rows(tmp_path, tiny_model_
     assert train_losses(tmp_path / "packed") == pytest.approx(train_losses(tmp_path / "rows"), rel=1e-4, abs=1e-5)
 
 
-def test_activation_checkpointing_trains_exactly_like_without(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("max_seq_len", [512, 32])  # long pairs stay in rows, short ones pack (mask and positions)
+def test_activation_checkpointing_trains_exactly_like_without(tmp_path, tiny_model_dir, max_seq_len):
     """Checkpointed layers recompute in backward under the attention backend their forward ran
     (math attention on CPU); a different one saves other tensors and torch refuses the backward."""
-    plain = run_dpo(tmp_path / "plain", tiny_model_dir, "max_steps=3")
-    checkpointed = run_dpo(tmp_path / "ac", tiny_model_dir, "max_steps=3", "enable_activation_checkpointing=true")
+    plain = run_dpo(tmp_path / "plain", tiny_model_dir, "max_steps=3", f"max_seq_len={max_seq_len}")
+    checkpointed = run_dpo(tmp_path / "ac", tiny_model_dir, "max_steps=3", f"max_seq_len={max_seq_len}", "enable_activation_checkpointing=true")
     assert type(checkpointed._model.layers[0]).__name__ == "CheckpointWrapper" and type(plain._model.layers[0]).__name__ != "CheckpointWrapper"
     assert train_losses(tmp_path / "ac") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
 
