@@ -286,10 +286,10 @@ def main() -> None:
     load_before = os.getloadavg()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
     packs = {"on": [True], "off": [False], "both": [True, False]}[a.pack]
-    ours = [(f"{name}{'' if pack else ', unpacked pairs'}", reference, pack) for pack in packs
+    ours = [(f"{name}{'' if pack else ', unpacked pairs'}", "ours", reference, pack) for pack in packs
             for name, reference in (("ours, reference copy", "model"), ("ours, precomputed reference", "precomputed"))]
-    runs = [(f"{name}{', compile' if c else ''}", recipe, reference, c, pack) for c in compiles for name, recipe, reference, pack in (
-        ("torchtune full_dpo_distributed", "torchtune", "model", False), *((name, "ours", ref, pack) for name, ref, pack in ours))]
+    runs = [(f"{name}{', compile' if c else ''}", recipe, reference, c, pack) for c in compiles
+            for name, recipe, reference, pack in (("torchtune full_dpo_distributed", "torchtune", "model", False), *ours)]
     results: Dict[str, Dict[str, Any]] = {name: {"reference": ref, "step_tokens_per_s": [], "peak_gb": 0.0, "compile_s": []}
                                           for name, _, ref, _, _ in runs}
     for round_ in range(a.rounds):  # rounds interleave the recipes, so a burst of load hits all of them

@@ -158,13 +158,10 @@ def collate_pairs(
 _PADDING, _PROMPT, _CHOSEN, _REJECTED = range(4)  # segments of a packed row (a response sees the prompt and itself)
 
 
-def collate_responses(
-    rows: Sequence[Tuple[List[int], List[int]]], pad_id: int, pad_to_multiple_of: int = 1
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def collate_responses(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (prompt, response) rows into (input_ids, targets) for `sequence_logprobs`; each
     prompt needs at least one token (the one that predicts the response's first token)."""
     width = max(len(prompt) + len(resp) for prompt, resp in rows)
-    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, (prompt, resp) in enumerate(rows):
