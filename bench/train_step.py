@@ -10,6 +10,8 @@ real pairs of a step that `bench/online_dpo.py` trained (its step-00002.parquet)
   chosen-over-rejected rows (`pack_pairs=false`), then eager and compiled (`compile=true`: layers
   and loss) on packed pairs (the configs now: each pair's prompt runs once); compile time is
   reported apart, the timed reps come after a warm-up rep;
+- on packed pairs, the log-softmax as autograd computes it on fp32 logits (before) beside
+  `logprobs.token_logprobs` (chunked, the recipes' now);
 - each layout's positions, real tokens and padding share, and torch.profiler's top operators of
   one eager step;
 - GFLOP/s of the phase (8 x matmul params per token: 6 policy + 2 reference; the head only on
@@ -20,6 +22,7 @@ real pairs of a step that `bench/online_dpo.py` trained (its step-00002.parquet)
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -36,6 +39,7 @@ from torchtune.rlhf.loss import DPOLoss
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from online_dpo import flops, matmul_params, peak_flops, shape_peak  # noqa: E402
 
+from rlaif_recipes import logprobs  # noqa: E402
 from rlaif_recipes.logprobs import collate_pairs, encode_pair, pair_logprobs  # noqa: E402
 from rlaif_recipes.models import decoder_from_hf_dir, hf_checkpointer  # noqa: E402
 from rlaif_recipes.models.get_model import get_model  # noqa: E402
@@ -58,6 +62,22 @@ def train_phase(model, ref, loss_fn, opt, batch) -> Dict[str, float]:
     opt.zero_grad(set_to_none=True)
     t["AdamW"] = time.perf_counter() - start
     return t
+
+
+def autograd_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The log-softmax as it was before `logprobs.token_logprobs`: autograd on fp32 logits."""
+    fp32 = logits.float()
+    return fp32.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(fp32, dim=-1)
+
+
+@contextlib.contextmanager
+def log_softmax_by_autograd(on: bool):
+    chunked = logprobs.token_logprobs
+    logprobs.token_logprobs = autograd_token_logprobs if on else chunked
+    try:
+        yield
+    finally:
+        logprobs.token_logprobs = chunked
 
 
 def main() -> None:
@@ -88,13 +108,14 @@ def main() -> None:
     own = shape_peak(model_dir, layouts[False][0].input_ids.numel(), response, torch.bfloat16)
     print(f"bf16 peaks: square {square / 1e9:.0f} GFLOP/s, the unpacked phase's own shapes {own / 1e9:.0f} GFLOP/s")
 
-    settings = [("eager, per-parameter AdamW, unpacked", dict(fused=False, foreach=False), False, False),
-                ("eager, fused AdamW, unpacked", dict(fused=True), False, False),
-                ("eager, fused AdamW, packed", dict(fused=True), False, True)]
+    settings = [("eager, per-parameter AdamW, unpacked", dict(fused=False, foreach=False), False, False, False),
+                ("eager, fused AdamW, unpacked", dict(fused=True), False, False, False),
+                ("eager, fused AdamW, packed, log-softmax by autograd", dict(fused=True), False, True, True),
+                ("eager, fused AdamW, packed", dict(fused=True), False, True, False)]
     if not a.skip_compile:
-        settings.append(("compile, fused AdamW, packed", dict(fused=True), True, True))
+        settings.append(("compile, fused AdamW, packed", dict(fused=True), True, True, False))
     results = {}
-    for name, opt_kwargs, compiled, packed in settings:
+    for name, opt_kwargs, compiled, packed, by_autograd in settings:
         batch, phase_flops = layouts[packed]
         with training.set_default_dtype(torch.bfloat16):
             model, ref = decoder_from_hf_dir(str(model_dir)), decoder_from_hf_dir(str(model_dir))
@@ -108,9 +129,10 @@ def main() -> None:
 
         before = compile_seconds()
         start = time.perf_counter()
-        train_phase(model, ref, loss_fn, opt, batch)
-        warmup, compile_s = time.perf_counter() - start, compile_seconds() - before
-        reps = [train_phase(model, ref, loss_fn, opt, batch) for _ in range(a.reps)]
+        with log_softmax_by_autograd(by_autograd):
+            train_phase(model, ref, loss_fn, opt, batch)
+            warmup, compile_s = time.perf_counter() - start, compile_seconds() - before
+            reps = [train_phase(model, ref, loss_fn, opt, batch) for _ in range(a.reps)]
         results[name] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
         total = statistics.median(sum(r.values()) for r in reps)
         print(f"| {name} | {total:.2f} | " + " | ".join(f"{results[name][k]:.2f}" for k in reps[0])

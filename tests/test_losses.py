@@ -19,6 +19,7 @@ from rlaif_recipes.logprobs import (
     encode_pair,
     pair_logprobs,
     sequence_logprobs,
+    token_logprobs,
 )
 from rlaif_recipes.losses import IPOLoss, LengthNormalizedDPOLoss, RPOLoss, wants_average_logprobs
 from rlaif_recipes.policy import compile_training
@@ -194,6 +195,30 @@ def test_response_logprobs_match_torchtune_on_full_logits(policy, packed):
     (out.chosen.sum() + out.rejected.sum()).backward()
     assert policy.output.weight.grad is not None and math.isfinite(policy.output.weight.grad.abs().sum().item())
     policy.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [7, 300_000])  # one chunk of rows; many chunks of 3 rows
+def test_token_logprobs_and_their_gradient_equal_autograd_on_fp32_logits(dtype, vocab):
+    """The chunked log-softmax gives autograd's numbers (fp32 log-probs, a gradient in the logits'
+    dtype) and leaves the logits it saved untouched, fp32 ones included (its chunks are copies)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(10, vocab) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (10,))
+    upstream = torch.randn(10)
+    expected_in = logits.clone().requires_grad_()
+    fp32 = expected_in.float()
+    expected = fp32.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(fp32, dim=-1)
+    expected.backward(upstream)
+    fused_in = logits.clone().requires_grad_()
+    out = token_logprobs(fused_in, targets)
+    out.backward(upstream)
+    assert out.dtype == torch.float32 and fused_in.grad.dtype == dtype
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(fused_in.grad.float(), expected_in.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-3)
+    assert torch.equal(fused_in.detach(), logits)
+    with torch.no_grad():
+        assert torch.allclose(token_logprobs(logits, targets), expected.detach(), atol=1e-5)
 
 
 def test_sequence_logprobs_scores_each_row_as_a_pair_scores_its_chosen_response(policy):
