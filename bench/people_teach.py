@@ -14,7 +14,9 @@ answers on another style's pairs, routed or random, then agreement on that style
    router's `rank_for_review` with a budget of N (routed, one row per `--rankings` entry:
    `clusters`, the router's default, one most typical pair per k-means cluster of the pairs'
    encoder embeddings, `--cluster-seeds` k-means seeds: mean and spread; `clusters-uncertain`, the
-   most uncertain pair per cluster; `uncertainty`, the most uncertain first) or at random
+   most uncertain pair per cluster; `clusters-coverage`, `clusters` with the one-style heads'
+   training pairs as TypiClust's labelled set (`coverage_sketch`: 128 k-means centres), so the
+   clusters they cover go last; `uncertainty`, the most uncertain first) or at random
    (`--random-seeds` seeds: mean and spread), written as a real review queue and human_labels.jsonl.
 3. Retrain with `feedback=[review_answers(that run)]` (weight 1, harm reader frozen) and measure
    agreement on SmolLM2's held-out pairs (never in the pool).
@@ -42,12 +44,18 @@ from rlaif_recipes.config import asset_path
 from rlaif_recipes.data import xstest_pairs
 from rlaif_recipes.judges.base import Pair
 from rlaif_recipes.judges.reward_model import RewardModelJudge, SentenceEncoder
-from rlaif_recipes.judges.router import ReviewQueue, pair_embeddings, pair_id, rank_for_review
+from rlaif_recipes.judges.router import (
+    ReviewQueue,
+    coverage_sketch,
+    pair_embeddings,
+    pair_id,
+    rank_for_review,
+)
 from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"
 METRICS = (("helpful_harmless", "all"), ("false_refusal", "safe"))
-RANKINGS = {"clusters": "typical", "clusters-uncertain": "uncertain", "uncertainty": None}
+RANKINGS = {"clusters": "typical", "clusters-uncertain": "uncertain", "clusters-coverage": "typical", "uncertainty": None}
 
 
 def train(out: Path, name: str, styles: List[str], taught: str, cache: str, feedback_run: Path = None) -> Dict[str, float]:
@@ -117,6 +125,9 @@ def main() -> None:
     table = {"one-style (N=0)": train(out, "one_style", [known], taught, cache),
              "both-styles": train(out, "both_styles", [known, taught], taught, cache)}  # fmt: skip
     pool = candidates(out / "one_style", taught)
+    known_pairs = [{"prompt": r["prompt"], "response_a": r["chosen"], "response_b": r["rejected"]}
+                   for r in xstest_pairs(completions=[asset_path(known)], split="train")]  # fmt: skip
+    covered = coverage_sketch(pair_embeddings(encoder, known_pairs))
     picked = {}
     for n in [n for n in args.ns if n < len(pool)]:
         for ranking in args.rankings:
@@ -124,7 +135,8 @@ def main() -> None:
             for seed in range(args.cluster_seeds if within else 1):
                 embed = (lambda c: pair_embeddings(encoder, c)) if within else None
                 name = f"{ranking}_{n}" + (f"_{seed}" if seed else "")
-                picked[name] = rank_for_review(pool, budget=n, embed=embed, within=within or "typical", seed=seed)[:n]
+                picked[name] = rank_for_review(pool, budget=n, embed=embed, within=within or "typical", seed=seed,
+                                               covered=covered if ranking == "clusters-coverage" else None)[:n]
                 scores.append(train(out, name, [known], taught, cache, answered_run(out, f"run_{name}", picked[name])))
             table[f"{ranking} N={n}"] = spread(scores)
         scores = []

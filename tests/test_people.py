@@ -9,6 +9,7 @@ from typing import Callable, List
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from rlaif_recipes import config as rlaif_config
@@ -17,7 +18,7 @@ from rlaif_recipes.data import labelled_responses, review_answers, reviewed_pair
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RewardModelJudge, RouterJudge, Verdict
 from rlaif_recipes.judges.base import verdict_from_prob
-from rlaif_recipes.judges.router import pair_id
+from rlaif_recipes.judges.router import cluster_picks, coverage_sketch, pair_id
 from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 ANSWER = "Sure: use kill -9 PID to stop the process."
@@ -115,6 +116,21 @@ def test_a_small_budget_covers_distinct_kinds_of_pair_not_the_most_uncertain_nea
         assert len(asked) == 4 and sum(a in {p.prompt for p in near_same} for a in asked) == want_same, (rank, asked)
     with pytest.raises(ValueError, match="judge.rank='typical': choose one of clusters, uncertainty"):
         router(tmp_path, rank="typical")
+
+
+def test_covered_clusters_go_last_so_a_budget_reaches_what_the_judge_never_trained_on() -> None:
+    """TypiClust with a labelled set: a large group of pairs like the judge's training pairs and a
+    small group unlike them. One label goes to the large group without coverage, to the small one
+    when a sketch of the training pairs covers the large group."""
+    g = torch.Generator().manual_seed(0)
+    familiar, novel = torch.randn(30, 8, generator=g) * 0.1, torch.randn(10, 8, generator=g) * 0.1 + 5.0
+    pool = torch.cat([familiar, novel])
+    trained_on = coverage_sketch(torch.randn(200, 8, generator=g) * 0.1, points=16)
+    assert trained_on.shape == (16, 8) and trained_on.norm(dim=1).max() < 1.0
+    certainty = [0.0] * len(pool)
+    assert cluster_picks(pool, 1, certainty)[0] < 30
+    assert cluster_picks(pool, 1, certainty, covered=trained_on)[0] >= 30
+    assert sorted(cluster_picks(pool, 2, certainty, covered=trained_on))[1] >= 30
 
 
 def test_cascade_escalates_only_doubts_and_a_dead_tier_never_labels(tmp_path: Path) -> None:

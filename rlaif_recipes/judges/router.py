@@ -339,6 +339,7 @@ def rank_for_review(
     embed: Optional[Callable[[List[Dict[str, Any]]], torch.Tensor]] = None,
     within: str = "typical",
     seed: int = 0,
+    covered: Optional[torch.Tensor] = None,
 ) -> List[Dict[str, Any]]:
     """Routed pairs, those a person's answer would teach the judge most first. High-stakes ones
     always lead. Given a `budget` smaller than the rest and `embed` (pair -> vector), the rest go
@@ -347,7 +348,9 @@ def rank_for_review(
     will meet teach more than its oddest pairs), the pick being the cluster's most typical pair
     (`within="typical"`) or its most uncertain (`"uncertain"`); after them, and without a budget,
     the most uncertain first (P(A) nearest 0.5; abstains and order disagreements count as 0.5),
-    and among equals the request seen fewest times so far in this list. `seed`: k-means's."""
+    and among equals the request seen fewest times so far in this list. `seed`: k-means's.
+    `covered` ([m, d], `coverage_sketch` of the judge's training pairs): clusters it already
+    covers go last (TypiClust with a labelled set)."""
     seen: Counter = Counter()
     ranked = sorted(candidates, key=lambda c: (not _high_stakes(c), _certainty(c["ai"])))
     order = []
@@ -360,23 +363,33 @@ def rank_for_review(
     k = None if budget is None else budget - len(high)
     if embed is None or k is None or k <= 0 or len(rest) <= k:
         return ranked
-    picks = cluster_picks(embed(rest), k, [_certainty(c["ai"]) for c in rest], within, seed=seed)
+    picks = cluster_picks(embed(rest), k, [_certainty(c["ai"]) for c in rest], within, seed=seed, covered=covered)
     taken = set(picks)
     return high + [rest[i] for i in picks] + [c for i, c in enumerate(rest) if i not in taken]
 
 
 def cluster_picks(
-    x: torch.Tensor, k: int, certainty: Sequence[float], within: str = "typical", neighbours: int = 20, seed: int = 0
+    x: torch.Tensor,
+    k: int,
+    certainty: Sequence[float],
+    within: str = "typical",
+    neighbours: int = 20,
+    seed: int = 0,
+    covered: Optional[torch.Tensor] = None,
 ) -> List[int]:
     """One row index per k-means cluster of `x` ([n, d]), largest cluster first: its most typical
     row (the inverse mean distance to its `neighbours` nearest rows of the cluster is highest) or,
     with within="uncertain", its least certain (ties: the more typical). k-means is seeded: the
-    same rows give the same picks."""
+    same rows give the same picks. With `covered` ([m, d]: points standing for labelled data),
+    k-means runs on both into m + k clusters, and the clusters holding fewest covered points come
+    first (TypiClust's rule: label what the labelled data does not reach), then the largest."""
     if within not in ("typical", "uncertain"):
         raise ValueError(f"within={within!r}: typical or uncertain")
-    labels = kmeans(x, k, seed=seed)
+    m = 0 if covered is None else len(covered)
+    labels = kmeans(torch.cat([x, covered]) if m else x, k + m, seed=seed)
+    labels, covering = labels[: len(x)], Counter(labels[len(x) :].tolist())
     picks = []
-    for cluster in sorted(set(labels.tolist()), key=lambda c: (-(labels == c).sum().item(), c)):
+    for cluster in sorted(set(labels.tolist()), key=lambda c: (covering[c], -(labels == c).sum().item(), c))[:k]:
         rows = (labels == cluster).nonzero().squeeze(1)
         dist = torch.cdist(x[rows], x[rows])
         m = min(neighbours, len(rows) - 1)
@@ -415,6 +428,14 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0) -> torc
         labels = new
         c = torch.zeros_like(c).index_add_(0, labels, x) / torch.bincount(labels, minlength=k)[:, None]
     return labels
+
+
+def coverage_sketch(x: torch.Tensor, points: int = 128, seed: int = 0) -> torch.Tensor:
+    """[min(points, n), d] k-means centres of `x` (the embeddings of the pairs a judge trained on):
+    a small stand-in for that data, for `rank_for_review(covered=...)`."""
+    labels = kmeans(x, points, seed=seed)
+    counts = torch.bincount(labels)
+    return torch.zeros(len(counts), x.shape[1], dtype=x.dtype).index_add_(0, labels, x) / counts[:, None]
 
 
 def pair_embeddings(encoder: Any, candidates: List[Dict[str, Any]]) -> torch.Tensor:
