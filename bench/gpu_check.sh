@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One prepared check for the first GPU machine: online DPO on CUDA (tiny model and a random-init
-# model of SmolLM2-135M-Instruct's shape), full / activation checkpointing / LoRA, 2 processes when
-# there are 2 GPUs, kill -9 and resume, compile on/off (online and offline DPO, compile time apart),
-# pack_pairs on/off (online DPO), vLLM's push and sleep
-# mode when vLLM imports, throughput and MFU; then the offline DPO 1B throughput bench. Stages are
+# One prepared check for the first GPU machine: the chunked log-softmax against autograd; online
+# DPO on CUDA (tiny model and a random-init model of SmolLM2-135M-Instruct's shape), full /
+# activation checkpointing / LoRA, 2 processes when there are 2 GPUs, kill -9 and resume, compile
+# on/off (online and offline DPO, compile time apart), pack_pairs on/off (online DPO), vLLM's push
+# and sleep mode when vLLM imports, throughput and MFU; then the offline DPO 1B throughput bench. Stages are
 # independent (a failure is one line, the next stage runs), each with a timeout inside BUDGET
 # seconds; the summary table goes to stdout and $OUT/summary.md. Stages: bench/gpu_check.py.
 #
