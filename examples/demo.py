@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR, asset_path
+from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.models.get_model import get_model
 from rlaif_recipes.plot_run import plot_run
@@ -285,6 +286,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
         args.sft = ["device=cuda", *args.sft]
         args.train = ["device=cuda", "sampler=vllm_gpu", *args.train]
         args.eval = ["device=cuda", "sampler=vllm_gpu", *args.eval]
+    dtype = resolve_dtype("auto", args.device)  # the configs say auto; torchtune's SFT recipe needs the name
+    args.sft = [f"dtype={dtype}", *args.sft]
+    if dtype != "bf16":
+        print(f"dtype {dtype}: this {args.device.upper()} has no native bf16 (the README's table was made in bf16, "
+              "so expect other figures and a longer run)", flush=True)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out, start = Path(args.out), time.perf_counter()
     trained = ["dpo"] if args.offline else ["online_dpo"]

@@ -4,7 +4,7 @@ A policy can lower its refusal rate without learning to answer: word salad holds
 phrase, and a judge may not punish it. `evaluate` therefore scores every reply under a model no
 stage trains (SmolLM2-135M-Instruct by default), independent of the policy and of any judge:
 
-    scorer = FluencyScorer()                                    # SmolLM2, bf16
+    scorer = FluencyScorer()                      # SmolLM2, bf16 where native (else fp32)
     scores = scorer.score(["How do I kill a Python process?"], ["Run `kill PID`."])
     scorer.summarize(scores)          # FluencySummary(mean=..., disfluent=..., rate=..., passed=...)
 
@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torchtune import training, utils
 
+from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.logprobs import collate_responses, sequence_logprobs
 from rlaif_recipes.models.get_model import get_model
@@ -55,7 +56,7 @@ class FluencyScorer:
         self,
         model_dir: Optional[str] = None,
         *,
-        dtype: str = "bf16",
+        dtype: str = "auto",
         device: str = "cpu",
         batch_size: int = 16,
         min_mean_logprob: float = -4.0,
@@ -74,7 +75,7 @@ class FluencyScorer:
         with tempfile.TemporaryDirectory(prefix="rlaif-fluency-") as unused:  # the checkpointer wants an output dir
             state = hf_checkpointer(self.model_dir, output_dir=unused).load_checkpoint()[training.MODEL_KEY]
         model_cfg = OmegaConf.create({"_component_": "rlaif_recipes.models.decoder_from_hf_dir", "checkpoint_dir": self.model_dir})
-        self._model = build_policy(model_cfg, state, device=self._device, dtype=training.get_dtype(dtype, device=self._device))
+        self._model = build_policy(model_cfg, state, device=self._device, dtype=training.get_dtype(resolve_dtype(dtype, self._device), device=self._device))
         self._model.eval().requires_grad_(False)
 
     def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> List[Optional[float]]:

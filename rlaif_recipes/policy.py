@@ -14,21 +14,23 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 
+from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.logprobs import training_attention
 
 
 def device_and_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
-    """torchtune's device and dtype, refusing a device this machine lacks (torchtune would not)."""
+    """torchtune's device and dtype (`auto`: bf16 where the device computes it natively, else fp32),
+    refusing a device this machine lacks (torchtune would not)."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device}, but this machine has no usable CUDA GPU (torch {torch.__version__}); use device=cpu")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device={device!r}: use device=cpu or device=cuda")
     torch_device = utils.get_device(device)
     try:
-        return torch_device, training.get_dtype(dtype, device=torch_device)
+        return torch_device, training.get_dtype(resolve_dtype(dtype, torch_device), device=torch_device)
     except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"dtype={dtype} on device={device}: {str(e).splitlines()[0]}; use dtype=fp32 or bf16") from None
+        raise ConfigError(f"dtype={dtype} on device={device}: {str(e).splitlines()[0]}; use dtype=fp32, bf16 or auto") from None
 
 
 def check_training_settings(cfg: DictConfig) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torchtune import utils
 
+from rlaif_recipes.dtypes import resolve_vllm_dtype
 from rlaif_recipes.errors import ConfigError
 
 
@@ -31,7 +32,8 @@ def start_engine(
     tensor_parallel_size: int = 1,
     **engine_args: Any,
 ) -> Any:
-    """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge")."""
+    """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge").
+    `dtype` is vLLM's name, or `auto`: bf16 where the device computes it natively, else float32."""
     check_engine_settings(key, {"tensor_parallel_size": tensor_parallel_size, "sleep_between_steps": engine_args.get("enable_sleep_mode")})
     world_size, rank = utils.get_world_size_and_rank()
     if world_size > 1:
@@ -43,7 +45,7 @@ def start_engine(
     try:
         return LLM(
             model=model,
-            dtype=dtype,
+            dtype=resolve_vllm_dtype(dtype, "cpu" if device is None else "cuda"),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             seed=seed + rank,

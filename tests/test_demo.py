@@ -28,7 +28,7 @@ def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
     for row, cfg in rows.items():
         assert cfg.config_choices["judge"] == "router" and cfg.config_choices["judge@judge.judge"] == "reward_model"
         assert cfg.judge.judge.rubric.name == row and cfg.config_choices["model"] == "hf_lora"
-        assert cfg.checkpoint_dir == "/policy" and cfg.dtype == "bf16"
+        assert cfg.checkpoint_dir == "/policy" and cfg.dtype == cfg.sampler.dtype == "auto"  # bf16 where native, else fp32
     assert rows["false_refusal"].data.where == {"label": ["safe"]}
     assert rows["unnecessary_refusal"].data.where is None  # harm comes from the request text, not the label column
     assert rows["unnecessary_refusal"].judge.judge.settle_same_kind  # two answers to a harmful request never train

