@@ -2,7 +2,7 @@
 `dtype: auto` picks here (rlaif_recipes/dtypes.py).
 
 Why: bf16 halves memory and, on CPUs with AVX512-BF16 or AMX, runs matmuls 2-5x faster than fp32;
-on a CPU without them (AVX2 only) torch emulates bf16 and the same matmul runs 100x or more slower.
+on a CPU without them (AVX2 only) torch emulates bf16: 5-200x slower than fp32 (bench/RESULTS.md).
 The demo's configs ask for `auto`; this shows the reason on the machine at hand:
 
 - the CPU's reading (torch's AVX512-BF16 / AMX checks) and what `auto` resolves to;

@@ -42,8 +42,9 @@ def bf16_is_native(device: Union[str, torch.device]) -> bool:
 def resolve_dtype(dtype: str, device: Union[str, torch.device]) -> str:
     """The dtype to build with on `device`: `auto` becomes bf16 or fp32; an explicit bf16 on a CPU
     that emulates it is kept (it is what was asked), with one warning line."""
-    resolved = ("bf16" if bf16_is_native(device) else "fp32") if dtype == "auto" else dtype
-    if resolved in ("bf16", "bfloat16") and torch.device(device).type == "cpu" and not bf16_is_native(device):
+    native = bf16_is_native(device)
+    resolved = ("bf16" if native else "fp32") if dtype == "auto" else dtype
+    if resolved in ("bf16", "bfloat16") and torch.device(device).type == "cpu" and not native:
         log.warning(
             "dtype=%s on a CPU without native bf16 (no AVX512-BF16 or AMX): torch emulates it, 5-200x slower "
             "than fp32 here (bench/dtype_check.py); use dtype=auto (bf16 where native, else fp32) or fp32", dtype,

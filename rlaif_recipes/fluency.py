@@ -21,15 +21,14 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from omegaconf import OmegaConf
-from torchtune import training, utils
+from torchtune import training
 
-from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.logprobs import collate_responses, sequence_logprobs
 from rlaif_recipes.models.get_model import get_model
 from rlaif_recipes.models.hf_model import hf_checkpointer
 from rlaif_recipes.models.tokenizer import HFChatTokenizer
-from rlaif_recipes.policy import build_policy
+from rlaif_recipes.policy import build_policy, device_and_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # rlaif_recipes.models.get_model builds it without a hub
 Prompt = Union[str, List[Dict[str, str]]]  # a user message, or chat messages as the policy saw them
@@ -70,12 +69,12 @@ class FluencyScorer:
         self.min_mean_logprob = min_mean_logprob
         self.max_disfluent_rate = max_disfluent_rate
         self._batch_size = batch_size
-        self._device = utils.get_device(device)
+        self._device, torch_dtype = device_and_dtype(device, dtype)  # `auto`: bf16 where native, else fp32
         self._tokenizer = HFChatTokenizer(self.model_dir)
         with tempfile.TemporaryDirectory(prefix="rlaif-fluency-") as unused:  # the checkpointer wants an output dir
             state = hf_checkpointer(self.model_dir, output_dir=unused).load_checkpoint()[training.MODEL_KEY]
         model_cfg = OmegaConf.create({"_component_": "rlaif_recipes.models.decoder_from_hf_dir", "checkpoint_dir": self.model_dir})
-        self._model = build_policy(model_cfg, state, device=self._device, dtype=training.get_dtype(resolve_dtype(dtype, self._device), device=self._device))
+        self._model = build_policy(model_cfg, state, device=self._device, dtype=torch_dtype)
         self._model.eval().requires_grad_(False)
 
     def score(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> List[Optional[float]]:
