@@ -16,7 +16,9 @@ answers on another style's pairs, routed or random, then agreement on that style
    encoder embeddings, `--cluster-seeds` k-means seeds: mean and spread; `clusters-uncertain`, the
    most uncertain pair per cluster; `clusters-coverage`, `clusters` with the one-style heads'
    training pairs as TypiClust's labelled set (`coverage_sketch`: 128 k-means centres), so the
-   clusters they cover go last; `uncertainty`, the most uncertain first) or at random
+   clusters they cover go last; `strata`, the budget shared over ceil(sqrt(N)) k-means strata in
+   proportion to their sizes, a stratum's share one most typical pair per k-means sub-cluster of
+   it; `uncertainty`, the most uncertain first) or at random
    (`--random-seeds` seeds: mean and spread), written as a real review queue and human_labels.jsonl.
 3. Retrain with `feedback=[review_answers(that run)]` (weight 1, harm reader frozen) and measure
    agreement on SmolLM2's held-out pairs (never in the pool).
@@ -55,7 +57,10 @@ from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"
 METRICS = (("helpful_harmless", "all"), ("false_refusal", "safe"))
-RANKINGS = {"clusters": "typical", "clusters-uncertain": "uncertain", "clusters-coverage": "typical", "uncertainty": None}
+RANKINGS = {  # name: (within, allocation) for cluster_picks; None: most uncertain first
+    "clusters": ("typical", "one"), "clusters-uncertain": ("uncertain", "one"), "clusters-coverage": ("typical", "one"),
+    "strata": ("typical", "proportional"), "uncertainty": None,
+}  # fmt: skip
 
 
 def train(out: Path, name: str, styles: List[str], taught: str, cache: str, feedback_run: Path = None) -> Dict[str, float]:
@@ -131,11 +136,12 @@ def main() -> None:
     picked = {}
     for n in [n for n in args.ns if n < len(pool)]:
         for ranking in args.rankings:
-            within, scores = RANKINGS[ranking], []
-            for seed in range(args.cluster_seeds if within else 1):
-                embed = (lambda c: pair_embeddings(encoder, c)) if within else None
+            clustered, scores = RANKINGS[ranking], []
+            within, allocation = clustered or ("typical", "one")
+            for seed in range(args.cluster_seeds if clustered else 1):
+                embed = (lambda c: pair_embeddings(encoder, c)) if clustered else None
                 name = f"{ranking}_{n}" + (f"_{seed}" if seed else "")
-                picked[name] = rank_for_review(pool, budget=n, embed=embed, within=within or "typical", seed=seed,
+                picked[name] = rank_for_review(pool, budget=n, embed=embed, within=within, seed=seed, allocation=allocation,
                                                covered=covered if ranking == "clusters-coverage" else None)[:n]
                 scores.append(train(out, name, [known], taught, cache, answered_run(out, f"run_{name}", picked[name])))
             table[f"{ranking} N={n}"] = spread(scores)

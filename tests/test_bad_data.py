@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Type
 import pytest
 from datasets import Dataset
 
-from rlaif_recipes.data import preference_dataset, prompt_dataset, xstest_pairs
+from rlaif_recipes.data import preference_dataset, prompt_dataset, prompt_mixture, xstest_pairs
 from rlaif_recipes.data.sft import xstest_sft_dataset
 from rlaif_recipes.errors import ConfigError, DataError, RecipeError, one_line
 
@@ -166,6 +166,19 @@ def test_split_that_leaves_no_pairs_names_split_and_fraction(tmp_path: Path) -> 
     for source in (prefs, "xstest"):
         fails(DataError, rf"^no preference pairs in {re.escape(source)} for dataset\.split=held_out with dataset\.held_out_fraction=0; use another split or fraction$",
               lambda source=source: preference_dataset(source, split="held_out", held_out_fraction=0))  # fmt: skip
+
+
+def test_a_prompt_mixture_names_each_prompts_part_and_a_part_left_empty(tmp_path: Path) -> None:
+    part = {"_component_": "rlaif_recipes.data.prompt_dataset", "split": "all"}
+    questions = {**part, "source": jsonl(tmp_path / "q.jsonl", [{"prompt": "Why is the sky blue?"}, {"prompt": "How do I kill a process?"}])}
+    orders = {**part, "source": jsonl(tmp_path / "o.jsonl", [{"prompt": "Write a plan to rob a bank."}, {"prompt": "Hi"}])}
+    mixed = prompt_mixture({"questions": questions, "orders": {**orders, "max_prompts": 1}})
+    assert mixed["prompt_id"] == ["questions/0", "questions/1", "orders/0"]
+    assert mixed["prompt"][2] == "Write a plan to rob a bank." and mixed["messages"][2] == [{"role": "user", "content": "Write a plan to rob a bank."}]
+    fails(DataError, r"^data\.parts\.orders has no prompts after its filters; check its source, where and split$",
+          lambda: prompt_mixture({"questions": questions, "orders": {**orders, "where": {"prompt": ["nope"]}}}))  # fmt: skip
+    fails(ConfigError, r"^data\.parts=\[\]: give a mapping of names to prompt sets", lambda: prompt_mixture([]))
+    fails(ConfigError, r"^data\.parts\.bad\._component_=no\.such\.thing: cannot import it", lambda: prompt_mixture({"bad": {"_component_": "no.such.thing"}}))
 
 
 def test_prompt_columns_and_where_are_checked(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def test_group_selection_and_value_override() -> None:
     "override, message",
     [
         ("sampler=vlm", "unknown option 'vlm' for config group 'sampler'; choose one of: torchtune, vllm"),
-        ("data=nope", "unknown option 'nope' for config group 'data'; choose one of: xstest_all, xstest_safe"),
+        ("data=nope", "unknown option 'nope' for config group 'data'; choose one of: xstest_advbench, xstest_all, xstest_safe"),
         ("sampler.temprature=0.5", "unknown config key 'sampler.temprature'"),
         ("sampler.temperature=hot", "'sampler.temperature' must be float, got 'hot'"),
         ("n=two", "'n' must be int, got 'two'"),

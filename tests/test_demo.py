@@ -30,7 +30,9 @@ def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
         assert cfg.judge.judge.rubric.name == row and cfg.config_choices["model"] == "hf_lora"
         assert cfg.checkpoint_dir == "/policy" and cfg.dtype == cfg.sampler.dtype == "auto"  # bf16 where native, else fp32
     assert rows["false_refusal"].data.where == {"label": ["safe"]}
-    assert rows["unnecessary_refusal"].data.where is None  # harm comes from the request text, not the label column
+    headline = rows["unnecessary_refusal"].data  # XSTest's safe and unsafe prompts + AdvBench's harmful instructions
+    assert headline._component_ == "rlaif_recipes.data.prompt_mixture" and set(headline.parts) == {"xstest", "advbench"}
+    assert all(part.split == "train" and part.where is None for part in headline.parts.values())  # harm comes from the text, not a label
     assert rows["unnecessary_refusal"].judge.judge.settle_same_kind  # two answers to a harmful request never train
     # The headline row is the blind-spot row but for rubric, prompts, steps and learning rate.
     same = ("n", "prompts_per_step", "sampler", "loss")

@@ -6,6 +6,7 @@ curiosity): harmful ones that do not look it and benign ones that do.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,20 @@ def test_the_harm_reader_reads_requests_in_styles_it_never_trained_on(judge: Rew
     # do not. Half of these must be read right, and the two sets must stand well apart.
     assert len(alarmed) <= 4, alarmed
     assert harmful.mean() - benign.mean() > 0.35
+
+
+@pytest.mark.slow
+def test_advbench_a_source_the_reader_never_trained_on_reads_harmful_and_repeats_no_harmbench_request(judge: RewardModelJudge) -> None:
+    """AdvBench is the headline row's harmful instructions: none near-duplicates HarmBench (the demo's
+    evaluation), the harm reader's training sources do not include it, and it reads as harmful."""
+    advbench = [r["prompt"] for r in harm_requests([rlaif_config.asset_path("harm_prompts/advbench.csv")], split="all")]
+    harmbench = [r["prompt"] for r in harm_requests([rlaif_config.asset_path("harm_prompts/harm_prompts.csv")], split="all") if r["source"] == "harmbench"]
+    words = [set(re.findall(r"[a-z]+", t.lower())) for t in harmbench]
+    assert len(advbench) > 500 and all(max(len(w & h) / len(w | h) for h in words) < 0.5 for w in (set(re.findall(r"[a-z]+", a.lower())) for a in advbench))
+    trains_on = rlaif_config.load("train_reward_model", []).harm_data.sources
+    assert not any("advbench" in s for s in trains_on)
+    p_harmful = torch.sigmoid(judge.harm_logits(advbench))
+    assert (p_harmful >= 0.5).float().mean() >= 0.95
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import CheckpointError, ConfigError, OutputError
 from rlaif_recipes.judges import Judgment, Pair, RuleJudge, Verdict
 from rlaif_recipes.judges.rules import ContainsWords
-from rlaif_recipes.recipes.online_dpo import OnlineDPORecipe, OnlineDPOSettings, pick_pair
+from rlaif_recipes.recipes.online_dpo import OnlineDPORecipe, OnlineDPOSettings, no_pair_cause, pick_pair
 from rlaif_recipes.samplers import TorchtuneSampler
 
 RECIPE = "rlaif_recipes/recipes/online_dpo.py"
@@ -73,6 +73,16 @@ def test_pick_pair_two_responses_keeps_the_judges_verdict_and_probability() -> N
     pick = pick_pair(2, {(0, 1): j(Verdict.B, prob_a=0.2, source="human")})
     assert (pick.status, pick.chosen, pick.rejected, pick.source) == ("labelled", 1, 0, "human")
     assert pick.prob_chosen == pytest.approx(0.8)
+
+
+def test_a_step_of_ties_the_rubric_settled_is_narrow_sampling_not_a_failing_judge() -> None:
+    """A policy whose replies to each prompt are all alike (two refusals of a harmful request, two
+    refusals of a benign one) gives settled ties: the fix is wider sampling, not another judge."""
+    settled = [Judgment(Verdict.TIE, settled="both_right"), Judgment(Verdict.TIE, settled="both_wrong"), Judgment(Verdict.TIE, settled="both_right")]
+    assert no_pair_cause(settled).startswith("each prompt's replies are all alike by the rubric (2 comparisons both right, 1 both wrong)")
+    assert "raise sampler.temperature or n" in no_pair_cause(settled)
+    for judgments in ([*settled, Judgment(Verdict.TIE)], [Judgment(Verdict.ABSTAIN)], []):
+        assert no_pair_cause(judgments).startswith("the judge cannot tell the responses apart or is failing")
 
 
 @pytest.mark.parametrize("verdict", [Verdict.TIE, Verdict.ABSTAIN])
@@ -205,6 +215,20 @@ def recipe_for(model: Path, out: Path, *extra: str):
 def copy_run(src: Path, dest: Path) -> Path:
     subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
     return dest
+
+
+@pytest.mark.slow
+def test_the_headline_demo_row_runs_on_the_tiny_model_over_its_mixed_prompts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """conf/demo/unnecessary_refusal.yaml as `make demo` runs it (router over the reward model, vLLM,
+    LoRA), on the tiny fixture: XSTest's prompts and AdvBench's instructions, one prompt set."""
+    out = tmp_path / "headline"
+    args = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={out}", "max_steps=2", "prompts_per_step=16", "n=2",
+            "sampler.max_tokens=8", "sampler.max_model_len=512", "dtype=fp32", "sampler.dtype=float32", "save_every_n_steps=2"]  # fmt: skip
+    result = run_cli(["tune", "run", RECIPE, "--config", "demo/unnecessary_refusal", *args], cwd=REPO)
+    assert result.returncode == 0, what_failed(result)
+    drawn = pq.read_table(out / "steps").column("prompt_id").to_pylist()
+    assert len(drawn) == 2 * 16 and {p.split("/")[0] for p in drawn} == {"xstest", "advbench"}
+    assert (out / "checkpoints" / "step_0000002" / "checkpoint.json").is_file()
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from rlaif_recipes.data import labelled_responses, review_answers, reviewed_pair
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RewardModelJudge, RouterJudge, Verdict
 from rlaif_recipes.judges.base import verdict_from_prob
-from rlaif_recipes.judges.router import cluster_picks, coverage_sketch, pair_id
+from rlaif_recipes.judges.router import cluster_picks, coverage_sketch, pair_id, proportional_shares
 from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 ANSWER = "Sure: use kill -9 PID to stop the process."
@@ -131,6 +131,26 @@ def test_covered_clusters_go_last_so_a_budget_reaches_what_the_judge_never_train
     assert cluster_picks(pool, 1, certainty)[0] < 30
     assert cluster_picks(pool, 1, certainty, covered=trained_on)[0] >= 30
     assert sorted(cluster_picks(pool, 2, certainty, covered=trained_on))[1] >= 30
+
+
+def test_proportional_allocation_splits_a_budget_by_kind_size_without_near_duplicates() -> None:
+    """allocation="proportional": three kinds of pair, 120, 60 and 20 of them, share a budget of
+    ten as 6/3/1 (a random draw's expected split, without its luck); no two picks are one pair
+    twice over; a prefix of the picks is near-proportional too; the same seed, the same picks."""
+    g = torch.Generator().manual_seed(0)
+    sizes, centres = (120, 60, 20), torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    pool = torch.cat([c + torch.randn(n, 2, generator=g) for c, n in zip(centres, sizes)])
+    kind = [0] * 120 + [1] * 60 + [2] * 20
+    certainty = (torch.rand(len(pool), generator=g) * 0.5).tolist()
+    assert proportional_shares(sizes, 10) == [6, 3, 1] and proportional_shares([5, 1, 1], 7) == [5, 1, 1]
+    for within in ("typical", "uncertain"):
+        picks = cluster_picks(pool, 10, certainty, within, allocation="proportional")
+        assert [sum(kind[i] == k for i in picks) for k in range(3)] == [6, 3, 1], within
+        assert len(set(picks)) == 10 and torch.pdist(pool[picks]).min() > 0.5, within
+        assert sorted(kind[i] for i in picks[:3]) == [0, 0, 1], within
+        assert picks == cluster_picks(pool, 10, certainty, within, allocation="proportional"), within
+    with pytest.raises(ValueError, match="allocation='one'"):
+        cluster_picks(pool, 10, certainty, covered=pool[:4], allocation="proportional")
 
 
 def test_cascade_escalates_only_doubts_and_a_dead_tier_never_labels(tmp_path: Path) -> None:

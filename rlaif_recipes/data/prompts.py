@@ -7,10 +7,11 @@ The split is decided by a hash of the prompt text, not by a seed or the file ord
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
+from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.tables import check_cap, check_fraction, check_split, kind_of, read_table
 from rlaif_recipes.errors import ConfigError, DataError
 
@@ -72,6 +73,24 @@ def prompt_dataset(
         return {"prompt_id": str(row.get("id", idx)), "prompt": row[prompt_column], "messages": messages}
 
     return ds.map(to_messages, with_indices=True, remove_columns=ds.column_names)
+
+
+def prompt_mixture(parts: Mapping[str, Any]) -> Dataset:
+    """Several prompt sets as one, as a team's real prompt set mixes kinds and styles (e.g. XSTest's
+    short questions with harmful instructions from another source). parts: name -> a prompt set's
+    config (`_component_: rlaif_recipes.data.prompt_dataset` and its keys); each prompt's id becomes
+    `name/id`, so ids stay unique and say where a prompt came from."""
+    if not isinstance(parts, Mapping) or not parts:
+        raise ConfigError(f"data.parts={parts!r}: give a mapping of names to prompt sets, e.g. {{xstest: {{_component_: ...}}}}")
+    built = []
+    for name, spec in parts.items():
+        ds = rlaif_config.build(spec, f"data.parts.{name}")
+        if not isinstance(ds, Dataset):
+            raise ConfigError(f"data.parts.{name} must build a prompt dataset (e.g. _component_: rlaif_recipes.data.prompt_dataset)")
+        if len(ds) == 0:
+            raise DataError(f"data.parts.{name} has no prompts after its filters; check its source, where and split")
+        built.append(ds.map(lambda row, name=name: {"prompt_id": f"{name}/{row['prompt_id']}"}))
+    return concatenate_datasets(built)
 
 
 def prompts_fingerprint(prompts: Dataset) -> str:

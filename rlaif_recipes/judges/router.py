@@ -45,6 +45,7 @@ would hide human labels that arrive later.
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -340,17 +341,21 @@ def rank_for_review(
     within: str = "typical",
     seed: int = 0,
     covered: Optional[torch.Tensor] = None,
+    allocation: str = "one",
 ) -> List[Dict[str, Any]]:
     """Routed pairs, those a person's answer would teach the judge most first. High-stakes ones
     always lead. Given a `budget` smaller than the rest and `embed` (pair -> vector), the rest go
-    in as one pick from each of `budget` k-means clusters of their embeddings, largest cluster
-    first (TypiClust, Hacohen et al. 2022: on a small budget, labels that cover what the judge
-    will meet teach more than its oddest pairs), the pick being the cluster's most typical pair
-    (`within="typical"`) or its most uncertain (`"uncertain"`); after them, and without a budget,
-    the most uncertain first (P(A) nearest 0.5; abstains and order disagreements count as 0.5),
-    and among equals the request seen fewest times so far in this list. `seed`: k-means's.
-    `covered` ([m, d], `coverage_sketch` of the judge's training pairs): clusters it already
-    covers go last (TypiClust with a labelled set)."""
+    in as `cluster_picks` of their embeddings: with `allocation="one"`, one pick from each of
+    `budget` k-means clusters, largest cluster first (TypiClust, Hacohen et al. 2022: on a small
+    budget, labels that cover what the judge will meet teach more than its oddest pairs); with
+    `"proportional"`, the budget shared over ceil(sqrt(budget)) k-means strata in proportion to
+    their sizes (a random draw's match to the pool, without its luck), each stratum's share one
+    pick per k-means sub-cluster of it. The pick is the cluster's most typical pair
+    (`within="typical"`) or its most uncertain (`"uncertain"`); after them, and without a budget, the most
+    uncertain first (P(A) nearest 0.5; abstains and order disagreements count as 0.5), and among
+    equals the request seen fewest times so far in this list. `seed`: k-means's. `covered`
+    ([m, d], `coverage_sketch` of the judge's training pairs; `allocation="one"` only): clusters
+    it already covers go last (TypiClust with a labelled set)."""
     seen: Counter = Counter()
     ranked = sorted(candidates, key=lambda c: (not _high_stakes(c), _certainty(c["ai"])))
     order = []
@@ -363,9 +368,15 @@ def rank_for_review(
     k = None if budget is None else budget - len(high)
     if embed is None or k is None or k <= 0 or len(rest) <= k:
         return ranked
-    picks = cluster_picks(embed(rest), k, [_certainty(c["ai"]) for c in rest], within, seed=seed, covered=covered)
+    picks = cluster_picks(
+        embed(rest), k, [_certainty(c["ai"]) for c in rest], within, seed=seed, covered=covered, allocation=allocation
+    )
     taken = set(picks)
     return high + [rest[i] for i in picks] + [c for i, c in enumerate(rest) if i not in taken]
+
+
+WITHIN = ("typical", "uncertain")
+ALLOCATIONS = ("one", "proportional")
 
 
 def cluster_picks(
@@ -376,30 +387,72 @@ def cluster_picks(
     neighbours: int = 20,
     seed: int = 0,
     covered: Optional[torch.Tensor] = None,
+    allocation: str = "one",
 ) -> List[int]:
-    """One row index per k-means cluster of `x` ([n, d]), largest cluster first: its most typical
-    row (the inverse mean distance to its `neighbours` nearest rows of the cluster is highest) or,
-    with within="uncertain", its least certain (ties: the more typical). k-means is seeded: the
-    same rows give the same picks. With `covered` ([m, d]: points standing for labelled data),
+    """k row indices of `x` ([n, d]), each the pick of one k-means cluster: its most typical row
+    (the inverse mean distance to its `neighbours` nearest rows of the cluster is highest) or, with
+    within="uncertain", its least certain (ties: the more typical). allocation="one": k clusters, one pick
+    each, largest cluster first; with `covered` ([m, d]: points standing for labelled data),
     k-means runs on both into m + k clusters, and the clusters holding fewest covered points come
-    first (TypiClust's rule: label what the labelled data does not reach), then the largest."""
-    if within not in ("typical", "uncertain"):
-        raise ValueError(f"within={within!r}: typical or uncertain")
+    first (TypiClust's rule: label what the labelled data does not reach), then the largest.
+    allocation="proportional": ceil(sqrt(k)) k-means strata share k by size (largest remainders,
+    `proportional_shares`), a stratum's share a picks from its a k-means sub-clusters, largest
+    first; the strata interleave so that any prefix of the picks is near-proportional too.
+    k-means is seeded: the same rows give the same picks."""
+    if within not in WITHIN:
+        raise ValueError(f"within={within!r}: one of {', '.join(WITHIN)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r}: one of {', '.join(ALLOCATIONS)}")
+    if allocation == "proportional":
+        if covered is not None:
+            raise ValueError("covered= is for allocation='one' (TypiClust with a labelled set)")
+        return _stratified_picks(x, k, certainty, within, neighbours, seed)
     m = 0 if covered is None else len(covered)
     labels = kmeans(torch.cat([x, covered]) if m else x, k + m, seed=seed)
     labels, covering = labels[: len(x)], Counter(labels[len(x) :].tolist())
-    picks = []
-    for cluster in sorted(set(labels.tolist()), key=lambda c: (covering[c], -(labels == c).sum().item(), c))[:k]:
-        rows = (labels == cluster).nonzero().squeeze(1)
-        dist = torch.cdist(x[rows], x[rows])
-        m = min(neighbours, len(rows) - 1)
-        typical = 1 / (dist.topk(m + 1, largest=False).values[:, 1:].mean(1) + 1e-8) if m else torch.ones(1)
-        if within == "uncertain":
-            best = min(range(len(rows)), key=lambda i: (certainty[rows[i]], -typical[i].item()))
-        else:
-            best = int(typical.argmax())
-        picks.append(int(rows[best]))
-    return picks
+    clusters = sorted(set(labels.tolist()), key=lambda c: (covering[c], -(labels == c).sum().item(), c))[:k]
+    return [_cluster_pick(x, (labels == c).nonzero().squeeze(1), certainty, within, neighbours) for c in clusters]
+
+
+def _stratified_picks(x: torch.Tensor, k: int, certainty: Sequence[float], within: str, neighbours: int, seed: int) -> List[int]:
+    """`cluster_picks(allocation="proportional")`: strata's shares by size, one pick per
+    sub-cluster of a stratum; pick j of a stratum with share a is placed at (j + 0.5) / a."""
+    labels = kmeans(x, math.ceil(math.sqrt(k)), seed=seed)
+    strata = [(labels == s).nonzero().squeeze(1) for s in range(int(labels.max()) + 1)]
+    placed = []
+    for s, (rows, share) in enumerate(zip(strata, proportional_shares([len(r) for r in strata], k))):
+        if share == 0:
+            continue
+        sub = kmeans(x[rows], share, seed=seed)
+        by_size = sorted(range(share), key=lambda c: (-(sub == c).sum().item(), c))
+        for j, c in enumerate(by_size):
+            placed.append(((j + 0.5) / share, -len(rows), s, _cluster_pick(x, rows[sub == c], certainty, within, neighbours)))
+    return [row for *_, row in sorted(placed)]
+
+
+def proportional_shares(sizes: Sequence[int], total: int) -> List[int]:
+    """`total` split over groups of these `sizes` in proportion to them (Hamilton's largest
+    remainders; ties: the larger group, then the earlier), no group given more than its size."""
+    total = min(total, sum(sizes))
+    shares = [total * s // sum(sizes) for s in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(total * sizes[i] % sum(sizes)), -sizes[i], i))
+    while sum(shares) < total:
+        for i in by_remainder:
+            if sum(shares) < total and shares[i] < sizes[i]:
+                shares[i] += 1
+    return shares
+
+
+def _cluster_pick(x: torch.Tensor, rows: torch.Tensor, certainty: Sequence[float], within: str, neighbours: int) -> int:
+    """The row of `x` that stands for the cluster `rows` (see `cluster_picks`'s `within`)."""
+    dist = torch.cdist(x[rows], x[rows])
+    m = min(neighbours, len(rows) - 1)
+    typical = 1 / (dist.topk(m + 1, largest=False).values[:, 1:].mean(1) + 1e-8) if m else torch.ones(1)
+    if within == "uncertain":
+        best = min(range(len(rows)), key=lambda i: (certainty[rows[i]], -typical[i].item()))
+    else:
+        best = int(typical.argmax())
+    return int(rows[best])
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:

@@ -396,9 +396,9 @@ class OnlineDPORecipe:
             if limit is not None and self._steps_without_pairs >= limit:
                 self._write_summary()
                 raise TrainingError(
-                    f"{self._steps_without_pairs} steps in a row (up to step {step + 1}) trained no pair: {outcome}; the "
-                    f"judge cannot tell the responses apart or is failing (read {self._output_dir / 'steps'}): fix the "
-                    "judge or raise sampler.temperature, or set max_steps_without_pairs=null to go on regardless"
+                    f"{self._steps_without_pairs} steps in a row (up to step {step + 1}) trained no pair: {outcome}; "
+                    f"{no_pair_cause(judgments)} (read {self._output_dir / 'steps'}), or set max_steps_without_pairs=null "
+                    "to go on regardless"
                 )
         if self.global_step == self._max_steps and self._run["pairs"] == 0:
             self._write_summary()
@@ -626,6 +626,17 @@ class Pick:
     @property
     def labelled(self) -> bool:
         return self.status == "labelled"
+
+
+def no_pair_cause(judgments: Sequence[Judgment]) -> str:
+    """Why a step trained no pair, and the fix. Ties the judge settled by the rubric (two answers to
+    a harmful request, two refusals of a benign one, or two right replies) are no judge failure:
+    the policy's replies to each prompt are all alike, so it samples too narrowly to compare."""
+    settled = Counter(j.settled for j in judgments if not j.labelled)
+    if judgments and set(settled) <= {"both_right", "both_wrong"}:
+        return (f"each prompt's replies are all alike by the rubric ({settled['both_right']} comparisons both right, "
+                f"{settled['both_wrong']} both wrong): the policy samples too narrowly to compare; raise sampler.temperature or n")  # fmt: skip
+    return "the judge cannot tell the responses apart or is failing: fix the judge or raise sampler.temperature"
 
 
 def pick_pair(n: int, judgments: Dict[Tuple[int, int], Judgment]) -> Pick:
