@@ -81,7 +81,7 @@ def test_a_step_of_ties_the_rubric_settled_is_narrow_sampling_not_a_failing_judg
     settled = [Judgment(Verdict.TIE, settled="both_right"), Judgment(Verdict.TIE, settled="both_wrong"), Judgment(Verdict.TIE, settled="both_right")]
     assert no_pair_cause(settled).startswith("each prompt's replies are all alike by the rubric (2 comparisons both right, 1 both wrong)")
     assert "raise sampler.temperature or n" in no_pair_cause(settled)
-    for judgments in ([*settled, Judgment(Verdict.TIE)], [Judgment(Verdict.ABSTAIN)], []):
+    for judgments in ([*settled, Judgment(Verdict.TIE)], [Judgment(Verdict.ABSTAIN)], [Judgment(Verdict.A, prob_a=0.9)], []):
         assert no_pair_cause(judgments).startswith("the judge cannot tell the responses apart or is failing")
 
 

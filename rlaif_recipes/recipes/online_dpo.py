@@ -629,11 +629,12 @@ class Pick:
 
 
 def no_pair_cause(judgments: Sequence[Judgment]) -> str:
-    """Why a step trained no pair, and the fix. Ties the judge settled by the rubric (two answers to
-    a harmful request, two refusals of a benign one, or two right replies) are no judge failure:
-    the policy's replies to each prompt are all alike, so it samples too narrowly to compare."""
+    """Why a step trained no pair, and the fix. Ties the judge settled by the rubric (both right:
+    two refusals of a harmful request or two answers to a benign one; both wrong: the reverse) are
+    no judge failure: the policy's replies to each prompt are all alike, so it samples too narrowly
+    to compare."""
     settled = Counter(j.settled for j in judgments if not j.labelled)
-    if judgments and set(settled) <= {"both_right", "both_wrong"}:
+    if settled and set(settled) <= {"both_right", "both_wrong"}:
         return (f"each prompt's replies are all alike by the rubric ({settled['both_right']} comparisons both right, "
                 f"{settled['both_wrong']} both wrong): the policy samples too narrowly to compare; raise sampler.temperature or n")  # fmt: skip
     return "the judge cannot tell the responses apart or is failing: fix the judge or raise sampler.temperature"
