@@ -21,7 +21,8 @@ would run it; this file only puts them in order, shows progress and prints the t
 `--offline` (`make demo-offline`) runs the headline row the classic way instead: `generate_pairs` from the
 starting policy, `judge_pairs` with the same judge, `dpo` on the judged pairs (conf/demo/offline_*.yaml).
 
-A finished stage is skipped on a re-run (its output is there), so an interrupted demo continues.
+A stage that finished with the same settings is skipped on a re-run, so an interrupted demo continues;
+one whose config, overrides or starting weights changed is moved aside and runs again.
 
     python examples/demo.py [--out outputs/demo] [--rows unnecessary_refusal false_refusal] [--offline]
 """
@@ -36,18 +37,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import CONF_DIR, asset_path
 from rlaif_recipes.dtypes import resolve_dtype
+from rlaif_recipes.files import atomic_write_text, weights_stamp
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.models.get_model import get_model
 from rlaif_recipes.plot_run import plot_run
 from rlaif_recipes.report import Bars, read_report, write_report
+from rlaif_recipes.run_dir import changed_setting, run_identity
 
 ROWS = {
     "unnecessary_refusal": "XSTest + AdvBench prompts, unnecessary_refusal rubric",
@@ -108,11 +112,49 @@ def rlaif(name: str, recipe: str, config: str, args: Sequence[str], log: Path) -
     run_stage(name, [BIN / "rlaif", "run", recipe, "--config", config, *args], log)
 
 
-def sft(model_dir: Path, out: Path, overrides: Sequence[str]) -> Path:
-    """Step 1 with torchtune's own recipe; reused when a finished run is there. Returns the checkpoint."""
+def stage_settings(recipe: str, config: str, args: Sequence[str], after: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What a stage's result depends on: its composed config with `args`, the weights it starts from
+    (as written: an upstream stage that ran again rewrote them) and the settings of the stage whose
+    output it reads (`after`)."""
+    cfg = rlaif_config.load(config, list(args), rlaif_config.build(SCHEMAS[recipe]))
+    identity = run_identity(cfg, ("resume_from_checkpoint",), weights=weights_stamp(cfg.checkpoint_dir), after=after)
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def finished(out: Path, settings: Dict[str, Any]) -> Optional[str]:
+    """What a stage finished with these settings recorded in out/DONE; None when it has not. A stage
+    that finished with other settings (an edited config, other overrides, a rerun upstream stage) is
+    moved aside with its log, not reused and not deleted, and says so in one line."""
     done = out / "DONE"
-    if done.is_file():
-        return Path(done.read_text().strip())
+    if not done.is_file():
+        return None
+    try:
+        record = json.loads(done.read_text())
+    except ValueError:  # an older demo's marker, which recorded no settings
+        record = {}
+    if isinstance(record, dict) and record.get("settings") == settings:
+        return record["result"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = next(p for n in range(1000) if not (p := out.with_name(f"{out.name}.before-{stamp}" + (f"-{n}" if n else ""))).exists())
+    why = changed_setting(record["settings"], settings) if isinstance(record, dict) and "settings" in record else "no settings recorded"
+    print(f"{out} finished with other settings ({why}): moved to {aside.name}, running it again", flush=True)
+    out.rename(aside)
+    if out.with_suffix(".log").is_file():
+        out.with_suffix(".log").rename(aside.with_suffix(".log"))
+    return None
+
+
+def mark_finished(out: Path, settings: Dict[str, Any], result: str = "") -> str:
+    atomic_write_text(out / "DONE", json.dumps({"settings": settings, "result": result}))
+    return result
+
+
+def sft(model_dir: Path, out: Path, overrides: Sequence[str]) -> Path:
+    """Step 1 with torchtune's own recipe; reused when a run with these settings finished. Returns the checkpoint."""
+    settings = {"config": yaml.safe_load((CONF_DIR / "sft.yaml").read_text()), "overrides": list(overrides), "weights": weights_stamp(model_dir)}
+    done = finished(out, settings)
+    if done is not None:
+        return Path(done)
     for stale in out.glob("epoch_*"):  # a killed run's checkpoints must not pass for this one's
         shutil.rmtree(stale)
     cmd = [BIN / "tune", "run", "full_finetune_single_device", "--config", CONF_DIR / "sft.yaml",
@@ -124,14 +166,16 @@ def sft(model_dir: Path, out: Path, overrides: Sequence[str]) -> Path:
     for earlier in epochs[:-1]:  # torchtune saves every epoch; only the last is the starting policy
         shutil.rmtree(earlier)
     shutil.rmtree(out / "recipe_state", ignore_errors=True)  # optimizer state for resuming SFT: not needed
-    done.write_text(str(epochs[-1]))
-    return epochs[-1]
+    return Path(mark_finished(out, settings, str(epochs[-1])))
 
 
 def evaluate(name: str, checkpoint: Path, out: Path, label: str, seed: int, overrides: Sequence[str]) -> Dict:
-    if not (out / "eval.json").is_file():
-        rlaif(name, "evaluate", "demo/evaluate", [f"checkpoint_dir={checkpoint}", f"output_dir={out}", f"label={label}",
-                                                  f"seed={seed}", *overrides], out.with_suffix(".log"))  # fmt: skip
+    args = [f"checkpoint_dir={checkpoint}", f"output_dir={out}", f"label={label}", f"seed={seed}", *overrides]
+    settings = stage_settings("evaluate", "demo/evaluate", args)
+    if finished(out, settings) is None:
+        shutil.rmtree(out, ignore_errors=True)  # a killed evaluation starts over
+        rlaif(name, "evaluate", "demo/evaluate", args, out.with_suffix(".log"))
+        mark_finished(out, settings)
     return read_report(str(out), "eval")["metrics"]
 
 
@@ -144,31 +188,38 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def online(policy: Path, out: Path, row: str, seed: int, overrides: Sequence[str]) -> Path:
-    """Online DPO from `policy` with conf/demo/ROW.yaml; resumed if interrupted, skipped when finished."""
-    if not (out / "DONE").is_file():
-        resume = ["resume_from_checkpoint=true"] if any((out / "checkpoints").glob("step_*/checkpoint.json")) else []
-        if not resume:  # killed before its first checkpoint: nothing to resume, and a fresh run needs an empty dir
-            shutil.rmtree(out, ignore_errors=True)
-        rlaif(f"online DPO: {row}", "online_dpo", f"demo/{row}",
-              [f"checkpoint_dir={policy}", f"output_dir={out}", f"seed={seed}", *overrides, *resume], out.with_suffix(".log"))  # fmt: skip
-        (out / "DONE").write_text(str(latest_checkpoint(out / "checkpoints")))
-    return Path((out / "DONE").read_text().strip())
+    """Online DPO from `policy` with conf/demo/ROW.yaml; resumed if interrupted, skipped when finished
+    with these settings."""
+    args = [f"checkpoint_dir={policy}", f"output_dir={out}", f"seed={seed}", *overrides]
+    settings = stage_settings("online_dpo", f"demo/{row}", args)
+    done = finished(out, settings)
+    if done is not None:
+        return Path(done)
+    resume = ["resume_from_checkpoint=true"] if any((out / "checkpoints").glob("step_*/checkpoint.json")) else []
+    if not resume:  # killed before its first checkpoint: nothing to resume, and a fresh run needs an empty dir
+        shutil.rmtree(out, ignore_errors=True)
+    rlaif(f"online DPO: {row}", "online_dpo", f"demo/{row}", [*args, *resume], out.with_suffix(".log"))
+    return Path(mark_finished(out, settings, str(latest_checkpoint(out / "checkpoints"))))
 
 
 def offline(policy: Path, out: Path, seed: int, overrides: Sequence[str]) -> Path:
     """Row 1 the classic way: sample pairs once, judge them, DPO on the result; return the checkpoint.
-    Each stage's output directory is started afresh unless that stage finished (its DONE marker)."""
+    Each stage's output directory is started afresh unless that stage finished with these settings."""
     stages = [
         ("generate_pairs", "pairs", [f"checkpoint_dir={policy}"]),
         ("judge_pairs", "prefs", [f"checkpoint_dir={policy}", f"input_dir={out / 'pairs'}"]),
         ("dpo", "dpo", [f"checkpoint_dir={policy}", f"dataset.source={out / 'prefs'}", *overrides]),
     ]
+    upstream = None
     for recipe, name, args in stages:
         stage_dir = out / name
-        if not (stage_dir / "DONE").is_file():
+        args = [*args, f"output_dir={stage_dir}", f"seed={seed}"]
+        settings = stage_settings(recipe, f"demo/offline_{recipe}", args, after=upstream)
+        if finished(stage_dir, settings) is None:
             shutil.rmtree(stage_dir, ignore_errors=True)
-            rlaif(f"offline: {recipe}", recipe, f"demo/offline_{recipe}", [*args, f"output_dir={stage_dir}", f"seed={seed}"], out / f"{recipe}.log")
-            (stage_dir / "DONE").write_text("")
+            rlaif(f"offline: {recipe}", recipe, f"demo/offline_{recipe}", args, out / f"{recipe}.log")
+            mark_finished(stage_dir, settings)
+        upstream = settings
     return latest_checkpoint(out / "dpo")
 
 

@@ -203,6 +203,12 @@ def _without_runtime(node: Any) -> Any:
     return {k: _without_runtime(v) for k, v in node.items() if k not in skip}
 
 
+def changed_setting(before: Mapping[str, Any], now: Mapping[str, Any]) -> Optional[str]:
+    """The first setting that differs between two recorded identities, as `key: old -> new`; None when alike."""
+    difference = _first_difference(before, now)
+    return None if difference is None else f"{difference[0]}: {_show(difference[1])} -> {_show(difference[2])}"
+
+
 def _first_difference(before: Any, now: Any, path: str = "") -> Optional[Tuple[str, Any, Any]]:
     """(dotted key, old value, new value) of the first setting that differs, in sorted key order."""
     if isinstance(before, dict) and isinstance(now, dict):

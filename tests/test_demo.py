@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,40 @@ def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_
     assert "Training curves of after: [online_x/run.png](online_x/run.png)" in text
     assert "| before | 60.0% | 100.0% | - | - |" in text and "| 83.3% |" in text  # percentages; "-": no cut for the start
     assert doc["metrics"]["rows"][0]["false-refusal cut"] is None
+
+
+def test_a_finished_stage_is_reused_only_with_the_settings_and_weights_it_ran_with(tmp_path: Path, capsys) -> None:
+    """A re-run of `make demo` after an edited config, another override or a rerun upstream stage
+    runs the stage again instead of showing its old result; the old output is moved aside, not lost."""
+    demo = _demo()
+    checkpoint, out = tmp_path / "sft" / "epoch_0", tmp_path / "eval" / "before"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    args = [f"checkpoint_dir={checkpoint}", f"output_dir={out}", "label=before"]
+
+    def settings(seed: int = 0):
+        return demo.stage_settings("evaluate", "demo/evaluate", [*args, f"seed={seed}"])
+
+    def finish(result: str) -> None:
+        out.mkdir(parents=True)
+        out.with_suffix(".log").write_text(result)
+        demo.mark_finished(out, settings(), result)
+
+    finish("first")
+    assert demo.finished(out, settings()) == "first"  # same settings, same weights: reused
+    assert demo.finished(out, settings(seed=1)) is None and not out.exists()
+    assert "seed: 0 -> 1): moved to before.before-" in capsys.readouterr().out
+    (aside,) = [p for p in tmp_path.glob("eval/before.before-*") if p.is_dir()]
+    assert json.loads((aside / "DONE").read_text())["result"] == "first" and aside.with_suffix(".log").read_text() == "first"
+
+    finish("second")
+    stamp = (checkpoint / "model.safetensors").stat().st_mtime + 5  # the SFT stage ran again and rewrote its weights
+    os.utime(checkpoint / "model.safetensors", (stamp, stamp))
+    assert demo.finished(out, settings()) is None and "(weights: " in capsys.readouterr().out
+
+    out.mkdir(parents=True)
+    (out / "DONE").write_text(str(checkpoint))  # an older demo's marker: no settings to compare
+    assert demo.finished(out, settings()) is None and "(no settings recorded)" in capsys.readouterr().out
 
 
 def test_a_stage_shows_its_step_bar_and_a_failure_names_its_log(tmp_path: Path, capsys) -> None:
