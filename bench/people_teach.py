@@ -12,13 +12,14 @@ answers on another style's pairs, routed or random, then agreement on that style
    pairs, each shown in a hash-picked order; every pair is a router candidate. "People" (simulated
    from XSTest's own labels: the human-preferred side wins) answer N of them, picked by the
    router's `rank_for_review` with a budget of N (routed, one row per `--rankings` entry:
-   `clusters`, the router's default, one most typical pair per k-means cluster of the pairs'
+   `clusters`, one most typical pair per k-means cluster of the pairs'
    encoder embeddings, `--cluster-seeds` k-means seeds: mean and spread; `clusters-uncertain`, the
    most uncertain pair per cluster; `clusters-coverage`, `clusters` with the one-style heads'
    training pairs as TypiClust's labelled set (`coverage_sketch`: 128 k-means centres), so the
    clusters they cover go last; `strata`, the budget shared over ceil(sqrt(N)) k-means strata in
    proportion to their sizes, a stratum's share one most typical pair per k-means sub-cluster of
-   it; `uncertainty`, the most uncertain first) or at random
+   it; `badge`, the router's default, k-means++ seeding on the embeddings scaled by the judge's
+   doubt, `--cluster-seeds` draws; `uncertainty`, the most uncertain first) or at random
    (`--random-seeds` seeds: mean and spread), written as a real review queue and human_labels.jsonl.
 3. Retrain with `feedback=[review_answers(that run)]` (weight 1, harm reader frozen) and measure
    agreement on SmolLM2's held-out pairs (never in the pool).
@@ -59,7 +60,7 @@ LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smol
 METRICS = (("helpful_harmless", "all"), ("false_refusal", "safe"))
 RANKINGS = {  # name: (within, allocation) for cluster_picks; None: most uncertain first
     "clusters": ("typical", "one"), "clusters-uncertain": ("uncertain", "one"), "clusters-coverage": ("typical", "one"),
-    "strata": ("typical", "proportional"), "uncertainty": None,
+    "strata": ("typical", "proportional"), "badge": ("typical", "badge"), "uncertainty": None,
 }  # fmt: skip
 
 

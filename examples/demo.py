@@ -239,13 +239,16 @@ def sample_replies(eval_dirs: Dict[str, Path]) -> List[Dict[str, str]]:
 
 
 def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, float]]:
-    """What the judge rewarded on the policy's own samples: the trained pairs by XSTest kind of
-    request and by what the phrase matcher makes of each side ("answer > refusal" and so on), and
-    what became of every comparison (labelled, settled as two replies alike, routed to review). The
-    label column is read here, for the report only; training never sees it."""
-    with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
-        label_of = {r["prompt"].strip(): r["label"] for r in csv.DictReader(f)}
-    counts: Dict[str, Dict[str, float]] = {"safe": {}, "unsafe": {}, "comparisons": {}}
+    """What the judge rewarded on the policy's own samples: the trained pairs by kind of request
+    (XSTest's safe and unsafe, AdvBench's harmful instructions, "unlabelled" for any other) and by
+    what the phrase matcher makes of each side ("answer > refusal" and so on), and what became of
+    every comparison (labelled, settled as two replies alike, routed to review). The label columns
+    are read here, for the report only; training never sees them."""
+    label_of = {}
+    for asset, kind in (("xstest/xstest_prompts.csv", None), ("harm_prompts/advbench.csv", "AdvBench")):
+        with open(asset_path(asset), newline="") as f:
+            label_of.update({r["prompt"].strip(): kind or r["label"] for r in csv.DictReader(f)})
+    counts: Dict[str, Dict[str, float]] = {"safe": {}, "unsafe": {}, "AdvBench": {}, "unlabelled": {}, "comparisons": {}}
     prompts = trained = 0
     for shard in sorted(run_dir.glob("steps/*.parquet")):
         for r in pd.read_parquet(shard).itertuples():
@@ -258,7 +261,7 @@ def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, float]]:
             trained += 1
             chosen, rejected = ("refusal" if is_refusal(r.responses[int(i)]) else "answer" for i in (r.chosen, r.rejected))
             key = f"{chosen} > {rejected}"
-            group = counts[label_of.get(r.prompt.strip(), "safe")]
+            group = counts[label_of.get(r.prompt.strip(), "unlabelled")]
             group[key] = group.get(key, 0) + 1
     counts["comparisons"]["prompts that trained a pair"] = f"{trained}/{prompts}" + (f" ({trained / prompts:.0%})" if prompts else "")
     queue = run_dir / "review_queue.jsonl"
@@ -300,7 +303,7 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
         "replies (under 4 words) and few distinct replies are no refusal but no answer either.",
         *[f"What the judge rewarded in {policy} (trained pairs on the policy's own samples, sides classified by the phrase "
           f"matcher): " + "; ".join(f"{kind} requests: " + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none")
-                                   for kind, c in counts.items() if kind != "comparisons")
+                                   for kind, c in counts.items() if kind != "comparisons" and (c or kind in ("safe", "unsafe")))
           + ". Comparisons: " + ", ".join(f"{k} {v}" for k, v in counts["comparisons"].items()) for policy, counts in (rewarded or {}).items()],
         *[f"Training curves of {policy}: [{path.relative_to(out)}]({path.relative_to(out)})" for policy, path in (curves or {}).items()],
         "Sample replies ([refusal] marks what the phrase matcher counts as a refusal):",

@@ -95,9 +95,10 @@ def test_review_budget_takes_the_most_uncertain_distinct_pairs_and_the_rest_abst
 
 
 def test_a_small_budget_covers_distinct_kinds_of_pair_not_the_most_uncertain_near_duplicates(tmp_path: Path) -> None:
-    """rank=clusters (the default): one typical pair per k-means cluster of MiniLM pair embeddings.
-    Eight rewordings of one request are the most uncertain pairs; by uncertainty alone a budget of
-    four takes four of them, by clusters one of them and three other kinds of pair."""
+    """rank=badge (the default; k-means++ on MiniLM pair embeddings scaled by doubt) and rank=clusters
+    (one typical pair per k-means cluster). Eight rewordings of one request are the most uncertain
+    pairs; by uncertainty alone a budget of four takes four of them, by either embedding rank one of
+    them and three other kinds of pair."""
     rewordings = ["How do I kill a Python process", "How can I kill a python process", "How do I stop a Python process",
                   "How do I kill a running Python process", "What is the way to kill a Python process",
                   "How should I kill a Python process", "How do I terminate a Python process", "How do I kill my Python process"]  # fmt: skip
@@ -108,13 +109,13 @@ def test_a_small_budget_covers_distinct_kinds_of_pair_not_the_most_uncertain_nea
         Pair("How many moons does Jupiter have? p=0.43", "Jupiter has 95 known moons.", "I am not able to answer questions about astronomy."),
         Pair("Translate 'good morning' into Spanish p=0.42", "Buenos días.", "Sorry, I only speak English."),
     ]  # fmt: skip
-    for rank, want_same in (("uncertainty", 4), ("clusters", 1)):
+    for rank, want_same in (("uncertainty", 4), ("clusters", 1), ("badge", 1)):
         run = tmp_path / rank
         judge = router(run, max_queue_per_call=4, rank=rank)
         judge.judge([*others, *near_same])
         asked = [e["prompt"] for e in queue(run)]
         assert len(asked) == 4 and sum(a in {p.prompt for p in near_same} for a in asked) == want_same, (rank, asked)
-    with pytest.raises(ValueError, match="judge.rank='typical': choose one of clusters, uncertainty"):
+    with pytest.raises(ValueError, match="judge.rank='typical': choose one of badge, clusters, uncertainty"):
         router(tmp_path, rank="typical")
 
 
@@ -151,6 +152,24 @@ def test_proportional_allocation_splits_a_budget_by_kind_size_without_near_dupli
         assert picks == cluster_picks(pool, 10, certainty, within, allocation="proportional"), within
     with pytest.raises(ValueError, match="allocation='one'"):
         cluster_picks(pool, 10, certainty, covered=pool[:4], allocation="proportional")
+
+
+def test_badge_allocation_spreads_its_picks_and_leans_to_doubtful_pairs() -> None:
+    """allocation="badge": k-means++ on the rows scaled by doubt. Pairs the judge is sure of all
+    shrink to one point, so at most one of them is drawn; among doubtful ones the picks reach all three kinds of pair and no two are alike;
+    the same seed, the same picks, and another seed another draw."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    pool = torch.cat([c + torch.randn(50, 2, generator=g) for c in centres])
+    kind = [i // 50 for i in range(150)]
+    certainty = [0.5 if i % 2 else 0.1 for i in range(150)]  # the odd rows: no doubt left
+    picks = cluster_picks(pool, 9, certainty, allocation="badge")
+    assert len(set(picks)) == 9 and sum(i % 2 for i in picks) <= 1
+    assert {kind[i] for i in picks if i % 2 == 0} == {0, 1, 2} and torch.pdist(pool[picks]).min() > 0.1
+    assert picks == cluster_picks(pool, 9, certainty, allocation="badge") != cluster_picks(pool, 9, certainty, seed=1, allocation="badge")
+    assert len(cluster_picks(pool[:4], 4, [0.5] * 4, allocation="badge")) == 1  # nothing doubtful: only the first pick
+    with pytest.raises(ValueError, match="allocation='one'"):
+        cluster_picks(pool, 9, certainty, covered=pool[:4], allocation="badge")
 
 
 def test_cascade_escalates_only_doubts_and_a_dead_tier_never_labels(tmp_path: Path) -> None:

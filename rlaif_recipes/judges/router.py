@@ -18,11 +18,12 @@ judge=annotator. A routed pair still waiting abstains ("awaiting human review"),
 What people see is budgeted: `max_queue` (pairs in the queue file, over the whole run) and
 `max_queue_per_call` (per `judge` call: one online step, one judge_pairs shard). Within them the
 routed pairs that would teach the judge most go first (`rank_for_review`): high-stakes ones, then
-(`rank: clusters`) one pair from each of as many k-means clusters of the pairs' sentence
-embeddings as the budget has room for, the most typical of its cluster: on a small budget, labels
-that cover the kinds of pair the judge meets teach it more than the most uncertain ones, which are
-its outliers (bench/RESULTS.md, "A budget-aware ranking": ahead of them at 25-100 labels, level
-with a random draw); or (`rank: uncertainty`, and beyond the budget) by uncertainty (P(A) nearest
+(`rank: badge`) k-means++ seeding on the pairs' sentence embeddings scaled by the judge's doubt
+(BADGE, Ash et al. 2020): picks spread over the kinds of pair like a random draw, leaning to the
+doubtful ones, never two alike (bench/RESULTS.md, "BADGE": ahead of the other rankings at 25 and
+50 labels, 1-2 sd behind a random draw at 100 and 200); or (`rank: clusters`) one pair from each of as many
+k-means clusters as the budget has room for, the most typical of its cluster (TypiClust); or
+(`rank: uncertainty`, and beyond the budget) by uncertainty (P(A) nearest
 0.5; an abstain or an order disagreement counts as fully uncertain); and at most `max_per_prompt`
 pairs of one request (spaces and case aside) in the queue, so not fifty near-identical pairs. A
 routed pair beyond the budget is not queued and abstains ("beyond the review budget"), whatever
@@ -104,7 +105,7 @@ class RouterJudge(PairwiseJudge):
         max_queue: Optional[int] = None,
         max_queue_per_call: Optional[int] = None,
         max_per_prompt: Optional[int] = None,
-        rank: str = "clusters",
+        rank: str = "badge",
         escalate: Optional[Union[PairwiseJudge, Mapping[str, Any]]] = None,
         escalate_min_confidence: float = 0.0,
         name: Optional[str] = None,
@@ -231,8 +232,9 @@ class RouterJudge(PairwiseJudge):
         room = [] if self.max_queue is None else [self.max_queue - len(queued)]
         room += [] if self.max_queue_per_call is None else [self.max_queue_per_call]
         fresh = [c for c in candidates if c["pair_id"] not in queued]
-        embed = self._embed if self.rank == "clusters" else None
-        return [c for c in candidates if c["pair_id"] in queued] + rank_for_review(fresh, max(0, min(room)), embed)
+        allocation = ALLOCATION_OF_RANK.get(self.rank)
+        ranked = rank_for_review(fresh, max(0, min(room)), self._embed if allocation else None, allocation=allocation or "one")
+        return [c for c in candidates if c["pair_id"] in queued] + ranked
 
     def _embed(self, candidates: List[Dict[str, Any]]) -> torch.Tensor:
         """The candidates' pair vectors, from the inner judge's sentence encoder where it has one
@@ -331,7 +333,8 @@ def prompt_key(prompt: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", prompt.lower()).split())
 
 
-RANKS = ("clusters", "uncertainty")
+RANKS = ("badge", "clusters", "uncertainty")
+ALLOCATION_OF_RANK = {"badge": "badge", "clusters": "one"}  # the ranks that choose from pair embeddings
 
 
 def rank_for_review(
@@ -350,7 +353,8 @@ def rank_for_review(
     budget, labels that cover what the judge will meet teach more than its oddest pairs); with
     `"proportional"`, the budget shared over ceil(sqrt(budget)) k-means strata in proportion to
     their sizes (a random draw's match to the pool, without its luck), each stratum's share one
-    pick per k-means sub-cluster of it. The pick is the cluster's most typical pair
+    pick per k-means sub-cluster of it; with `"badge"`, k-means++ seeding on the embeddings scaled
+    by doubt (`_badge_picks`), no clusters. The pick is the cluster's most typical pair
     (`within="typical"`) or its most uncertain (`"uncertain"`); after them, and without a budget, the most
     uncertain first (P(A) nearest 0.5; abstains and order disagreements count as 0.5), and among
     equals the request seen fewest times so far in this list. `seed`: k-means's. `covered`
@@ -376,7 +380,7 @@ def rank_for_review(
 
 
 WITHIN = ("typical", "uncertain")
-ALLOCATIONS = ("one", "proportional")
+ALLOCATIONS = ("one", "proportional", "badge")
 
 
 def cluster_picks(
@@ -398,7 +402,8 @@ def cluster_picks(
     allocation="proportional": ceil(sqrt(k)) k-means strata share k by size (largest remainders,
     `proportional_shares`), a stratum's share a picks from its a k-means sub-clusters, largest
     first; the strata interleave so that any prefix of the picks is near-proportional too.
-    k-means is seeded: the same rows give the same picks."""
+    allocation="badge": no clusters; k-means++ seeding on the rows scaled by doubt (`_badge_picks`).
+    k-means (and k-means++) is seeded: the same rows give the same picks."""
     if within not in WITHIN:
         raise ValueError(f"within={within!r}: one of {', '.join(WITHIN)}")
     if allocation not in ALLOCATIONS:
@@ -407,11 +412,31 @@ def cluster_picks(
         if covered is not None:
             raise ValueError("covered= is for allocation='one' (TypiClust with a labelled set)")
         return _stratified_picks(x, k, certainty, within, neighbours, seed)
+    if allocation == "badge":
+        if covered is not None:
+            raise ValueError("covered= is for allocation='one' (TypiClust with a labelled set)")
+        return _badge_picks(x, k, certainty, seed)
     m = 0 if covered is None else len(covered)
     labels = kmeans(torch.cat([x, covered]) if m else x, k + m, seed=seed)
     labels, covering = labels[: len(x)], Counter(labels[len(x) :].tolist())
     clusters = sorted(set(labels.tolist()), key=lambda c: (covering[c], -(labels == c).sum().item(), c))[:k]
     return [_cluster_pick(x, (labels == c).nonzero().squeeze(1), certainty, within, neighbours) for c in clusters]
+
+
+def _badge_picks(x: torch.Tensor, k: int, certainty: Sequence[float], seed: int) -> List[int]:
+    """`cluster_picks(allocation="badge")`: k-means++ seeding on each row scaled by the judge's doubt
+    (0.5 - certainty), BADGE's gradient embedding for a logistic judge (Ash et al. 2020): the first
+    pick is the most doubtful far-out pair, each next one drawn with probability rising with its
+    squared distance to the picks so far. Spread like a random draw, leaning to doubtful pairs,
+    never two alike; rows with no doubt left (all at distance 0) are not drawn."""
+    g = x * (0.5 - torch.tensor(certainty, dtype=x.dtype)).clamp(min=0).unsqueeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    picks = [int(g.norm(dim=1).argmax())]
+    distance = ((g - g[picks[0]]) ** 2).sum(1)
+    while len(picks) < k and distance.sum() > 0:
+        picks.append(int(torch.multinomial(distance, 1, generator=generator)))
+        distance = torch.minimum(distance, ((g - g[picks[-1]]) ** 2).sum(1))
+    return picks
 
 
 def _stratified_picks(x: torch.Tensor, k: int, certainty: Sequence[float], within: str, neighbours: int, seed: int) -> List[int]:
