@@ -408,13 +408,11 @@ def cluster_picks(
         raise ValueError(f"within={within!r}: one of {', '.join(WITHIN)}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}: one of {', '.join(ALLOCATIONS)}")
+    if covered is not None and allocation != "one":
+        raise ValueError("covered= is for allocation='one' (TypiClust with a labelled set)")
     if allocation == "proportional":
-        if covered is not None:
-            raise ValueError("covered= is for allocation='one' (TypiClust with a labelled set)")
         return _stratified_picks(x, k, certainty, within, neighbours, seed)
     if allocation == "badge":
-        if covered is not None:
-            raise ValueError("covered= is for allocation='one' (TypiClust with a labelled set)")
         return _badge_picks(x, k, certainty, seed)
     m = 0 if covered is None else len(covered)
     labels = kmeans(torch.cat([x, covered]) if m else x, k + m, seed=seed)
