@@ -426,7 +426,8 @@ def _badge_picks(x: torch.Tensor, k: int, certainty: Sequence[float], seed: int)
     (0.5 - certainty), BADGE's gradient embedding for a logistic judge (Ash et al. 2020): the first
     pick is the most doubtful far-out pair, each next one drawn with probability rising with its
     squared distance to the picks so far. Spread like a random draw, leaning to doubtful pairs,
-    never two alike; rows with no doubt left (all at distance 0) are not drawn."""
+    never two alike. Rows with no doubt left all shrink to one point, so at most one of them is
+    drawn; once every row sits at distance 0 from a pick, the picks stop short of k."""
     g = x * (0.5 - torch.tensor(certainty, dtype=x.dtype)).clamp(min=0).unsqueeze(1)
     generator = torch.Generator().manual_seed(seed)
     picks = [int(g.norm(dim=1).argmax())]
