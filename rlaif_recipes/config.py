@@ -24,7 +24,6 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-from torchtune.config._utils import _get_component_from_path
 
 from rlaif_recipes.errors import ConfigError, RecipeError, debug, one_line
 from rlaif_recipes.files import atomic_write_text
@@ -172,9 +171,17 @@ def build(spec: Any, key: str = "") -> Any:
     return spec
 
 
+def _component(path: str) -> Any:
+    """The object at a dotted path, as torchtune's `config.instantiate` finds it. Imported here:
+    torchtune's import takes seconds, and `rlaif` commands that only compose configs never need it."""
+    from torchtune.config._utils import _get_component_from_path
+
+    return _get_component_from_path(path)
+
+
 def _import(path: str, key: str) -> Any:
     try:
-        return _get_component_from_path(path)
+        return _component(path)
     except Exception:
         raise ConfigError(f"{key or 'a component'}={path}: cannot import it; give a dotted path module.name that exists") from None
 
@@ -309,7 +316,7 @@ def _check_components(node: Any, path: str) -> None:
 def _check_signature(node: DictConfig, path: str) -> None:
     target = node["_component_"]
     try:
-        component = _get_component_from_path(target)
+        component = _component(target)
     except Exception:
         raise ConfigError(f"{path}._component_: cannot import '{target}'; check the dotted path (module.attribute)") from None
     params, hints, takes_any = _parameters(component)

@@ -34,9 +34,9 @@ def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reward_model")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        # the readers for 2 epochs, the harm reader on 300 requests per source and label: minutes, not the full run's
+        # the readers for 2 epochs, the harm reader on 200 requests per source and label: minutes, not the full run's
         [str(Path(sys.executable).parent / "rlaif"), "train-reward-model", f"output_dir={out}",
-         "harm_data.max_per_source=300", "harm_reader.epochs=2", "answer_reader.epochs=2"],
+         "harm_data.max_per_source=200", "harm_reader.epochs=2", "answer_reader.epochs=2"],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -78,7 +78,7 @@ def test_retrained_heads_agree_with_humans_on_held_out_pairs(trained: Path) -> N
     agreement = config["held_out_agreement"]
     assert config["data"]["held_out"]["pairs"] == sum(agreement["pairs"][g] for g in ("safe", "unsafe")) > 50
     # helpful_harmless must get both kinds of request right, above the 0.5 of a coin. This quickly
-    # trained harm reader (0.62 / 0.86 here) flags more benign XSTest prompts than the shipped one
+    # trained harm reader (0.69 / 0.85 here) flags more benign XSTest prompts than the shipped one
     # (0.78 / 0.93, test_shipped_head_agrees_with_humans_as_recorded): safe pairs are where it is weak.
     assert agreement["helpful_harmless"]["safe"] > 0.55 and agreement["helpful_harmless"]["unsafe"] > 0.75
     assert agreement["helpful_harmless"]["all"] > 0.65
