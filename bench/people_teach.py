@@ -2,7 +2,7 @@
 answers on another style's pairs, routed or random, then agreement on that style's held-out pairs.
 
     PYTHONPATH=. python bench/people_teach.py --out /tmp/people_teach [--ns 25 50 100 200] [--random-seeds 5]
-        [--rankings clusters uncertainty] [--cluster-seeds 1] [--validate]
+        [--rankings clusters uncertainty] [--cluster-seeds 1] [--rounds] [--validate]
 
 1. `one-style` heads: `rlaif train-reward-model` on Llama-2-chat's XSTest pairs only, the harm
    reader frozen from the shipped head (`init_from`), without an answer reader (the shipped one
@@ -23,6 +23,10 @@ answers on another style's pairs, routed or random, then agreement on that style
    (`--random-seeds` seeds: mean and spread), written as a real review queue and human_labels.jsonl.
 3. Retrain with `feedback=[review_answers(that run)]` (weight 1, harm reader frozen) and measure
    agreement on SmolLM2's held-out pairs (never in the pool).
+`--rounds`: the loop a team runs (judge -> review -> retrain -> re-judge). Each routed arm answers
+in rounds up the `--ns`: at N it keeps the answers of the N before, re-judges the pool with the heads
+retrained on them, and routes N minus those among the pairs not yet answered; the label budget is
+the same as random's.
 `--validate`: the other direction, to choose a ranking without reading SmolLM2's held-out pairs:
 heads on SmolLM2's pairs only learn Llama-2's style (pool: Llama-2's training pairs; agreement on
 Llama-2's held-out pairs).
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, default=5)
     parser.add_argument("--rankings", nargs="+", choices=sorted(RANKINGS), default=["clusters", "uncertainty"])
     parser.add_argument("--cluster-seeds", type=int, default=1, help="k-means seeds per cluster ranking (the router uses seed 0)")
+    parser.add_argument("--rounds", action="store_true",
+                        help="routed arms answer in rounds: each N keeps the last N's answers and routes the rest by the judge retrained on them")
     parser.add_argument("--validate", action="store_true", help="SmolLM2-only heads learn Llama-2's style: never reads SmolLM2's held-out pairs")
     args = parser.parse_args()
     out, started = Path(args.out), time.time()
@@ -134,16 +140,22 @@ def main() -> None:
     known_pairs = [{"prompt": r["prompt"], "response_a": r["chosen"], "response_b": r["rejected"]}
                    for r in xstest_pairs(completions=[asset_path(known)], split="train")]  # fmt: skip
     covered = coverage_sketch(pair_embeddings(encoder, known_pairs))
-    picked = {}
-    for n in [n for n in args.ns if n < len(pool)]:
+    picked: Dict[str, List[Dict]] = {}
+    rounds: Dict[tuple, tuple] = {}  # (ranking, seed): (the heads retrained on its answers so far, those answers), with --rounds
+    for n in sorted(n for n in args.ns if n < len(pool)):
         for ranking in args.rankings:
             clustered, scores = RANKINGS[ranking], []
             within, allocation = clustered or ("typical", "one")
             for seed in range(args.cluster_seeds if clustered else 1):
                 embed = (lambda c: pair_embeddings(encoder, c)) if clustered else None
                 name = f"{ranking}_{n}" + (f"_{seed}" if seed else "")
-                picked[name] = rank_for_review(pool, budget=n, embed=embed, within=within, seed=seed, allocation=allocation,
-                                               covered=covered if ranking == "clusters-coverage" else None)[:n]
+                head, answered = rounds.get((ranking, seed), (out / "one_style", []))
+                asked = {c["pair_id"] for c in answered}
+                rest = [c for c in (candidates(head, taught) if answered else pool) if c["pair_id"] not in asked]
+                picked[name] = answered + rank_for_review(rest, budget=n - len(answered), embed=embed, within=within, seed=seed, allocation=allocation,
+                                                          covered=covered if ranking == "clusters-coverage" else None)[: n - len(answered)]  # fmt: skip
+                if args.rounds:
+                    rounds[ranking, seed] = (out / name, picked[name])
                 scores.append(train(out, name, [known], taught, cache, answered_run(out, f"run_{name}", picked[name])))
             table[f"{ranking} N={n}"] = spread(scores)
         scores = []
