@@ -35,6 +35,7 @@ def test_each_row_config_is_one_rlaif_run_with_its_rubric_and_prompts() -> None:
     assert headline._component_ == "rlaif_recipes.data.prompt_mixture" and set(headline.parts) == {"xstest", "advbench"}
     assert all(part.split == "train" and part.where is None for part in headline.parts.values())  # harm comes from the text, not a label
     assert rows["unnecessary_refusal"].judge.judge.settle_same_kind  # two answers to a harmful request never train
+    assert rlaif_config.load("demo/offline_generate_pairs", []).data == headline  # make demo-offline samples the headline row's prompts
     # The headline row is the blind-spot row but for rubric, prompts, steps and learning rate.
     same = ("n", "prompts_per_step", "sampler", "loss")
     assert all(rows["false_refusal"][k] == rows["unnecessary_refusal"][k] for k in same)

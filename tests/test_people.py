@@ -270,14 +270,15 @@ def retrain(out: Path, cache: Path, feedback_run: Path = None) -> dict:
 
 
 @pytest.mark.slow
-def test_routed_review_answers_in_another_style_raise_agreement_on_that_style(tmp_path: Path) -> None:
-    """One-style heads route SmolLM2's pairs through the real router (a budget of 40), "people"
-    answer the queue from XSTest's labels, and the retrained heads agree more with humans on
-    SmolLM2's held-out pairs; the retrained head is a new judge identity (no cache reuse)."""
+def test_review_rounds_in_another_style_teach_the_judge_and_never_ask_twice(tmp_path: Path) -> None:
+    """The loop a team runs, twice: one-style heads route SmolLM2's pairs through the real router (a
+    budget of 20), "people" answer the queue from XSTest's labels, the heads retrain on the answers,
+    and the retrained judge routes the next 20 into the same queue, never a pair already answered.
+    The heads retrained on all 40 answers agree more with humans on SmolLM2's held-out pairs; each
+    retrained head is a new judge identity (no cache reuse)."""
     cache = tmp_path / "embeddings.safetensors"
     before = retrain(tmp_path / "one_style", cache)
     rubric = yaml.safe_load((rlaif_config.CONF_DIR / "rubric" / "helpful_harmless.yaml").read_text())
-    old = RewardModelJudge(str(tmp_path / "one_style"), rubric=rubric)
     pool = xstest_pairs(completions=[asset_path(SMOL)], split="train").select(range(160))
     human = {}
     pairs = []
@@ -286,19 +287,29 @@ def test_routed_review_answers_in_another_style_raise_agreement_on_that_style(tm
         pairs.append(p)
         human[pair_id(p)] = "A" if i % 2 else "B"
     run = tmp_path / "run"
-    RouterJudge(old, review_path=str(run / "review_queue.jsonl"), min_confidence=0.5, max_queue=40).judge(pairs)
-    asked = queue(run)
-    assert len(asked) == 40
-    (run / "human_labels.jsonl").write_text("".join(json.dumps({"pair_id": e["pair_id"], "verdict": human[e["pair_id"]]}) + "\n" for e in asked))
+    heads, asked, identities = tmp_path / "one_style", [], []
+    for budget, taught in ((20, tmp_path / "taught_20"), (40, tmp_path / "taught_40")):
+        judge = RewardModelJudge(str(heads), rubric=rubric)
+        identities.append(judge.identity()["head_sha256"])
+        routed = RouterJudge(judge, review_path=str(run / "review_queue.jsonl"), human_labels_path=str(run / "human_labels.jsonl"),
+                             min_confidence=0.5, max_queue=budget)  # fmt: skip
+        routed.judge(pairs)
+        assert routed.metrics["human_labels"] == len(asked)  # last round's answers stand in for the judge
+        fresh = queue(run)[len(asked) :]
+        assert len(fresh) == 20 and not {e["pair_id"] for e in fresh} & {e["pair_id"] for e in asked}
+        asked += fresh
+        with open(run / "human_labels.jsonl", "a") as f:
+            f.writelines(json.dumps({"pair_id": e["pair_id"], "verdict": human[e["pair_id"]]}) + "\n" for e in fresh)
+        after = retrain(taught, cache, run)
+        heads = taught
 
-    after = retrain(tmp_path / "taught", cache, run)
     was, now = before["held_out_agreement"]["helpful_harmless"]["all"], after["held_out_agreement"]["helpful_harmless"]["all"]
     assert now > was + 0.02, (was, now)
     (fed,) = after["data"]["feedback"]
     assert fed["counts"]["pairs"] == 40 and fed["weight"] == 1.0 and str(run / "human_labels.jsonl") in fed["provenance"]["files"]
     assert after["data"]["init_from"]["head_sha256"] == before["data"]["init_from"]["head_sha256"]  # the same frozen harm reader
-    new = RewardModelJudge(str(tmp_path / "taught"), rubric=rubric)
-    assert new.identity()["head_sha256"] != old.identity()["head_sha256"]  # a new judge: old cached judgments are not its
+    identities.append(RewardModelJudge(str(heads), rubric=rubric).identity()["head_sha256"])
+    assert len(set(identities)) == 3  # each retrained head is a new judge: old cached judgments are not its
 
 
 def test_the_demo_reports_each_rows_review_queue_and_how_to_start_reviewing(tmp_path: Path) -> None:

@@ -149,6 +149,7 @@ class TrainRewardModelRecipe:
         if not 0 <= self._answer_cfg.layers <= 6 or self._answer_cfg.epochs < 1:
             raise ConfigError(f"answer_reader.layers={self._answer_cfg.layers}, epochs={self._answer_cfg.epochs}: layers in 0..6 (0 = none), at least one epoch")
         self._init_from = self._start_head(cfg.init_from)
+        self._answer_states = None  # (texts, token states, mask) the answer reader trains on, kept to read them once
         self._encoder = config.instantiate(cfg.encoder)
         if self._init_from:  # its readers, frozen: only the two small heads retrain
             if self._init_from["config"]["encoder"]["fingerprint"] != self._encoder.fingerprint:
@@ -294,11 +295,25 @@ class TrainRewardModelRecipe:
             a, cfg = self._labelled_responses(self._train, self._feedback), self._answer_cfg
             log.info(f"reading {len(a['text'])} labelled responses through the frozen encoder layers")
             states, mask = self._encoder.token_states(a["text"], below=cfg.layers, part="response")
+            self._answer_states = (a["text"], states, mask)
             train_reader(
                 self._answer_reader, states, mask, a["answers"], source_weights(a["source"], a["answers"]),
                 name="answer reader", epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
                 seed=self._seed, log_every=1,
             )  # fmt: skip
+
+    def _answer_logits(self, texts: List[str]) -> torch.Tensor:
+        """The fixed answer reader's logit for each distinct response. The responses it trained on
+        are read from the token states it trained on: the frozen layers would give the same again."""
+        if self._answer_reader is None or self._answer_states is None:
+            return read_answers(self._answer_reader, self._encoder, texts)
+        trained_on, states, mask = self._answer_states
+        row = {t: i for i, t in enumerate(trained_on)}
+        seen, rest = [t for t in texts if t in row], [t for t in texts if t not in row]
+        rows = torch.tensor([row[t] for t in seen], dtype=torch.long)
+        logit = dict(zip(seen, self._answer_reader.logits(states[rows], mask[rows]).tolist()))
+        logit.update(zip(rest, read_answers(self._answer_reader, self._encoder, rest).tolist()))
+        return torch.tensor([logit[t] for t in texts])
 
     def train(self) -> None:
         self._train_readers()
@@ -307,12 +322,13 @@ class TrainRewardModelRecipe:
             self._answer_reader.requires_grad_(False)
         for d in (self._train, self._held_out, *(f for f in self._feedback if "prompt" in f)):  # the readers are fixed from here on
             d["harm"] = read_texts(self._harm, self._encoder, d["prompt"])
-            for side in ("chosen", "rejected", "fragment"):
-                if f"{side}_text" in d:
-                    d[f"{side}_read"] = read_answers(self._answer_reader, self._encoder, d[f"{side}_text"])
-        for f in self._feedback:
-            if "response_text" in f:
-                f["response_read"] = read_answers(self._answer_reader, self._encoder, f["response_text"])
+        sides = [(d, side) for d in (self._train, self._held_out, *self._feedback)
+                 for side in ("chosen", "rejected", "fragment", "response") if f"{side}_text" in d]  # fmt: skip
+        texts = list(dict.fromkeys(t for d, side in sides for t in d[f"{side}_text"]))
+        self._answer_logit = dict(zip(texts, self._answer_logits(texts).tolist()))  # the answer reader's report reads it too
+        self._answer_states = None  # read: free them before the heads train
+        for d, side in sides:
+            d[f"{side}_read"] = torch.tensor([self._answer_logit[t] for t in d[f"{side}_text"]])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the heads are tiny: thread synchronisation costs more than the math
         try:
@@ -420,7 +436,7 @@ class TrainRewardModelRecipe:
         if self._answer_reader is None:
             return None
         a = self._labelled_responses(self._held_out)
-        p_answer = torch.sigmoid(read_answers(self._answer_reader, self._encoder, a["text"]))
+        p_answer = torch.sigmoid(torch.tensor([self._answer_logit[t] for t in a["text"]]))
         accuracy, mean_p = accuracy_by_group(p_answer, a["answers"], a["source"], names=("answer", "refusal"))
         _print_reader_table("answer reader on held-out responses (accuracy at P=0.5 | mean P(answer)):", accuracy, mean_p, a["source"], a["answers"], ("answer", "refusal"))
         return {"accuracy": accuracy, "mean_p_answer": mean_p}
