@@ -18,6 +18,7 @@ import torch
 from conftest import load_policy, run_cli
 from safetensors.torch import load_file
 from test_dpo import run_dpo
+from test_online_dpo import cache_keys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlaif_recipes.policy import full_state_dict
@@ -177,7 +178,8 @@ def run_ok(cwd: Path, args: List[str]) -> None:
 def test_lora_online_dpo_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path: Path, smollm2_dir: Path) -> None:
     """LoRA online DPO in bf16 (where native): the checkpoint is a merged HF directory transformers loads (no
     adapter names, weights moved from the start), and a run killed after its step-2 checkpoint
-    and resumed ends with exactly the weights of a run that was never interrupted."""
+    and resumed ends with exactly the weights of a run that was never interrupted, having paid for
+    no judgment twice (the plain loop's kill -9 test; test_online_dpo's runs the async loop)."""
     lora = ["model=hf_lora", "max_steps=3", "save_every_n_steps=2"]
     full = tmp_path / "full"
     run_ok(tmp_path, online_args(smollm2_dir, full, *lora))
@@ -194,6 +196,7 @@ def test_lora_online_dpo_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
+    keys_at_kill = cache_keys(killed)
     run_ok(tmp_path, online_args(smollm2_dir, killed, *lora, "resume_from_checkpoint=true"))
 
     done, resumed = checkpoint_weights(full, 3), checkpoint_weights(killed, 3)
@@ -206,6 +209,9 @@ def test_lora_online_dpo_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path:
     state = torch.load(killed / "checkpoints" / "step_0000003" / "training_state.pt", weights_only=True)
     assert state["adapter"] and all("lora_" in k for k in state["adapter"])
     assert [m["step"] for m in metrics(killed)] == [1, 2, 3]
+    # no judgment made before the kill was requested again: the resumed run paid only for new ones
+    assert cache_keys(killed) == cache_keys(full)
+    assert metrics(killed)[2]["judge_totals"]["requests"] - metrics(killed)[1]["judge_totals"]["requests"] == len(cache_keys(killed) - keys_at_kill)
     assert sum(m["pairs/trained"] for m in metrics(full)) > 0
     model = AutoModelForCausalLM.from_pretrained(killed / "checkpoints" / "step_0000003", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(killed / "checkpoints" / "step_0000003")
