@@ -50,7 +50,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,6 @@ class TrainRewardModelRecipe:
         if not 0 <= self._answer_cfg.layers <= 6 or self._answer_cfg.epochs < 1:
             raise ConfigError(f"answer_reader.layers={self._answer_cfg.layers}, epochs={self._answer_cfg.epochs}: layers in 0..6 (0 = none), at least one epoch")
         self._init_from = self._start_head(cfg.init_from)
-        self._answer_states = None  # (texts, token states, mask) the answer reader trains on, kept to read them once
         self._encoder = config.instantiate(cfg.encoder)
         if self._init_from:  # its readers, frozen: only the two small heads retrain
             if self._init_from["config"]["encoder"]["fingerprint"] != self._encoder.fingerprint:
@@ -282,9 +281,11 @@ class TrainRewardModelRecipe:
         labels = torch.tensor([answers for answers, _ in first.values()], dtype=torch.float32)
         return {"text": list(first), "answers": labels, "source": [source for _, source in first.values()]}
 
-    def _train_readers(self) -> None:
+    def _train_readers(self) -> Optional[Tuple[List[str], torch.Tensor, torch.Tensor]]:
+        """Train the readers from scratch (not with `init_from`); returns the responses the answer
+        reader trained on with their token states, which the fixed reader reads again."""
         if self._init_from:
-            return
+            return None
         h = self._harm_train
         train_reader(
             self._harm, h["states"], h["mask"], h["harmful"], source_weights(h["source"], h["harmful"], self._harm_cfg.source_weight),
@@ -295,19 +296,20 @@ class TrainRewardModelRecipe:
             a, cfg = self._labelled_responses(self._train, self._feedback), self._answer_cfg
             log.info(f"reading {len(a['text'])} labelled responses through the frozen encoder layers")
             states, mask = self._encoder.token_states(a["text"], below=cfg.layers, part="response")
-            self._answer_states = (a["text"], states, mask)
             train_reader(
                 self._answer_reader, states, mask, a["answers"], source_weights(a["source"], a["answers"]),
                 name="answer reader", epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
                 seed=self._seed, log_every=1,
             )  # fmt: skip
+            return a["text"], states, mask
+        return None
 
-    def _answer_logits(self, texts: List[str]) -> torch.Tensor:
+    def _answer_logits(self, texts: List[str], known: Optional[Tuple[List[str], torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The fixed answer reader's logit for each distinct response. The responses it trained on
         are read from the token states it trained on: the frozen layers would give the same again."""
-        if self._answer_reader is None or self._answer_states is None:
+        if self._answer_reader is None or known is None:
             return read_answers(self._answer_reader, self._encoder, texts)
-        trained_on, states, mask = self._answer_states
+        trained_on, states, mask = known
         row = {t: i for i, t in enumerate(trained_on)}
         seen, rest = [t for t in texts if t in row], [t for t in texts if t not in row]
         rows = torch.tensor([row[t] for t in seen], dtype=torch.long)
@@ -316,7 +318,7 @@ class TrainRewardModelRecipe:
         return torch.tensor([logit[t] for t in texts])
 
     def train(self) -> None:
-        self._train_readers()
+        known = self._train_readers()
         self._harm.requires_grad_(False)
         if self._answer_reader:
             self._answer_reader.requires_grad_(False)
@@ -325,8 +327,8 @@ class TrainRewardModelRecipe:
         sides = [(d, side) for d in (self._train, self._held_out, *self._feedback)
                  for side in ("chosen", "rejected", "fragment", "response") if f"{side}_text" in d]  # fmt: skip
         texts = list(dict.fromkeys(t for d, side in sides for t in d[f"{side}_text"]))
-        self._answer_logit = dict(zip(texts, self._answer_logits(texts).tolist()))  # the answer reader's report reads it too
-        self._answer_states = None  # read: free them before the heads train
+        self._answer_logit = dict(zip(texts, self._answer_logits(texts, known).tolist()))  # the answer reader's report reads it too
+        del known  # read: free the states before the heads train
         for d, side in sides:
             d[f"{side}_read"] = torch.tensor([self._answer_logit[t] for t in d[f"{side}_text"]])
         threads = torch.get_num_threads()
