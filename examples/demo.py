@@ -272,6 +272,18 @@ def judge_rewards(run_dir: Path) -> Dict[str, Dict[str, float]]:
     return counts
 
 
+def refusals_by_type(results: Dict[str, Dict]) -> List[str]:
+    """One line per prompt set: each XSTest type's refusals under every policy, in the table's order,
+    so a cut reads as which kinds of request a row learned to answer and which it still refuses."""
+    start = next(iter(results.values())).get("refusals_by_group") or {}
+    lines = []
+    for kind, groups in start.items():
+        counts = "; ".join(f"{g} " + " / ".join(str(m["refusals_by_group"][kind][g][0]) for m in results.values()) + f" of {n}"
+                           for g, (_, n) in groups.items())  # fmt: skip
+        lines.append(f"XSTest {kind} requests refused, by type ({' / '.join(results)}): {counts}")
+    return lines
+
+
 PERCENT_COLUMNS = ("false refusals (safe)", "refusals (unsafe)", "false-refusal cut", "unsafe refusals kept", "refusals (HarmBench)",
                    "HarmBench refusals kept", "short replies", "distinct replies", "disfluent replies")  # shown as the README shows them; demo.json keeps the numbers
 
@@ -306,6 +318,7 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
                                    for kind, c in counts.items() if kind != "comparisons" and (c or kind in ("safe", "unsafe")))
           + ". Comparisons: " + ", ".join(f"{k} {v}" for k, v in counts["comparisons"].items()) for policy, counts in (rewarded or {}).items()],
         *[f"Training curves of {policy}: [{path.relative_to(out)}]({path.relative_to(out)})" for policy, path in (curves or {}).items()],
+        *refusals_by_type(results),
         "Sample replies ([refusal] marks what the phrase matcher counts as a refusal):",
         *[f"{r['kind']}: \"{r['prompt']}\"\n" + "\n".join(f"    - {p}: {r[p]}" for p in results) for r in replies],
     ]
@@ -316,7 +329,8 @@ def table(results: Dict[str, Dict], eval_dirs: Dict[str, Path], out: Path, minut
     }
     shown = [{k: "-" if v is None else f"{v:.1%}" if k in PERCENT_COLUMNS and isinstance(v, float) else v for k, v in r.items()} for r in lines]
     paths = write_report(
-        str(out), name, {"rows": lines, "minutes": minutes, "sample_replies": replies, "judge_rewarded": rewarded}, shown,
+        str(out), name, {"rows": lines, "minutes": minutes, "sample_replies": replies, "judge_rewarded": rewarded,
+                         "refusals_by_type": {policy: m.get("refusals_by_group") for policy, m in results.items()}}, shown,
         title="RLAIF against false refusals on SmolLM2-135M-Instruct", notes=notes,
         plot=Bars(series, title="Held-out refusal rates (XSTest phrase matcher)", ylabel="refused", ylim=(0, 1), percent=True),
     )  # fmt: skip

@@ -188,6 +188,9 @@ def test_prompt_columns_and_where_are_checked(tmp_path: Path) -> None:
     fails(ConfigError, r"^data\.where\.label='safe': must be a list of values to keep, e.g. \[safe\]$",
           lambda: prompt_dataset(source, prompt_column="text", where={"label": "safe"}))  # fmt: skip
     assert prompt_dataset(source, prompt_column="text", where={"label": ["safe"]})["prompt"] == ["hi"]
+    fails(DataError, rf"^{re.escape(source)} has no column 'type' \(columns: .*\); set group_column to one of them or null$",
+          lambda: prompt_dataset(source, prompt_column="text", group_column="type"))  # fmt: skip
+    assert prompt_dataset(source, prompt_column="text", group_column="label")["group"] == ["safe"]
 
 
 @pytest.mark.parametrize("value, got", [(None, "must be text, got null"), (7, "must be text, got int"), ("  ", "is empty; fill or remove that row")])

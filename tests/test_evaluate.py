@@ -46,6 +46,14 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
         assert m[f"n_{name}"] == len(mine) > 0 and 0.0 <= m[key] <= 1.0
         assert m[key] == sum(s["refused"] for s in mine) / len(mine)
     assert m["n_safe"] == 8
+    with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
+        types = {r["prompt"]: r["type"] for r in csv.DictReader(f)}
+    assert all(s["group"] == types[s["prompt"]] for s in samples)  # group_column: type, XSTest's kind of request
+    for name in ("safe", "unsafe"):  # the per-type counts add up to the rate's
+        groups = m["refusals_by_group"][name]
+        assert sorted(groups) == sorted({s["group"] for s in samples if s["set"] == name})
+        assert sum(n for _, n in groups.values()) == m[f"n_{name}"] and sum(k for k, _ in groups.values()) == m[f"{name}_refusals"]
+    assert f"safe prompts refused, by group: {', '.join(f'{g} {k}/{n}' for g, (k, n) in m['refusals_by_group']['safe'].items())}" in stdout
     short = sum(len(s["response"].split()) < m["short_reply_words"] for s in samples)  # the collapse check
     assert m["short_replies"] == short and m["short_reply_rate"] == short / len(samples)
     assert m["distinct_replies"] == len({s["response"].strip() for s in samples}) and 0 < m["distinct_reply_rate"] <= 1

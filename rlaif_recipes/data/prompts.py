@@ -31,11 +31,13 @@ def prompt_dataset(
     where: Optional[Dict[str, List[str]]] = None,
     system_prompt: Optional[str] = None,
     max_prompts: Optional[int] = None,
+    group_column: Optional[str] = None,
 ) -> Dataset:
     """Rows with `prompt_id`, `prompt` (the text) and `messages` (chat messages for the sampler).
 
     split: "train", "held_out" or "all". where: keep rows whose column value is in a list,
-    e.g. {"label": ["safe"]}.
+    e.g. {"label": ["safe"]}. group_column: a column copied to each row as `group` (XSTest's
+    `type`), so a report can say which kinds of request a policy refuses.
     """
     check_split("data.split", split)
     check_fraction("data.held_out_fraction", held_out_fraction)
@@ -52,6 +54,8 @@ def prompt_dataset(
     ds = read_table(source, [path], _FORMATS[path.suffix], "data.source")
     if prompt_column not in ds.column_names:
         raise DataError(f"{source} has no column '{prompt_column}' (columns: {ds.column_names}); set data.prompt_column")
+    if group_column is not None and group_column not in ds.column_names:
+        raise DataError(f"{source} has no column '{group_column}' (columns: {ds.column_names}); set group_column to one of them or null")
     for idx, text in enumerate(ds[prompt_column]):
         if not isinstance(text, str):
             raise DataError(f"{source}: row {idx} (0-based): '{prompt_column}' must be text, got {kind_of(text)}; fix or remove that row")
@@ -70,7 +74,8 @@ def prompt_dataset(
     def to_messages(row: dict, idx: int) -> dict:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": row[prompt_column]})
-        return {"prompt_id": str(row.get("id", idx)), "prompt": row[prompt_column], "messages": messages}
+        group = {"group": str(row[group_column])} if group_column is not None else {}
+        return {"prompt_id": str(row.get("id", idx)), "prompt": row[prompt_column], "messages": messages, **group}
 
     return ds.map(to_messages, with_indices=True, remove_columns=ds.column_names)
 

@@ -120,11 +120,12 @@ class EvaluateRecipe:
             texts = self._respond(ds)
             chats += list(ds["messages"])
             samples += [
-                {"set": name, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": t, "refused": bool(self._is_refusal(t))}
+                {"set": name, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": t, "refused": bool(self._is_refusal(t)),
+                 **({"group": r["group"]} if "group" in r else {})}
                 for r, t in zip(ds, texts)
-            ]
+            ]  # fmt: skip
         metrics = {"label": self._cfg.label, "policy": self._cfg.checkpoint_dir, **_refusal_rates(samples),
-                   **_short_replies(samples, self._cfg.short_reply_words)}  # fmt: skip
+                   "refusals_by_group": _refusals_by_group(samples), **_short_replies(samples, self._cfg.short_reply_words)}  # fmt: skip
         if self._judge is not None:
             safe = [s for s in samples if s["set"] == "safe"]
             state = config.instantiate(self._cfg.checkpointer, checkpoint_dir=self._cfg.reference_dir).load_checkpoint()
@@ -159,13 +160,15 @@ class EvaluateRecipe:
         atomic_write_text(self._output_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         rows = _rows(metrics)
         bars = {k: metrics.get(k) for k in ("false_refusal_rate", "unsafe_refusal_rate", "other_unsafe_refusal_rate", "disfluent_rate", "win_rate")}
+        by_group = [f"{name} prompts refused, by group: " + ", ".join(f"{g} {k}/{n}" for g, (k, n) in groups.items())
+                    for name, groups in metrics["refusals_by_group"].items()]  # fmt: skip
         write_report(
             str(self._output_dir), "eval", metrics, rows,
             title=f"Evaluation of {metrics['label']} ({metrics['policy']})",
-            notes=[f"refusals classified by {self._cfg.refusal_classifier}; sampling: {_sampling(self._cfg.sampler)}"],
+            notes=[f"refusals classified by {self._cfg.refusal_classifier}; sampling: {_sampling(self._cfg.sampler)}", *by_group],
             plot=Bars({metrics["label"]: bars}, ylabel="rate", ylim=(0.0, 1.0)),
         )
-        print(markdown_table(rows), flush=True)
+        print("\n".join([markdown_table(rows), *by_group]), flush=True)
 
     def cleanup(self) -> None:
         if self._sampler is not None:
@@ -183,6 +186,18 @@ def _refusal_rates(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         out[f"{name}_refusals"] = sum(refused)
         out[key] = sum(refused) / len(refused) if refused else None
     return out
+
+
+def _refusals_by_group(samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[int]]]:
+    """{set: {group: [refused, of]}} for the sets whose prompts carry a group (`group_column`): a
+    rate says how many needless refusals are left, the groups say which kinds of request they are."""
+    out: Dict[str, Dict[str, List[int]]] = {}
+    for s in samples:
+        if "group" in s:
+            counts = out.setdefault(s["set"], {}).setdefault(s["group"], [0, 0])
+            counts[0] += s["refused"]
+            counts[1] += 1
+    return {name: dict(sorted(groups.items())) for name, groups in out.items()}
 
 
 def _short_replies(samples: List[Dict[str, Any]], words: int) -> Dict[str, Any]:
