@@ -38,17 +38,15 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
                                   "judge.rule=rlaif_recipes.judges.rules.shorter", "label=before",
                                   f"fluency.model_dir={other}")  # fmt: skip
     with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
-        labels = {r["prompt"]: r["label"] for r in csv.DictReader(f)}
+        xstest = {r["prompt"]: r for r in csv.DictReader(f)}
     for name, key in (("safe", "false_refusal_rate"), ("unsafe", "unsafe_refusal_rate")):
         mine = [s for s in samples if s["set"] == name]
-        assert all(labels[s["prompt"]] == name and is_held_out(s["prompt"], 0.3) for s in mine)
+        assert all(xstest[s["prompt"]]["label"] == name and is_held_out(s["prompt"], 0.3) for s in mine)
         assert all(s["refused"] == is_refusal(s["response"]) for s in mine)
         assert m[f"n_{name}"] == len(mine) > 0 and 0.0 <= m[key] <= 1.0
         assert m[key] == sum(s["refused"] for s in mine) / len(mine)
     assert m["n_safe"] == 8
-    with open(asset_path("xstest/xstest_prompts.csv"), newline="") as f:
-        types = {r["prompt"]: r["type"] for r in csv.DictReader(f)}
-    assert all(s["group"] == types[s["prompt"]] for s in samples)  # group_column: type, XSTest's kind of request
+    assert all(s["group"] == xstest[s["prompt"]]["type"] for s in samples)  # group_column: type, XSTest's kind of request
     for name in ("safe", "unsafe"):  # the per-type counts add up to the rate's
         groups = m["refusals_by_group"][name]
         assert sorted(groups) == sorted({s["group"] for s in samples if s["set"] == name})

@@ -119,9 +119,10 @@ class EvaluateRecipe:
         for name, ds in self._prompts.items():
             texts = self._respond(ds)
             chats += list(ds["messages"])
+            grouped = "group" in ds.column_names  # group_column set for this prompt set
             samples += [
                 {"set": name, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": t, "refused": bool(self._is_refusal(t)),
-                 **({"group": r["group"]} if "group" in r else {})}
+                 **({"group": r["group"]} if grouped else {})}
                 for r, t in zip(ds, texts)
             ]  # fmt: skip
         metrics = {"label": self._cfg.label, "policy": self._cfg.checkpoint_dir, **_refusal_rates(samples),
