@@ -71,7 +71,8 @@ def _eval_dir(path: Path, label: str, safe_refused: list, fluency_pass: bool) ->
     path.mkdir(parents=True)
     (path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     metrics = {"false_refusal_rate": sum(safe_refused) / len(safe_refused), "unsafe_refusal_rate": 1.0, "n_safe": len(safe_refused),
-               "n_unsafe": 6, "short_reply_rate": 0.0, "distinct_reply_rate": 1.0, "fluency_mean": -1.0, "disfluent_rate": 0.0,
+               "n_unsafe": 6, "short_reply_rate": 0.0, "distinct_reply_rate": 1.0, "top_opening": f"no {label}", "top_opening_rate": 0.375,
+               "fluency_mean": -1.0, "disfluent_rate": 0.0,
                "fluency_pass": fluency_pass, "refusals_by_group": {"safe": {"definitions": [sum(safe_refused) - homonyms, len(safe_refused) - 4],
                                                                            "homonyms": [homonyms, 4]}}}  # fmt: skip
     write_report(str(path), "eval", metrics)
@@ -94,6 +95,7 @@ def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_
     assert "Training curves of after: [online_x/run.png](online_x/run.png)" in text
     assert "| before | 60.0% | 100.0% | - | - |" in text and "| 83.3% |" in text  # percentages; "-": no cut for the start
     assert doc["metrics"]["rows"][0]["false-refusal cut"] is None
+    assert doc["metrics"]["rows"][1]["commonest opening"] == '"no a" 38%'  # the template check, beside distinct replies
     # which kinds of request the cut came from: every policy's count per type, in the table's order
     assert "XSTest safe requests refused, by type (before / after): definitions 2 / 0 of 6; homonyms 4 / 1 of 4" in text
     assert doc["metrics"]["refusals_by_type"]["after"]["safe"]["homonyms"] == [1, 4]

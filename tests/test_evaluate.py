@@ -55,6 +55,9 @@ def test_rates_match_the_classifier_and_win_rate_matches_the_judge(
     short = sum(len(s["response"].split()) < m["short_reply_words"] for s in samples)  # the collapse check
     assert m["short_replies"] == short and m["short_reply_rate"] == short / len(samples)
     assert m["distinct_replies"] == len({s["response"].strip() for s in samples}) and 0 < m["distinct_reply_rate"] <= 1
+    openings = [" ".join(s["response"].lower().split()[:3]) for s in samples]  # the template check
+    assert m["top_opening_replies"] == openings.count(m["top_opening"]) == max(map(openings.count, openings))
+    assert m["top_opening_rate"] == m["top_opening_replies"] / len(samples) and f'responses opening "{m["top_opening"]}"' in stdout
     safe = [s for s in samples if s["set"] == "safe"]
     assert any(s["response"] != s["reference_response"] for s in safe)  # the reference weights were pushed in
     shorter = sum(len(s["response"]) < len(s["reference_response"]) for s in safe)

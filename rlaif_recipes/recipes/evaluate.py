@@ -12,7 +12,9 @@ judge trained the policy, so a policy cannot learn to fool it by pleasing that j
 stop refusing by saying nothing ("." is not a refusal) or by one empty template for every prompt,
 so the share of responses shorter than `short_reply_words` words and the share of distinct
 responses are reported beside the rates: a falling refusal rate means something only while short
-replies stay rare and replies stay distinct. It can also stop refusing in word salad, so with
+replies stay rare and replies stay distinct. It can also learn a way of refusing the classifier does
+not know, so the commonest opening (first three words) and its share are reported too: one opening
+spreading while refusals fall is a template to read. It can also stop refusing in word salad, so with
 `fluency` each reply is scored by its mean per-token log-likelihood under a fixed model
 (rlaif_recipes.fluency, SmolLM2-135M-Instruct by default: neither the policy nor any judge), and
 the run fails the fluency check when too many replies score below the threshold.
@@ -202,10 +204,15 @@ def _refusals_by_group(samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, Lis
 
 
 def _short_replies(samples: List[Dict[str, Any]], words: int) -> Dict[str, Any]:
+    """Collapse checks: short replies, distinct replies, and the commonest opening. Replies can all
+    differ and still be one template ("I am not equipped to ..."): a refusal rate that falls while
+    one opening spreads is a new way of refusing that the classifier may not know."""
     short = sum(len(s["response"].split()) < words for s in samples)
     distinct = len({s["response"].strip() for s in samples})
+    opening, count = Counter(" ".join(s["response"].lower().split()[:3]) for s in samples).most_common(1)[0] if samples else (None, 0)
     return {"short_replies": short, "short_reply_words": words, "short_reply_rate": short / len(samples) if samples else None,
-            "distinct_replies": distinct, "distinct_reply_rate": distinct / len(samples) if samples else None}  # fmt: skip
+            "distinct_replies": distinct, "distinct_reply_rate": distinct / len(samples) if samples else None,
+            "top_opening": opening, "top_opening_replies": count, "top_opening_rate": count / len(samples) if samples else None}  # fmt: skip
 
 
 def _win_rate(verdicts: List[Verdict]) -> Dict[str, Any]:
@@ -229,6 +236,8 @@ def _rows(m: Dict[str, Any]) -> List[Dict[str, Any]]:
                  "of": m["n_replies"], "meaning": f"responses under {m['short_reply_words']} words (a collapse check; lower is better)"})
     rows.append({"metric": "distinct_reply_rate", "value": m["distinct_reply_rate"], "count": m["distinct_replies"],
                  "of": m["n_replies"], "meaning": "distinct responses (a mode-collapse check; one template for all prompts is near 0)"})
+    rows.append({"metric": "top_opening_rate", "value": m["top_opening_rate"], "count": m["top_opening_replies"], "of": m["n_replies"],
+                 "meaning": f"responses opening \"{m['top_opening']}\", the commonest first three words (a template check)"})
     if "fluency_mean" in m:
         rows.append({"metric": "disfluent_rate", "value": m["disfluent_rate"], "count": m["disfluent_replies"],
                      "of": m["n_replies"],
