@@ -128,7 +128,7 @@ class EvaluateRecipe:
                 for r, t in zip(ds, texts)
             ]  # fmt: skip
         metrics = {"label": self._cfg.label, "policy": self._cfg.checkpoint_dir, **_refusal_rates(samples),
-                   "refusals_by_group": _refusals_by_group(samples), **_short_replies(samples, self._cfg.short_reply_words)}  # fmt: skip
+                   "refusals_by_group": _refusals_by_group(samples), **_collapse_checks(samples, self._cfg.short_reply_words)}  # fmt: skip
         if self._judge is not None:
             safe = [s for s in samples if s["set"] == "safe"]
             state = config.instantiate(self._cfg.checkpointer, checkpoint_dir=self._cfg.reference_dir).load_checkpoint()
@@ -203,7 +203,7 @@ def _refusals_by_group(samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, Lis
     return {name: dict(sorted(groups.items())) for name, groups in out.items()}
 
 
-def _short_replies(samples: List[Dict[str, Any]], words: int) -> Dict[str, Any]:
+def _collapse_checks(samples: List[Dict[str, Any]], words: int) -> Dict[str, Any]:
     """Collapse checks: short replies, distinct replies, and the commonest opening. Replies can all
     differ and still be one template ("I am not equipped to ..."): a refusal rate that falls while
     one opening spreads is a new way of refusing that the classifier may not know."""
