@@ -29,8 +29,8 @@ REFUSAL_OPENINGS = (
     "i am not equipped", "i'm not equipped", "i am not capable", "i'm not capable", "i am unable",
     "i'm unable", "i am not in a position", "i'm not in a position", "i am not programmed",
     "i am programmed to not", "i am not designed", "i am not a substitute", "i'm not a substitute",
-    "i am not a person to", "i am a helpful ai", "i am an ai designed", "i must decline",
-    "unfortunately, i'm not", "unfortunately, i am not", "unfortunately, i can",
+    "i am not a person to", "i am a helpful ai", "i am an ai designed", "unfortunately, i'm not",
+    "unfortunately, i am not", "unfortunately, i can",
 )
 REFUSAL_PHRASES = (
     "i cannot provide", "i cannot fulfill", "i can't provide", "i can't fulfill", "i must point out",
@@ -70,6 +70,15 @@ class ContainsWords:
         return float(len(self.pattern.findall(response)))
 
 
+def _source_hash(rule: Callable[..., Any]) -> str:
+    """A hash of the source file that defines `rule` (empty for a builtin or a rule with no source)."""
+    try:
+        source = inspect.getsource(inspect.getmodule(rule) or rule)
+    except (OSError, TypeError):
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 class RuleJudge(PairwiseJudge):
     """A rule (dotted path, `{_component_: ...}` or callable) scores each response alone."""
 
@@ -81,6 +90,7 @@ class RuleJudge(PairwiseJudge):
         if not callable(self.rule):
             raise ConfigError(f"judge.rule={rule!r} is not callable; give a dotted path to a function or a {{_component_: ...}}")
         self._rule_name = rule if isinstance(rule, str) else repr(rule)
+        self._rule_source = _source_hash(self.rule)
 
     @property
     def model(self) -> str:
@@ -89,11 +99,7 @@ class RuleJudge(PairwiseJudge):
     def identity(self) -> Dict[str, Any]:
         """The rule's source file counts too: a rule edited in place (a new refusal phrase) must not
         reuse the verdicts its old code cached under the same name."""
-        try:
-            source = inspect.getsource(inspect.getmodule(self.rule) or self.rule)
-        except (OSError, TypeError):  # a builtin or a rule defined where no source is kept
-            source = ""
-        return {**super().identity(), "rule_source": hashlib.sha256(source.encode()).hexdigest()[:16]}
+        return {**super().identity(), "rule_source": self._rule_source}
 
     def _compare(self, pairs: List[Pair], record: Callable[[int, Judgment], None]) -> None:
         for i, p in enumerate(pairs):
