@@ -30,14 +30,20 @@ def routed_run(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`rlaif review` on a pseudo-terminal: what a person sees, and keys typed into it."""
 
     def __init__(self, run_dir: Path, annotator: str = "ana", *args: str) -> None:
         master, slave = pty.openpty()
         exe = Path(sys.executable).parent / "rlaif"
+        # Ctrl-C as at a person's terminal: a test runner started in the background (a shell's `&`
+        # without job control) passes SIGINT on ignored, and Python then installs no handler for it.
         self.proc = subprocess.Popen([str(exe), "review", str(run_dir), "--annotator", annotator, *args], stdin=slave, stdout=slave,
-                                     stderr=slave, start_new_session=True)  # fmt: skip
+                                     stderr=slave, start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
         os.close(slave)
         self.master, self.seen = master, ""
 
