@@ -20,6 +20,11 @@ The thread count seen during each measurement is printed next to its numbers.
 sequences) gets faster with more prompts per step or with vLLM's CPU torch.compile path
 (`enforce_eager=false`; the sampler config's default is true, which starts in seconds): vLLM only,
 each (prompts, enforce_eager) in its own engine process, tokens/s as above.
+
+`--block-sizes B ...` answers what the KV-cache block size costs when n replies share a prompt
+(prefix caching shares full blocks only; vLLM's CPU default is 128 tokens, a chat prompt here ~40):
+vLLM only, each block size in its own engine process, and whether each samples the same tokens as
+the first. The online demo's step: `--prompts 8 --n 8 --max-tokens 20 --dtype bfloat16 --block-sizes 128 32`.
 """
 
 import argparse
@@ -31,7 +36,7 @@ import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -82,16 +87,17 @@ def measure(sampler: Sampler, prompts: List[Prompt], settings: Dict[str, int]) -
     once), then the median of `reps` timed calls."""
     kw = dict(n=settings["n"], temperature=1.0, max_tokens=settings["max_tokens"])
     sampler.sample(prompts, seed=1234, **{**kw, "max_tokens": min(8, settings["max_tokens"])})
-    runs = []
+    runs, samples = [], []
     for rep in range(settings["reps"]):
         start = time.perf_counter()
         out = sampler.sample(prompts, seed=rep, **kw)
         seconds = time.perf_counter() - start
         tokens = sum(len(c.token_ids) for ps in out for c in ps.completions)
         runs.append((tokens / seconds, seconds, tokens))
+        samples.append([c.token_ids for ps in out for c in ps.completions])
     tps, seconds, tokens = sorted(runs)[len(runs) // 2]  # the median run by tokens/s
     return dict(
-        tps=tps, seconds=seconds, tokens=tokens, threads=torch.get_num_threads(), all_tps=[r[0] for r in runs]
+        tps=tps, seconds=seconds, tokens=tokens, threads=torch.get_num_threads(), all_tps=[r[0] for r in runs], samples=samples
     )
 
 
@@ -107,10 +113,12 @@ def measure_torchtune(
     return measure(sampler, prompts, settings)
 
 
-def measure_vllm(model_dir: str, prompts: List[Prompt], dtype: str, settings: Dict[str, int], enforce_eager: bool = True) -> Dict[str, Any]:
+def measure_vllm(
+    model_dir: str, prompts: List[Prompt], dtype: str, settings: Dict[str, int], enforce_eager: bool = True, block_size: Optional[int] = None
+) -> Dict[str, Any]:
     """Runs in its own spawned process (see the module docstring)."""
     sampler = VLLMSampler(model_dir, dtype=dtype, gpu_memory_utilization=0.05, max_tokens=settings["max_tokens"],
-                          enforce_eager=enforce_eager)
+                          enforce_eager=enforce_eager, block_size=block_size)
     try:
         return measure(sampler, prompts, settings)
     finally:
@@ -127,6 +135,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out-dir", default="outputs/bench")
     p.add_argument("--decode-grid", type=int, nargs="+", metavar="PROMPTS", help="vLLM only: these prompt counts x enforce_eager on/off")
+    p.add_argument("--block-sizes", type=int, nargs="+", metavar="TOKENS", help="vLLM only: these KV-cache block sizes, side by side")
     args = p.parse_args()
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
@@ -153,6 +162,9 @@ def main() -> None:
 
     if args.decode_grid:
         decode_grid(str(model_dir), args.decode_grid, args.dtype[0], settings)
+        return
+    if args.block_sizes:
+        block_grid(str(model_dir), prompts, args.block_sizes, args.dtype[0], settings)
         return
     results: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for dtype in args.dtype:
@@ -190,6 +202,19 @@ def decode_grid(model_dir: str, prompt_counts: List[int], dtype: str, settings: 
             print(f"| {count} | {count * settings['n']} | {eager} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | "
                   f"{total - sum(r['tokens'] / x for x in r['all_tps']):.0f} | "
                   f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} |", flush=True)
+
+
+def block_grid(model_dir: str, prompts: List[Prompt], block_sizes: List[int], dtype: str, settings: Dict[str, int]) -> None:
+    print("| block size | tokens/s | seconds per call | generated tokens | all reps (s) | same samples as the first row | load |")
+    print("|---:|---:|---:|---:|---|---|---|")
+    first = None
+    for size in block_sizes:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            r = pool.submit(measure_vllm, model_dir, prompts, dtype, settings, True, size).result()
+        first = first or r["samples"]
+        reps = ", ".join(f"{r['tokens'] / x:.2f}" for x in r["all_tps"])
+        print(f"| {size} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | {reps} | {r['samples'] == first} | "
+              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ Under torchrun every engine (the sampler's and the judge's alike) is one per ran
 `external_launcher` backend, seeded by rank, on the rank's own GPU; vLLM sets the current CUDA
 device while it starts, so the rank's device is put back afterwards (FSDP2 places shards there).
 Tensor parallelism across torchrun ranks is refused: the ranks sample different prompts.
+
+On CPU the KV cache comes in blocks of 32 tokens unless the caller sets another size. vLLM's CPU
+default, 128, is longer than most chat prompts, and prefix caching shares only full blocks: the n
+replies of one prompt then each prefill it again. With 32 they share all but its last partial
+block, and sample the same tokens (bench/RESULTS.md, "The prompt's KV once for n replies").
 """
 
 import os
@@ -18,6 +23,8 @@ from torchtune import utils
 
 from rlaif_recipes.dtypes import resolve_vllm_dtype
 from rlaif_recipes.errors import ConfigError
+
+CPU_BLOCK_SIZE = 32  # the smallest KV block vLLM's CPU attention takes (it needs a multiple of 32)
 
 
 def start_engine(
@@ -30,10 +37,12 @@ def start_engine(
     max_model_len: Optional[int],
     seed: int,
     tensor_parallel_size: int = 1,
+    block_size: Optional[int] = None,
     **engine_args: Any,
 ) -> Any:
     """`vllm.LLM` for `model`; `key` is the config key its settings sit under ("sampler", "judge").
-    `dtype` is vLLM's name, or `auto`: bf16 where the device computes it natively, else float32."""
+    `dtype` is vLLM's name, or `auto`: bf16 where the device computes it natively, else float32.
+    `block_size`: KV-cache block in tokens; None = CPU_BLOCK_SIZE on CPU, vLLM's own on GPU."""
     check_engine_settings(key, {"tensor_parallel_size": tensor_parallel_size, "sleep_between_steps": engine_args.get("enable_sleep_mode")})
     world_size, rank = utils.get_world_size_and_rank()
     if world_size > 1:
@@ -42,6 +51,8 @@ def start_engine(
     from vllm import LLM
 
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    if block_size is not None or device is None:
+        engine_args["block_size"] = block_size or CPU_BLOCK_SIZE
     try:
         return LLM(
             model=model,
@@ -57,7 +68,7 @@ def start_engine(
         raise ConfigError(
             f"vLLM engine failed to start for {model} ({type(e).__name__}: {first_line(e)}); check "
             f"{key}.gpu_memory_utilization={gpu_memory_utilization}, {key}.dtype={dtype} and "
-            f"{key}.max_model_len={max_model_len}, and set {key}.kv_cache_memory_bytes when another "
+            f"{key}.max_model_len={max_model_len}{'' if block_size is None else f', {key}.block_size={block_size}'}, and set {key}.kv_cache_memory_bytes when another "
             "engine or model already lives in this process"
         ) from e
     finally:

@@ -5,7 +5,10 @@ One vLLM engine is shared by the whole module (starting one takes seconds); test
 weights put the original ones back before they end.
 """
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -226,6 +229,29 @@ def test_bad_gpu_memory_utilization_raises_before_engine(
     with pytest.raises(ValueError, match=rf"gpu_memory_utilization={fraction}"):
         VLLMSampler(str(tiny_model_dir), gpu_memory_utilization=fraction)
     assert no_engine_start == []
+
+
+@pytest.mark.slow
+def test_on_cpu_a_prompts_n_replies_share_its_kv_blocks_and_sample_the_same_tokens(
+    vllm_sampler: VLLMSampler, tiny_model_dir: Path
+) -> None:
+    """Prefix caching shares full KV blocks only, and vLLM's CPU default block (128 tokens) is
+    longer than a chat prompt, so each of n replies would prefill it again: on CPU the engine takes
+    32-token blocks unless told otherwise. The block size changes no sampled token. (The 128-token
+    engine runs in its own process: closing a second in-process engine tears down vLLM's global
+    parallel state under the first.)"""
+    assert vllm_sampler.llm.llm_engine.vllm_config.cache_config.block_size == 32
+    script = (
+        "import json, sys; from rlaif_recipes.samplers import VLLMSampler; "
+        f"s = VLLMSampler({str(tiny_model_dir)!r}, dtype='float32', max_tokens={MAX_TOKENS}, block_size=128, kv_cache_memory_bytes=64 << 20); "
+        "assert s.llm.llm_engine.vllm_config.cache_config.block_size == 128; "
+        f"out = s.sample({PROMPTS!r}, n=4, temperature=1.0, seed=7); "
+        "print('TOKENS', json.dumps([[c.token_ids for c in p.completions] for p in out])); s.close()"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    wide = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("TOKENS "))[len("TOKENS "):])
+    assert wide == token_ids(vllm_sampler.sample(PROMPTS, n=4, temperature=1.0, seed=7))
 
 
 @pytest.mark.slow

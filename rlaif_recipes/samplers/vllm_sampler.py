@@ -24,7 +24,7 @@ _request_ids = itertools.count()  # unique over every engine of the process
 
 
 class VLLMSampler(Sampler):
-    RUNTIME_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "tensor_parallel_size", "sleep_between_steps")
+    RUNTIME_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "tensor_parallel_size", "sleep_between_steps", "block_size")
 
     def __init__(
         self,
@@ -37,6 +37,7 @@ class VLLMSampler(Sampler):
         max_model_len: Optional[int] = None,
         kv_cache_memory_bytes: Optional[int] = None,
         sleep_between_steps: bool = False,
+        block_size: Optional[int] = None,
         **sampling,
     ) -> None:
         super().__init__(checkpoint_dir, max_model_len=max_model_len, **sampling)
@@ -54,6 +55,7 @@ class VLLMSampler(Sampler):
             max_model_len=self.max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
+            block_size=block_size,
             seed=self.defaults["seed"],
             enable_sleep_mode=sleep_between_steps,
         )
