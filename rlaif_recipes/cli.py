@@ -19,6 +19,7 @@
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,8 +96,21 @@ def _output_dir(config: str, overrides: List[str]) -> str:
 
 
 def _tune_run(launcher: List[str], recipe: str, config: str, overrides: List[str]) -> int:
+    """`tune run` as a child process. A SIGTERM or SIGHUP sent to `rlaif` (a scheduler, `timeout`,
+    `kill`) goes on to the run, so no orphaned run goes on writing into its output directory; Ctrl-C
+    reaches both (one process group), and `rlaif` waits for the run to stop."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", *launcher, f"rlaif_recipes/recipes/{recipe}.py", "--config", config, *overrides]
-    return subprocess.call(cmd)
+    with subprocess.Popen(cmd) as run:
+        previous = {s: signal.signal(s, lambda signum, _: run.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            try:
+                rc = run.wait()
+            except KeyboardInterrupt:
+                rc = run.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return 128 - rc if rc < 0 else rc  # killed by signal N: exit 128 + N, as a shell reports it
 
 
 def _get_model(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -339,6 +340,29 @@ def test_two_launchers_on_loopback_train_and_resume_like_one_launcher(tmp_path, 
     a, b = hf_weights(out / "checkpoints" / "step_0000003"), hf_weights(two_ranks / "checkpoints" / "step_0000003")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(nodes[1].iterdir())
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_rlaif_stops_the_run_under_it(tmp_path, tiny_model_dir):
+    """A scheduler, `timeout` or `kill` stops `rlaif run` with SIGTERM: the `tune run` process under
+    it stops too, so no orphaned run goes on writing into the output directory beside a re-run."""
+    out = tmp_path / "run"
+    rlaif = psutil.Popen([str(Path(sys.executable).parent / "rlaif"), "run", "dpo", *dpo_args(tiny_model_dir, out, "max_steps=100000")],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ((out / "run.json").exists() and rlaif.children()):
+        assert rlaif.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.05)
+    runs = rlaif.children(recursive=True)
+    rlaif.send_signal(signal.SIGTERM)
+    try:
+        assert rlaif.wait(timeout=120) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(runs, timeout=60)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        for proc in [rlaif, *runs]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
 
 
 @pytest.mark.slow
