@@ -170,8 +170,7 @@ def main() -> None:
     for dtype in args.dtype:
         results[("torchtune", dtype)] = measure_torchtune(model_dir, prompts, dtype, settings, out_dir)
     for dtype in args.dtype:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[("vllm", dtype)] = pool.submit(measure_vllm, str(model_dir), prompts, dtype, settings).result()
+        results[("vllm", dtype)] = measure_vllm_apart(str(model_dir), prompts, dtype, settings)
 
     print("| backend | dtype | tokens/s | seconds | generated tokens | vLLM / torchtune (same dtype) | torch threads |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -190,18 +189,26 @@ def main() -> None:
     print(f"load average at the end: {os.getloadavg()}")
 
 
+def measure_vllm_apart(*args: Any) -> Dict[str, Any]:
+    """`measure_vllm(*args)` in a fresh spawned process: one engine per process (see the module docstring)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_vllm, *args).result()
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def decode_grid(model_dir: str, prompt_counts: List[int], dtype: str, settings: Dict[str, int]) -> None:
     print("| prompts | sequences | enforce_eager | tokens/s | seconds | generated tokens | engine start + warm-up s | load |")
     print("|---:|---:|---|---:|---:|---:|---:|---|")
     for count in prompt_counts:
         for eager in (True, False):
             start = time.perf_counter()
-            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                r = pool.submit(measure_vllm, model_dir, load_prompts(count), dtype, settings, eager).result()
+            r = measure_vllm_apart(model_dir, load_prompts(count), dtype, settings, eager)
             total = time.perf_counter() - start
             print(f"| {count} | {count * settings['n']} | {eager} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | "
-                  f"{total - sum(r['tokens'] / x for x in r['all_tps']):.0f} | "
-                  f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} |", flush=True)
+                  f"{total - sum(r['tokens'] / x for x in r['all_tps']):.0f} | {load_average()} |", flush=True)
 
 
 def block_grid(model_dir: str, prompts: List[Prompt], block_sizes: List[int], dtype: str, settings: Dict[str, int]) -> None:
@@ -209,12 +216,11 @@ def block_grid(model_dir: str, prompts: List[Prompt], block_sizes: List[int], dt
     print("|---:|---:|---:|---:|---|---|---|")
     first = None
     for size in block_sizes:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            r = pool.submit(measure_vllm, model_dir, prompts, dtype, settings, True, size).result()
+        r = measure_vllm_apart(model_dir, prompts, dtype, settings, True, size)
         first = first or r["samples"]
         reps = ", ".join(f"{r['tokens'] / x:.2f}" for x in r["all_tps"])
-        print(f"| {size} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | {reps} | {r['samples'] == first} | "
-              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} |", flush=True)
+        print(f"| {size} | {r['tps']:.0f} | {r['seconds']:.2f} | {r['tokens']} | {reps} | {r['samples'] == first} | {load_average()} |",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -103,10 +103,9 @@ def _tune_run(launcher: List[str], recipe: str, config: str, overrides: List[str
     with subprocess.Popen(cmd) as run:
         previous = {s: signal.signal(s, lambda signum, _: run.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
-            try:
-                rc = run.wait()
-            except KeyboardInterrupt:
-                rc = run.wait()
+            rc = run.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the run too: wait for it to stop
+            rc = run.wait()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
