@@ -205,13 +205,51 @@ def test_cache_survives_concurrent_writers_and_kill_9(tmp_path) -> None:
     for w in writers:
         assert w.wait(timeout=120) == 0
     for _ in range(20):  # let the victim commit some rows, then kill it mid-write
-        victim.stdout.readline()
+        assert victim.stdout.readline(), "the victim exited before committing 20 rows"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     cache = JudgmentCache(path)
     assert all(cache.get(f"{w}-{i}") is not None for w in ("w1", "w2") for i in range(150))
     assert len(cache) >= 300 + 20
     assert Judgment.from_dict(cache.get("victim-0")).prob_a == 0.7
+
+
+_OPENER = textwrap.dedent(
+    """
+    import os, sys, time
+    from rlaif_recipes.judges import JudgmentCache, Judgment, Verdict
+    folder, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    print("ready", flush=True)
+    for r in range(rounds):
+        while not os.path.exists(os.path.join(folder, f"go-{r}")):
+            time.sleep(0.001)
+        cache = JudgmentCache(os.path.join(folder, f"cache-{r}.sqlite"))
+        for i in range(5):
+            cache.put(f"{name}-{i}", Judgment(Verdict.A, prob_a=0.7).to_dict())
+        cache.close()
+        print(r, flush=True)
+    """
+)
+
+
+def test_processes_that_open_a_new_cache_file_together_all_get_it(tmp_path) -> None:
+    """Several judge_pairs runs started at once all create one cache file: none may die of
+    "database is locked" (SQLite's switch to WAL does not wait out the busy timeout)."""
+    rounds, names = 6, [f"p{k}" for k in range(6)]
+    openers = [
+        subprocess.Popen([sys.executable, "-c", _OPENER, str(tmp_path), name, str(rounds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in names
+    ]
+    for opener in openers:
+        assert opener.stdout.readline() == "ready\n", opener.communicate()[1]
+    for r in range(rounds):
+        (tmp_path / f"go-{r}").touch()
+        for opener in openers:
+            assert opener.stdout.readline() == f"{r}\n", opener.communicate()[1][-2000:]
+        cache = JudgmentCache(str(tmp_path / f"cache-{r}.sqlite"))
+        assert len(cache) == 5 * len(names)
+        cache.close()
+    assert all(opener.wait(timeout=60) == 0 for opener in openers)
 
 
 def test_under_torchrun_each_rank_caches_in_a_file_of_its_own_without_shared_memory(tmp_path, monkeypatch) -> None:

@@ -34,15 +34,38 @@ def rank_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.rank-{int(os.environ['RANK'])}{path.suffix}")
 
 
+_BUSY_TIMEOUT_S = 60.0
+
+
+def _execute_until_unlocked(db: sqlite3.Connection, statement: str) -> None:
+    """Run a set-up statement, retrying while another process holds the file.
+
+    SQLite answers `PRAGMA journal_mode=WAL` with "database is locked" at once, without waiting
+    out the busy timeout, when several processes open a new cache file together.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute(statement)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class JudgmentCache:
     def __init__(self, path: str) -> None:
         self.path = rank_path(Path(path))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute(f"PRAGMA journal_mode={'WAL' if self.path == Path(path) else 'DELETE'}")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)")
+        self._db = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
+        for statement in (
+            f"PRAGMA journal_mode={'WAL' if self.path == Path(path) else 'DELETE'}",
+            "PRAGMA synchronous=NORMAL",
+            "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)",
+        ):
+            _execute_until_unlocked(self._db, statement)
 
     def get_many(self, keys: Iterable[str]) -> Dict[str, Dict[str, Any]]:
         keys = list(keys)
