@@ -153,7 +153,7 @@ def main() -> None:
     )
     print(
         f"torch threads at start: {torch.get_num_threads()}; os.cpu_count(): {os.cpu_count()}; "
-        f"load average (1/5/15 min): {os.getloadavg()} (other processes skew timings)"
+        f"load average (1/5/15 min): {load_average()} (other processes skew timings)"
     )
     print(
         f"model: {describe_model(args.model)}; {len(prompts)} prompts x n={args.n}, "
@@ -186,7 +186,7 @@ def main() -> None:
         "\nall reps (tokens/s): "
         + "; ".join(f"{b} {d}: {', '.join(f'{x:.0f}' for x in r['all_tps'])}" for (b, d), r in results.items())
     )
-    print(f"load average at the end: {os.getloadavg()}")
+    print(f"load average at the end: {load_average()}")
 
 
 def measure_vllm_apart(*args: Any) -> Dict[str, Any]:

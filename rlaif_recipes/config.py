@@ -405,6 +405,12 @@ def _override_message(e: Exception) -> str:
     m = re.search(r"Could not override '([^']+)'", text)
     if m:
         key = m.group(1)
+        inner = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))
+        if inner and inner.group(1) != key:
+            return (
+                f"the value given for '{key}' adds key '{inner.group(1)}', which its config does not have; "
+                f"check the spelling, or replace the whole value with ++{key}=..."
+            )
         return f"unknown config key '{key}'; check the spelling, or add a new key with +{key}=..."
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if m:

@@ -31,6 +31,7 @@ def test_group_selection_and_value_override() -> None:
         ("sampler=vlm", "unknown option 'vlm' for config group 'sampler'; choose one of: torchtune, vllm"),
         ("data=nope", "unknown option 'nope' for config group 'data'; choose one of: xstest_advbench, xstest_all, xstest_safe"),
         ("sampler.temprature=0.5", "unknown config key 'sampler.temprature'"),
+        ("sampler={temperature: 0.5, top_q: 1}", "adds key 'sampler.top_q', which its config does not have; check the spelling, or replace the whole value with ++sampler=..."),
         ("sampler.temperature=hot", "'sampler.temperature' must be float, got 'hot'"),
         ("n=two", "'n' must be int, got 'two'"),
         ("model=llama3_2_1b_instruct", "missing required value(s): checkpoint_dir"),
