@@ -203,12 +203,14 @@ def test_cache_survives_concurrent_writers_and_kill_9(tmp_path) -> None:
     path = str(tmp_path / "cache.sqlite")
     writers = [subprocess.Popen([sys.executable, "-c", _WRITER, path, name, "150", "0"]) for name in ("w1", "w2")]
     victim = subprocess.Popen([sys.executable, "-c", _WRITER, path, "victim", "100000", "0.001"], stdout=subprocess.PIPE, text=True)
-    for w in writers:
-        assert w.wait(timeout=120) == 0
-    for _ in range(20):  # let the victim commit some rows, then kill it mid-write
-        assert victim.stdout.readline(), "the victim exited before committing 20 rows"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    try:
+        for w in writers:
+            assert w.wait(timeout=120) == 0
+        for _ in range(20):  # let the victim commit some rows, then kill it mid-write
+            assert victim.stdout.readline(), "the victim exited before committing 20 rows"
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
     cache = JudgmentCache(path)
     assert all(cache.get(f"{w}-{i}") is not None for w in ("w1", "w2") for i in range(150))
     assert len(cache) >= 300 + 20
