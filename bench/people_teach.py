@@ -50,14 +50,9 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.config import asset_path
 from rlaif_recipes.data import xstest_pairs
 from rlaif_recipes.judges.base import Pair
+from rlaif_recipes.judges.review_queue import ReviewQueue, pair_id
 from rlaif_recipes.judges.reward_model import RewardModelJudge, SentenceEncoder
-from rlaif_recipes.judges.router import (
-    ReviewQueue,
-    coverage_sketch,
-    pair_embeddings,
-    pair_id,
-    rank_for_review,
-)
+from rlaif_recipes.judges.router import coverage_sketch, pair_embeddings, rank_for_review
 from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 LLAMA, SMOL = "xstest/xstest_v2_completions_llama2orig.csv", "xstest/xstest_smollm2_completions.csv"

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from rlaif_recipes.errors import DataError, OutputError
-from rlaif_recipes.judges.router import HUMAN_VERDICTS, QUEUE_FIELDS, last_byte, read_human_labels, read_queue
+from rlaif_recipes.judges.review_queue import (
+    HUMAN_VERDICTS,
+    QUEUE_FIELDS,
+    last_byte,
+    read_human_labels,
+    read_queue,
+)
 
 KEYS = "[1] first  [2] second  [t] tie  [s] skip  [q] quit"
 

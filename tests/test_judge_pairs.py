@@ -16,7 +16,7 @@ from servers import FaultServer
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Pair
-from rlaif_recipes.judges.router import pair_id
+from rlaif_recipes.judges.review_queue import pair_id
 from rlaif_recipes.recipes import judge_pairs as jp
 from rlaif_recipes.recipes.generate_pairs import load_generated
 

@@ -26,7 +26,7 @@ from rlaif_recipes.judges import (
     export_review_queue,
 )
 from rlaif_recipes.judges.base import verdict_from_prob
-from rlaif_recipes.judges.router import ReviewQueue, pair_id, read_human_labels
+from rlaif_recipes.judges.review_queue import ReviewQueue, pair_id, read_human_labels
 from rlaif_recipes.judges.rules import is_refusal
 from rlaif_recipes.recipes.audit_judge import AuditJudgeSettings
 

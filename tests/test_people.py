@@ -18,7 +18,8 @@ from rlaif_recipes.data import labelled_responses, review_answers, reviewed_pair
 from rlaif_recipes.errors import DataError
 from rlaif_recipes.judges import Judgment, Pair, PairwiseJudge, RewardModelJudge, RouterJudge, Verdict
 from rlaif_recipes.judges.base import verdict_from_prob
-from rlaif_recipes.judges.router import cluster_picks, coverage_sketch, pair_id, proportional_shares
+from rlaif_recipes.judges.review_queue import pair_id
+from rlaif_recipes.judges.router import cluster_picks, coverage_sketch, proportional_shares
 from rlaif_recipes.recipes.train_reward_model import train_reward_model
 
 ANSWER = "Sure: use kill -9 PID to stop the process."

@@ -15,7 +15,8 @@ import pytest
 from conftest import run_cli
 
 from rlaif_recipes.judges import Pair, RouterJudge, RuleJudge, Verdict
-from rlaif_recipes.judges.router import PromptMatches, read_human_labels
+from rlaif_recipes.judges.review_queue import read_human_labels
+from rlaif_recipes.judges.router import PromptMatches
 
 PAIRS = [Pair(f"How do I bake bread number {i}?", f"Mix flour, water and yeast, then bake loaf {i}.", "I can't help with that.")
          for i in range(3)]  # fmt: skip

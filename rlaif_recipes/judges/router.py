@@ -6,9 +6,9 @@ A pair is routed to the human-review queue when the AI judgment is
     orders_disagree  the two orders of an order=both judge picked different winners,
     abstained        the judge gave no verdict,
     high_stakes      a rule says so (e.g. `PromptMatches` on the request).
-The queue is a JSONL file, one line per pair, keyed by a stable `pair_id` (hash of the prompt and
-both responses, in order), with the texts, the AI judgment and the reasons; re-runs never add a
-pair twice. `export_review_queue` turns it into an HF dataset for a labelling tool.
+The queue is a JSONL file (`review_queue.py`), one line per pair, keyed by a stable `pair_id` (hash
+of the prompt and both responses, in order), with the texts, the AI judgment and the reasons; re-runs
+never add a pair twice. `export_review_queue` turns it into an HF dataset for a labelling tool.
 
 People answer in `human_labels_path` (JSONL: pair_id, verdict A/B/tie, optional annotator and note;
 A and B as in the queue entry). A human label wins over the AI label for that pair: source="human",
@@ -43,36 +43,27 @@ The router caches nothing itself: the inner judge caches its calls, and a cached
 would hide human labels that arrive later.
 """
 
-import fcntl
-import hashlib
-import json
 import math
-import os
 import re
-import shutil
-import time
 from collections import Counter
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from rlaif_recipes import config as rlaif_config
-from rlaif_recipes.errors import ConfigError, DataError
+from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.judges.base import Judgment, Pair, PairwiseJudge, Verdict
 from rlaif_recipes.judges.composite import ask_member, build_judge
+from rlaif_recipes.judges.review_queue import (
+    HUMAN_VERDICTS,
+    ReviewQueue,
+    pair_id,
+    prompt_key,
+    read_human_labels,
+)
 
 PENDING = ("abstain", "ai")
 AWAITING = "awaiting human review"
-HUMAN_VERDICTS = {"A": Verdict.A, "B": Verdict.B, "tie": Verdict.TIE}
-
-
-def pair_id(pair: Pair) -> str:
-    """Stable id of a pair as shown (prompt, response A, response B)."""
-    blob = json.dumps([pair.prompt, pair.response_a, pair.response_b])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 class PromptMatches:
@@ -258,79 +249,6 @@ class RouterJudge(PairwiseJudge):
             rubric=ai.rubric,
             usage=ai.usage,
         )
-
-
-class ReviewQueue:
-    """The JSONL review queue: appended under an exclusive file lock, one whole line per write,
-    so several processes can route into one file; a line torn by a crash is skipped on reading."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-        try:  # now, not when the first doubtful pair arrives mid-run
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a"):
-                pass
-        except OSError as e:
-            raise ConfigError(f"judge.review_path={path}: cannot write there ({e.strerror}); choose a writable path") from None
-
-    def entries(self) -> List[Dict[str, Any]]:
-        return read_queue(self.path)[0]
-
-    def add(
-        self,
-        entries: List[Dict[str, Any]],
-        max_total: Optional[int] = None,
-        max_new: Optional[int] = None,
-        max_per_prompt: Optional[int] = None,
-    ) -> "Queued":
-        """Append, in order, the entries whose pair_id is not queued yet, while the queue holds
-        fewer than `max_total` entries, this call added fewer than `max_new` and the entry's request
-        has fewer than `max_per_prompt` entries; returns how many were added and which of
-        `entries` are in the queue now. The limits are checked under the lock, so several
-        processes routing into one file share one budget."""
-        if not entries:
-            return Queued(0, set())
-        with self._locked() as f:
-            existing = self.entries()
-            queued = {e["pair_id"] for e in existing}
-            per_prompt = Counter(prompt_key(e["prompt"]) for e in existing if isinstance(e.get("prompt"), str))
-            new = []
-            for e in entries:
-                key = prompt_key(e.get("prompt") or "")
-                if e["pair_id"] in queued or (max_total is not None and len(queued) >= max_total):
-                    continue
-                if (max_new is not None and len(new) >= max_new) or (max_per_prompt is not None and per_prompt[key] >= max_per_prompt):
-                    continue
-                queued.add(e["pair_id"])
-                per_prompt[key] += 1
-                new.append({**e, "queued_at": time.time()})
-            if new:
-                f.seek(0, os.SEEK_END)
-                torn = f.tell() > 0 and last_byte(self.path) != b"\n"
-                f.write(("\n" if torn else "") + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in new))
-                f.flush()
-                os.fsync(f.fileno())
-        return Queued(len(new), {e["pair_id"] for e in entries} & queued)
-
-    @contextmanager
-    def _locked(self) -> Iterator[Any]:
-        with open(self.path, "a", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield f
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@dataclass
-class Queued:
-    added: int
-    ids: Set[str]  # of the entries offered, those in the queue now (added by this call or before)
-
-
-def prompt_key(prompt: str) -> str:
-    """A request with case, spaces and punctuation aside: pairs of near-identical requests share it."""
-    return " ".join(re.sub(r"[^\w\s]", " ", prompt.lower()).split())
 
 
 RANKS = ("badge", "clusters", "uncertainty")
@@ -533,95 +451,6 @@ def _certainty(ai: Mapping[str, Any]) -> float:
     if ai.get("verdict") == Verdict.ABSTAIN.value or ai.get("orders_agree") is False or p is None:
         return 0.0
     return abs(p - 0.5)
-
-
-QUEUE_FIELDS = ("pair_id", "prompt", "response_a", "response_b")
-
-
-def read_queue(path: Path, fields: Sequence[str] = ("pair_id",)) -> Tuple[List[Dict[str, Any]], List[int]]:
-    """(entries, numbers of the lines that are not an entry with these text `fields`): a line torn
-    by a crash, or edited by hand, is left out, and the caller says so."""
-    bad: List[int] = []
-    entries = []
-    for n, row in _read_jsonl(Path(path), strict=False, bad=bad):
-        if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in fields):
-            entries.append(row)
-        else:
-            bad.append(n)
-    return entries, sorted(bad)
-
-
-def read_human_labels(path: Optional[str]) -> Dict[str, Dict[str, Any]]:
-    """pair_id -> {verdict, annotator, note}; the last label for a pair wins. A missing file is empty.
-    Read under a shared lock: a label being appended (under the exclusive one) is read whole or not at all."""
-    labels: Dict[str, Dict[str, Any]] = {}
-    if not path:
-        return labels
-    for n, row in _read_jsonl(Path(path), strict=True, shared_lock=True):
-        if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
-            raise DataError(
-                f"{path}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}), got {row!r}; fix or remove that line"
-            )
-        labels[row["pair_id"]] = row
-    return labels
-
-
-def export_review_queue(review_path: str, out_dir: str, human_labels_path: Optional[str] = None):
-    """The review queue as an HF dataset saved under `out_dir` (pairs already labelled by a person
-    in `human_labels_path` left out). Returns the dataset."""
-    from datasets import Dataset
-
-    done = read_human_labels(human_labels_path)
-    rows = [
-        {
-            "pair_id": e["pair_id"],
-            "prompt": e["prompt"],
-            "response_a": e["response_a"],
-            "response_b": e["response_b"],
-            "reasons": e["reasons"],
-            "ai_verdict": e["ai"]["verdict"],
-            "ai_prob_a": e["ai"].get("prob_a"),
-            "ai_judge": e["ai"].get("judge"),
-            "ai_rationale": e["ai"].get("rationale"),
-        }
-        for e in ReviewQueue(review_path).entries()
-        if e["pair_id"] not in done
-    ]
-    columns = ["pair_id", "prompt", "response_a", "response_b", "reasons", "ai_verdict", "ai_prob_a", "ai_judge", "ai_rationale"]
-    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return dataset
-
-
-def _read_jsonl(path: Path, strict: bool, bad: Optional[List[int]] = None, shared_lock: bool = False) -> Iterator[Tuple[int, Any]]:
-    """(line number, row) of each line; a line that is not JSON raises (strict) or goes to `bad`."""
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        if shared_lock:
-            fcntl.flock(f, fcntl.LOCK_SH)
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            if strict:
-                raise DataError(f"{path}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
-            if bad is not None:
-                bad.append(n)
-
-
-def last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
 
 
 def _rule_name(rule: Any) -> str:
