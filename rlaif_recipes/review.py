@@ -16,7 +16,6 @@ is named on stderr and skipped.
 
 import fcntl
 import hashlib
-import json
 import os
 import sys
 import textwrap
@@ -24,13 +23,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from rlaif_recipes.errors import DataError, OutputError
 from rlaif_recipes.judges.review_queue import (
-    HUMAN_VERDICTS,
     QUEUE_FIELDS,
-    last_byte,
+    append_json_lines,
+    human_label_lines,
+    locked_for_append,
     read_human_labels,
     read_queue,
 )
@@ -92,7 +92,7 @@ def answered_pairs(targets: Sequence[Tuple[Path, Path]]) -> Tuple[List[Answered]
     votes: Dict[str, Dict[str, str]] = {}  # pair_id -> annotator -> verdict (their last one)
     counts: Counter = Counter()
     for labels in dict.fromkeys(labels for _, labels in targets):  # a labels file several runs share is read once
-        for n, row in _answer_lines(labels):
+        for n, row in human_label_lines(labels):
             if row["pair_id"] not in queued:
                 raise DataError(f"{labels}: line {n}: pair_id {row['pair_id']} is in none of the review queues of "
                                 f"{[str(q) for q, _ in targets]}; add the run it belongs to, or remove that line")  # fmt: skip
@@ -112,23 +112,6 @@ def answered_pairs(targets: Sequence[Tuple[Path, Path]]) -> Tuple[List[Answered]
             out.append(Answered(queued[pid], verdict, sorted(a for a, v in by_annotator.items() if v == verdict), len(by_annotator)))
     counts["pairs"] = len(out)
     return out, dict(counts)
-
-
-def _answer_lines(labels: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(line number, answer) of each line of a human-labels file; a bad line is an error naming it."""
-    if not labels.is_file():
-        return
-    with open(labels, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{labels}: line {n} is not JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
-                raise DataError(f"{labels}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}); fix or remove that line")
-            yield n, row
 
 
 def pending(entries: List[Dict[str, Any]], labels: Path) -> List[Dict[str, Any]]:
@@ -194,15 +177,8 @@ def verdict_of(choice: str, swapped: bool) -> str:
 def append_label(labels: Path, label: Dict[str, Any]) -> None:
     """One whole line per answer, under an exclusive lock, on disk before the next pair shows."""
     labels.parent.mkdir(parents=True, exist_ok=True)
-    with open(labels, "ab") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            torn = f.seek(0, os.SEEK_END) > 0 and last_byte(labels) != b"\n"  # a line cut by a crash stays apart
-            f.write(("\n" if torn else "").encode() + (json.dumps(label, ensure_ascii=False) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with locked_for_append(labels) as f:
+        append_json_lines(f, labels, [label])
 
 
 def review(target: str, annotator: str, labels: Optional[str] = None, show_ai: bool = False,

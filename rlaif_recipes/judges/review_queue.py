@@ -17,7 +17,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from rlaif_recipes.errors import ConfigError, DataError
 from rlaif_recipes.judges.base import Pair, Verdict
@@ -61,7 +61,7 @@ class ReviewQueue:
         processes routing into one file share one budget."""
         if not entries:
             return Queued(0, set())
-        with self._locked() as f:
+        with locked_for_append(self.path) as f:
             existing = self.entries()
             queued = {e["pair_id"] for e in existing}
             per_prompt = Counter(prompt_key(e["prompt"]) for e in existing if isinstance(e.get("prompt"), str))
@@ -76,21 +76,8 @@ class ReviewQueue:
                 per_prompt[key] += 1
                 new.append({**e, "queued_at": time.time()})
             if new:
-                f.seek(0, os.SEEK_END)
-                torn = f.tell() > 0 and last_byte(self.path) != b"\n"
-                f.write(("\n" if torn else "") + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in new))
-                f.flush()
-                os.fsync(f.fileno())
+                append_json_lines(f, self.path, new)
         return Queued(len(new), {e["pair_id"] for e in entries} & queued)
-
-    @contextmanager
-    def _locked(self) -> Iterator[Any]:
-        with open(self.path, "a", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield f
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -121,18 +108,20 @@ def read_queue(path: Path, fields: Sequence[str] = ("pair_id",)) -> Tuple[List[D
 
 
 def read_human_labels(path: Optional[str]) -> Dict[str, Dict[str, Any]]:
-    """pair_id -> {verdict, annotator, note}; the last label for a pair wins. A missing file is empty.
-    Read under a shared lock: a label being appended (under the exclusive one) is read whole or not at all."""
-    labels: Dict[str, Dict[str, Any]] = {}
-    if not path:
-        return labels
-    for n, row in _read_jsonl(Path(path), strict=True, shared_lock=True):
+    """pair_id -> {verdict, annotator, note}; the last label for a pair wins. A missing file is empty."""
+    return {row["pair_id"]: row for _, row in human_label_lines(Path(path))} if path else {}
+
+
+def human_label_lines(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, answer) of each line of a human-labels file, every annotator's every answer; a
+    line that is not an answer is an error naming it. Read under a shared lock: an answer being
+    appended (under the exclusive one) is read whole or not at all."""
+    for n, row in _read_jsonl(path, strict=True, shared_lock=True):
         if not isinstance(row, dict) or "pair_id" not in row or row.get("verdict") not in HUMAN_VERDICTS:
             raise DataError(
                 f"{path}: line {n} needs pair_id and verdict (one of {', '.join(HUMAN_VERDICTS)}), got {row!r}; fix or remove that line"
             )
-        labels[row["pair_id"]] = row
-    return labels
+        yield n, row
 
 
 def export_review_queue(review_path: str, out_dir: str, human_labels_path: Optional[str] = None):
@@ -187,7 +176,27 @@ def _read_jsonl(path: Path, strict: bool, bad: Optional[List[int]] = None, share
                 bad.append(n)
 
 
-def last_byte(path: Path) -> bytes:
+@contextmanager
+def locked_for_append(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for appending under an exclusive lock: what writers of one file take in turn."""
+    with open(path, "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_json_lines(f: BinaryIO, path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append `rows` as whole JSON lines to `f` (from `locked_for_append(path)`), on disk before this
+    returns; a last line cut by a crash is ended first, so it stays apart from the new ones."""
+    torn = f.seek(0, os.SEEK_END) > 0 and _last_byte(path) != b"\n"
+    f.write((("\n" if torn else "") + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)).encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
