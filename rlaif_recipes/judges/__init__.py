@@ -2,7 +2,7 @@
 
 The names load on first use (PEP 562): a process that needs only the cache or the review queue
 (`rlaif review`, a test's helper process) does not import torch, torchtune and vLLM, which the
-local judges need (about 4 s on 2 cores).
+local judges need (bench/RESULTS.md, "`rlaif review` and the judgment cache without torch").
 """
 
 import importlib
