@@ -6,6 +6,7 @@ Shared by the `dpo` and `online_dpo` recipes. Stable API:
     ckpt.save(step, model_state, training_state)  # one rank (rank 0); returns the directory
     ckpt.latest()                                 # newest *complete* checkpoint dir, or None
     ckpt.load(path=None)                          # -> Checkpoint(path, step, model, state, manifest), memory-mapped
+    ckpt.check_room(checkpoint_bytes(model), planned_saves(step, max_steps, every))  # at setup, before training
     rng_state() / set_rng_state(state)            # python, numpy, torch (CPU + CUDA) generators
     restore_rng_state(states, rank, world_size)   # this rank's, from a checkpoint's list of every rank's
     gather_optimizer_state(model, opt)            # full optimizer state (FSDP2 or not; rank 0)
@@ -19,12 +20,16 @@ A checkpoint is `output_dir/step_0000010/`:
     checkpoint.json        manifest: format, step, fingerprint, size of every file
 
 It is written in a hidden `.step_0000010.partial-PID` directory (manifest last) and renamed into
-place, so a crash never leaves a directory that looks finished. `latest()` also re-checks every
-manifest and file size, and skips anything incomplete. `load()` turns a corrupt or incompatible
+place, so a crash never leaves a directory that looks finished. A disk too small for it is one
+`CheckpointError`: at setup for the checkpoints the whole run keeps (`check_room`), and again at
+each save, before a byte is written; a write the disk still cannot hold leaves no partial
+directory behind. `latest()` also re-checks every manifest and file size, and skips anything
+incomplete. `load()` turns a corrupt or incompatible
 checkpoint (fingerprint differs: another model, LoRA settings, recipe) into one-line
 `CheckpointError`s that say what to do.
 """
 
+import errno
 import json
 import os
 import random
@@ -57,6 +62,7 @@ MANIFEST = "checkpoint.json"
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_FULL = 2**20  # fewer free bytes than this after a failed write: the disk is what failed it
 # HF side files a loader needs beside the weights (config, tokenizer, generation defaults, and the
 # chat template, which transformers 5 writes as chat_template.jinja)
 _SIDE_FILES = re.compile(r"^(?!.*\.index\.json$).*\.json$|^tokenizer.*|.*\.tiktoken$|^merges\.txt$|^vocab\.txt$|.*\.jinja$")
@@ -109,23 +115,36 @@ class CheckpointManager:
         final = self.output_dir / f"step_{step:07d}"
         tmp = self.output_dir / f".{final.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in sorted(Path(self.source_dir).iterdir()):
-            if f.is_file() and _SIDE_FILES.match(f.name) and f.name != MANIFEST:
-                shutil.copy2(f, tmp / f.name)
+        side_files = [f for f in sorted(Path(self.source_dir).iterdir()) if f.is_file() and _SIDE_FILES.match(f.name) and f.name != MANIFEST]
         hf = {k: v.detach().to("cpu").contiguous() for k, v in self._to_hf(dict(model_state), self.source_dir).items()}
-        save_file(hf, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        torch.save({"step": step, **(training_state or {})}, tmp / TRAINING_STATE)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "fingerprint": self.fingerprint,
-            "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
-            "created": time.time(),
-        }
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        for name in (WEIGHTS, TRAINING_STATE):
-            _fsync(tmp / name)
+        need = tensor_bytes(hf) + tensor_bytes(training_state) + sum(f.stat().st_size for f in side_files)
+        self._check_free(need, f"checkpoint step {step} needs about {_mb(need)}")
+        try:
+            tmp.mkdir(parents=True)
+            for f in side_files:
+                shutil.copy2(f, tmp / f.name)
+            save_file(hf, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            torch.save({"step": step, **(training_state or {})}, tmp / TRAINING_STATE)
+            manifest = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "fingerprint": self.fingerprint,
+                "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
+                "created": time.time(),
+            }
+            _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2))
+            for name in (WEIGHTS, TRAINING_STATE):
+                _fsync(tmp / name)
+        except Exception as e:
+            disk_full = _free_bytes(self.output_dir) < _FULL or _errno_in(e, (errno.ENOSPC, errno.EDQUOT))
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not disk_full:
+                raise
+            raise CheckpointError(
+                f"the disk under {self.output_dir} filled while checkpoint step {step} was written (about "
+                f"{_mb(need)}); the partial write is removed and the checkpoints before it are intact: free disk "
+                "space and resume (resume_from_checkpoint=true)"
+            ) from None
         if final.exists():  # re-saving a step: move the old one aside first (rename needs a free name)
             old = self.output_dir / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
@@ -134,6 +153,27 @@ class CheckpointManager:
         _fsync_dir(self.output_dir)
         self._prune()
         return final
+
+    def check_room(self, each_bytes: int, saves: int) -> None:
+        """Fail before training when the disk cannot hold this run's checkpoints: the ones it keeps
+        (keep_last, or all `saves`) and one more being written; the ones it will prune count as room."""
+        kept = saves if self.keep_last is None else min(saves, self.keep_last)
+        existing = self._step_dirs()
+        prunable = sum(_dir_bytes(p) for p in existing) if self.keep_last is not None else 0
+        need = max(each_bytes, (kept + 1) * each_bytes - prunable)
+        self._check_free(
+            need,
+            f"this run's checkpoints need about {_mb(need)} ({kept} kept by keep_last_checkpoints={self.keep_last} "
+            f"and one being written, about {_mb(each_bytes)} each: weights and optimizer state)",
+        )
+
+    def _check_free(self, need: int, what: str) -> None:
+        free = _free_bytes(self.output_dir)
+        if need > free:
+            raise CheckpointError(
+                f"{what}, and the disk under {self.output_dir} has {_mb(free)} free; free disk space, lower "
+                "keep_last_checkpoints, or choose an output_dir on a larger disk"
+            )
 
     def latest(self) -> Optional[Path]:
         """Newest complete checkpoint; incomplete or foreign directories are skipped (and logged)."""
@@ -198,6 +238,53 @@ class CheckpointManager:
 
 def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About what one checkpoint of `model` takes on disk: every weight, and AdamW's two moments
+    per trained weight (each save checks its exact size again)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def planned_saves(start: int, end: int, every: Optional[int]) -> int:
+    """How many checkpoints steps start+1..end write: every `every` steps and at the end."""
+    return len({s for s in range(start + 1, end + 1) if every and s % every == 0} | {end})
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested dict / list (what a checkpoint file holds, headers aside)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds `path`, or would once it is created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _errno_in(error: BaseException, codes: tuple) -> bool:
+    """Whether an OSError with one of `codes` is `error` or caused it (torch.save re-raises it as a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in codes:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
 def _problem(path: Path) -> Optional[str]:

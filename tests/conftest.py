@@ -32,6 +32,27 @@ def smollm2_dir() -> Path:
     return get_model("smollm2-135m-instruct")
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real small file system: mount(size_mib) mounts a tmpfs of that size and returns its path;
+    each is unmounted when the test ends. Needs root (CI and this machine run as root)."""
+    mounted: List[Path] = []
+
+    def mount(size_mib: float) -> Path:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mib * 1024)}k", "tmpfs", str(path)],
+                                capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (root needed): {result.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def load_policy(checkpoint_dir: Path) -> torch.nn.Module:
     """An HF checkpoint (the tiny model, SmolLM2) as a torchtune module, loaded through torchtune's HF checkpointer."""
     from rlaif_recipes.models import decoder_from_hf_dir, hf_checkpointer

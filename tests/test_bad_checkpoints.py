@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from rlaif_recipes.checkpointing import CheckpointManager
 from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.files import file_sha256
 from rlaif_recipes.models import UnsupportedModelError, check_checkpoint_dir, hf_checkpointer, hf_config
@@ -249,3 +250,59 @@ def test_reads_headers_only_even_for_a_huge_file(model_dir: Path) -> None:
     check_checkpoint_dir(str(model_dir))
     assert path.stat().st_blocks * 512 < 2**20
 
+
+
+# ---- a disk too small for a checkpoint --------------------------------------------------------
+
+
+def _manager(out: Path, source: Path, keep_last: Optional[int] = None) -> CheckpointManager:
+    same = lambda state, _: dict(state)  # noqa: E731  (weights under their own names: no model config needed)
+    return CheckpointManager(str(out), str(source), keep_last=keep_last, to_hf=same, from_hf=same)
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_a_byte_and_the_earlier_one_stays(
+    small_disk, tiny_model_dir: Path
+) -> None:
+    out = small_disk(4) / "checkpoints"
+    ckpt = _manager(out, tiny_model_dir)
+    first = ckpt.save(1, {"w": torch.ones(64, 1024)}, {"optimizer": {"m": torch.zeros(64, 1024)}})  # 0.5 MiB
+    with pytest.raises(CheckpointError) as refused:
+        ckpt.save(2, {"w": torch.ones(1024, 1024)}, {"optimizer": {"m": torch.zeros(1024, 1024)}})  # 8 MiB
+    assert re.fullmatch(
+        rf"checkpoint step 2 needs about 8 MiB, and the disk under {re.escape(str(out))} has [0-9] MiB free; "
+        "free disk space, lower keep_last_checkpoints, or choose an output_dir on a larger disk",
+        str(refused.value),
+    )
+    assert sorted(p.name for p in out.iterdir()) == [first.name]
+    assert ckpt.latest() == first and torch.equal(ckpt.load().model["w"], torch.ones(64, 1024))
+
+
+def test_a_write_the_disk_runs_out_under_leaves_no_partial_directory(small_disk, tiny_model_dir: Path) -> None:
+    """State the size check cannot see (pickled bytes, not tensors) fills the disk mid-write."""
+    out = small_disk(4) / "checkpoints"
+    ckpt = _manager(out, tiny_model_dir)
+    first = ckpt.save(1, {"w": torch.ones(64, 1024)})
+    with pytest.raises(CheckpointError) as failed:
+        ckpt.save(2, {"w": torch.ones(64, 1024)}, {"notes": b"x" * 8 * 2**20})
+    assert re.fullmatch(
+        rf"the disk under {re.escape(str(out))} filled while checkpoint step 2 was written \(about \d+ KiB\); the partial "
+        r"write is removed and the checkpoints before it are intact: free disk space and resume \(resume_from_checkpoint=true\)",
+        str(failed.value),
+    )
+    assert sorted(p.name for p in out.iterdir()) == [first.name]
+    assert ckpt.latest() == first
+
+
+def test_room_for_the_whole_run_counts_the_checkpoints_kept_and_the_ones_pruned(small_disk, tiny_model_dir: Path) -> None:
+    out = small_disk(8) / "checkpoints"
+    mib = 2**20
+    _manager(out, tiny_model_dir, keep_last=2).check_room(2 * mib, saves=10)  # 2 kept + 1 being written
+    with pytest.raises(CheckpointError, match=r"^this run's checkpoints need about 33 MiB \(10 kept by keep_last_checkpoints=None"):
+        _manager(out, tiny_model_dir).check_room(3 * mib, saves=10)
+    # a resumed run: the checkpoints already there will be pruned, so their space counts as room
+    ckpt = _manager(out, tiny_model_dir, keep_last=2)
+    for step in (1, 2):
+        ckpt.save(step, {"w": torch.ones(512, 1024)})  # 2 MiB each
+    ckpt.check_room(2 * mib + 2**16, saves=5)  # 3 x 2.06 MiB at once, 4 MiB of it already there
+    with pytest.raises(CheckpointError, match=r"^this run's checkpoints need about 12 MiB \(5 kept by keep_last_checkpoints=None"):
+        _manager(out, tiny_model_dir, keep_last=None).check_room(2 * mib, saves=5)

@@ -8,9 +8,11 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Dict, List, Union
 
@@ -334,6 +336,50 @@ def test_a_truncated_checkpoint_is_named_before_the_engine(monkeypatch, tmp_path
     message = run(monkeypatch, "generate_pairs", f"checkpoint_dir={broken}", f"output_dir={tmp_path / 'gen'}")
     assert message.startswith(f"checkpoint error: {weights} is truncated (")
     assert message.endswith("copy the checkpoint again")
+
+
+def judge_filling_the_disk(prompt: str, response: str) -> float:
+    """A rule judge that prefers replies by a checksum, and fills the disk at RLAIF_TEST_FILL (to 1 MiB
+    free) once the run's first checkpoint is there: another job taking the space mid-run."""
+    disk = Path(os.environ["RLAIF_TEST_FILL"])
+    filler = disk / "filler"
+    if not filler.exists() and any((disk / "run" / "checkpoints").glob("step_*")):
+        filler.write_bytes(bytes(shutil.disk_usage(disk).free - 2**20))
+    return float(zlib.crc32(response.encode()))
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_one_line_before_training(monkeypatch, small_disk, tiny_model_dir, pairs_file):
+    disk = small_disk(4)
+    online = run(monkeypatch, "online_dpo", f"checkpoint_dir={tiny_model_dir}", f"output_dir={disk / 'online'}", *ONLINE)
+    dpo = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, disk / "dpo", pairs_file))
+    for recipe, message in (("online", online), ("dpo", dpo)):
+        assert re.fullmatch(
+            r"checkpoint error: this run's checkpoints need about (\d+) MiB \((1|2) kept by keep_last_checkpoints=2 and one "
+            r"being written, about (\d+) MiB each: weights and optimizer state\), and the disk under "
+            rf"{re.escape(str(disk / recipe / 'checkpoints'))} has [0-4] MiB free; free disk space, lower keep_last_checkpoints, "
+            r"or choose an output_dir on a larger disk",
+            message,
+        ), message
+        assert not list((disk / recipe).rglob("step_*")) and not (disk / recipe / "metrics.jsonl").exists()
+
+
+def test_a_disk_that_fills_mid_run_keeps_the_last_checkpoint_and_the_run_resumes(monkeypatch, small_disk, tiny_model_dir):
+    disk = small_disk(48)
+    monkeypatch.setenv("RLAIF_TEST_FILL", str(disk))
+    out = disk / "run"
+    args = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={out}", *ONLINE, "max_steps=3", "save_every_n_steps=1",
+            "max_steps_without_pairs=null", f"judge.rule={__name__}.judge_filling_the_disk"]  # fmt: skip
+    message = run(monkeypatch, "online_dpo", *args)
+    assert re.fullmatch(
+        rf"checkpoint error: checkpoint step 2 needs about \d+ MiB, and the disk under {re.escape(str(out / 'checkpoints'))} "
+        r"has \d+ KiB free; free disk space, lower keep_last_checkpoints, or choose an output_dir on a larger disk",
+        message,
+    ), message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001"]
+    (disk / "filler").unlink()
+    (disk / "filler").write_bytes(b"")  # the judge fills the disk once only
+    assert run(monkeypatch, "online_dpo", *args, "resume_from_checkpoint=true") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
 
 
 # ---- secrets and the command line ---------------------------------------------------------------

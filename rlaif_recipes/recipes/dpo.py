@@ -41,8 +41,10 @@ from tqdm import tqdm
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.checkpointing import (
     CheckpointManager,
+    checkpoint_bytes,
     gather_optimizer_state,
     load_optimizer_state,
+    planned_saves,
     restore_rng_state,
     rng_state,
 )
@@ -184,6 +186,8 @@ class DPORecipe:
         training.disable_dropout(self._model)
         if self._lora:
             set_trainable_params(self._model, get_adapter_params(self._model))
+        start = resumed.step if resumed else 0
+        self._checkpoints.check_room(checkpoint_bytes(self._model), planned_saves(start, self._total_steps, self._save_every))
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
         self._hidden_dim = self._model.tok_embeddings.embedding_dim
 

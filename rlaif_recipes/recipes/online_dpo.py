@@ -58,8 +58,10 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.checkpointing import (
     Checkpoint,
     CheckpointManager,
+    checkpoint_bytes,
     gather_optimizer_state,
     load_optimizer_state,
+    planned_saves,
     restore_rng_state,
     rng_state,
 )
@@ -228,6 +230,7 @@ class OnlineDPORecipe:
             self._restore(resume)
         # a function of the step: a resumed run picks it up at its step, also when max_steps changed
         self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._max_steps, self.global_step)
+        self._checkpoints.check_room(checkpoint_bytes(self._model), planned_saves(self.global_step, self._max_steps, self._save_every))
         self._loss_fn = config.instantiate(cfg.loss)
         self._compile = cfg.compile
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
