@@ -222,6 +222,9 @@ def test_human_labels_win_and_pending_pairs_abstain_or_keep_the_ai_label(tmp_pat
     assert on_disk[0]["reasons"] == ["low_confidence"] and on_disk[0]["ai_verdict"] == "tie"
     everything = export_review_queue(str(tmp_path / "queue.jsonl"), str(tmp_path / "export"))  # replaces the export
     assert len(everything) == len(load_from_disk(str(tmp_path / "export"))) == 2
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"pair_id": p, "verdict": "A"}) + "\n" for p in everything["pair_id"]))
+    nothing_left = export_review_queue(str(tmp_path / "queue.jsonl"), str(tmp_path / "export"), str(tmp_path / "all.jsonl"))
+    assert len(nothing_left) == 0 and nothing_left.column_names == everything.column_names
 
 
 def test_router_rejects_a_malformed_labels_file_before_judging(tmp_path: Path) -> None:

@@ -130,23 +130,13 @@ def export_review_queue(review_path: str, out_dir: str, human_labels_path: Optio
     from datasets import Dataset
 
     done = read_human_labels(human_labels_path)
-    rows = [
+    entries = [e for e in ReviewQueue(review_path).entries() if e["pair_id"] not in done]
+    dataset = Dataset.from_dict(
         {
-            "pair_id": e["pair_id"],
-            "prompt": e["prompt"],
-            "response_a": e["response_a"],
-            "response_b": e["response_b"],
-            "reasons": e["reasons"],
-            "ai_verdict": e["ai"]["verdict"],
-            "ai_prob_a": e["ai"].get("prob_a"),
-            "ai_judge": e["ai"].get("judge"),
-            "ai_rationale": e["ai"].get("rationale"),
+            **{k: [e[k] for e in entries] for k in ("pair_id", "prompt", "response_a", "response_b", "reasons")},
+            **{f"ai_{k}": [e["ai"].get(k) for e in entries] for k in ("verdict", "prob_a", "judge", "rationale")},
         }
-        for e in ReviewQueue(review_path).entries()
-        if e["pair_id"] not in done
-    ]
-    columns = ["pair_id", "prompt", "response_a", "response_b", "reasons", "ai_verdict", "ai_prob_a", "ai_judge", "ai_rationale"]
-    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
+    )
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
