@@ -29,7 +29,6 @@ checkpoint (fingerprint differs: another model, LoRA settings, recipe) into one-
 `CheckpointError`s that say what to do.
 """
 
-import errno
 import json
 import os
 import random
@@ -52,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torchtune.utils import get_logger
 
-from rlaif_recipes.errors import CheckpointError, ConfigError
+from rlaif_recipes.errors import CheckpointError, ConfigError, disk_full_error
 from rlaif_recipes.models.hf_model import hf_to_tune_state_dict, tune_to_hf_state_dict
 
 log = get_logger("INFO")
@@ -136,7 +135,7 @@ class CheckpointManager:
             for name in (WEIGHTS, TRAINING_STATE):
                 _fsync(tmp / name)
         except Exception as e:
-            disk_full = _free_bytes(self.output_dir) < _FULL or _errno_in(e, (errno.ENOSPC, errno.EDQUOT))
+            disk_full = _free_bytes(self.output_dir) < _FULL or disk_full_error(e) is not None
             shutil.rmtree(tmp, ignore_errors=True)
             if not disk_full:
                 raise
@@ -272,15 +271,6 @@ def _free_bytes(path: Path) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free
-
-
-def _errno_in(error: BaseException, codes: tuple) -> bool:
-    """Whether an OSError with one of `codes` is `error` or caused it (torch.save re-raises it as a RuntimeError)."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in codes:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def _mb(n: int) -> str:

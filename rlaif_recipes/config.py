@@ -25,7 +25,15 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from rlaif_recipes.errors import ConfigError, RecipeError, debug, one_line
+from rlaif_recipes.errors import (
+    ConfigError,
+    OutputError,
+    RecipeError,
+    debug,
+    disk_full_error,
+    one_line,
+    os_error_line,
+)
 from rlaif_recipes.files import atomic_write_text
 from rlaif_recipes.redact import REDACTED, SECRET_KEY, SECRET_MAPPINGS, redact_text
 
@@ -142,14 +150,23 @@ def parse(schema: Optional[type] = None) -> Callable:
         def wrapper() -> Any:
             from rlaif_recipes import run_dir  # it imports this module
 
+            cfg = None
             try:
                 config, overrides = split_argv(sys.argv[1:])
-                return recipe_main(load(config, overrides, schema))
+                cfg = load(config, overrides, schema)
+                return recipe_main(cfg)
             except RecipeError as e:
                 run_dir.discard_unused_claim()  # a refused run leaves no run.json behind to puzzle a later one
                 if debug():
                     raise
                 sys.exit(one_line(e))
+            except Exception as e:  # a full disk is expected too; anything else is a bug
+                full = disk_full_error(e)
+                if full is None or debug():
+                    raise
+                run_dir.discard_unused_claim()
+                where = f"output_dir={cfg.output_dir}" if cfg is not None and "output_dir" in cfg else "a file"
+                sys.exit(f"{OutputError.kind}: {os_error_line(full, where)}")
             finally:
                 run_dir.forget_claim()
 

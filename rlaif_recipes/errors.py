@@ -8,6 +8,7 @@ the file, key or setting at fault and says how to fix it; it never echoes a secr
 
 import errno
 import os
+from typing import Optional
 
 
 class RecipeError(Exception):
@@ -63,10 +64,10 @@ def one_line(error: RecipeError) -> str:
     return f"{error.kind}: {lines[0] if lines else type(error).__name__}"
 
 
-def os_error_line(error: OSError) -> str:
-    """An expected OSError (a missing or read-only path, a full disk) as one line: the path, the
-    reason and what to do; the traceback adds nothing for these."""
-    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or "a file"
+def os_error_line(error: OSError, where: str = "a file") -> str:
+    """An expected OSError (a missing or read-only path, a full disk) as one line: the path (or
+    `where`, when the error names none), the reason and what to do; the traceback adds nothing for these."""
+    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or where
     fix = {
         errno.ENOSPC: "free some disk space and run it again",
         errno.EDQUOT: "free some disk space and run it again",
@@ -76,3 +77,13 @@ def os_error_line(error: OSError) -> str:
         errno.EROFS: "choose a path on a writable file system",
     }.get(error.errno, "check the path")
     return f"{where}: {error.strerror or error}; {fix}"
+
+
+def disk_full_error(error: BaseException) -> Optional[OSError]:
+    """The full-disk (or quota) OSError that is `error` or caused it, or None: torch.save, for one,
+    re-raises it as a RuntimeError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -382,6 +382,20 @@ def test_a_disk_that_fills_mid_run_keeps_the_last_checkpoint_and_the_run_resumes
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
 
 
+def test_a_full_disk_is_one_output_error_and_a_rerun_after_freeing_it_works(monkeypatch, small_disk, tiny_model_dir):
+    disk = small_disk(1)
+    (disk / "filler").write_bytes(bytes(shutil.disk_usage(disk).free - 4096))
+    args = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={disk / 'gen'}", "sampler=torchtune", "data.max_prompts=8",
+            "sampler.max_tokens=6"]  # fmt: skip
+    assert run(monkeypatch, "generate_pairs", *args) == (
+        f"output error: output_dir={disk / 'gen'}: No space left on device; free some disk space and run it again"
+    )
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing half-written left behind
+    (disk / "filler").unlink()
+    assert run(monkeypatch, "generate_pairs", *args) == 0
+    assert list((disk / "gen" / "data").glob("*.parquet"))
+
+
 # ---- secrets and the command line ---------------------------------------------------------------
 
 
