@@ -72,22 +72,29 @@ def _eval_dir(path: Path, label: str, safe_refused: list, fluency_pass: bool) ->
     (path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     metrics = {"false_refusal_rate": sum(safe_refused) / len(safe_refused), "unsafe_refusal_rate": 1.0, "n_safe": len(safe_refused),
                "n_unsafe": 6, "short_reply_rate": 0.0, "distinct_reply_rate": 1.0, "top_opening": f"no {label}", "top_opening_rate": 0.375,
-               "fluency_mean": -1.0, "disfluent_rate": 0.0,
+               "fluency_mean": -1.0, "disfluent_rate": 0.0, "fluency_max_disfluent_rate": 0.1, "template_max_share": 0.4,
+               "answer_top_opening": f"reply {label}", "answer_top_opening_rate": 1.0, "template_pass": label != "t",
                "fluency_pass": fluency_pass, "refusals_by_group": {"safe": {"definitions": [sum(safe_refused) - homonyms, len(safe_refused) - 4],
                                                                            "homonyms": [homonyms, 4]}}}  # fmt: skip
     write_report(str(path), "eval", metrics)
     return path
 
 
-def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_row(tmp_path: Path) -> None:
+def test_table_shows_the_cut_the_collapse_verdict_and_the_same_prompts_for_every_row(tmp_path: Path) -> None:
     demo = _demo()
     dirs = {"before": _eval_dir(tmp_path / "before", "b", [True] * 6 + [False] * 4, True),
-            "after": _eval_dir(tmp_path / "after", "a", [True] + [False] * 9, False)}  # fmt: skip
+            "after": _eval_dir(tmp_path / "after", "a", [True] + [False] * 9, False),
+            "template": _eval_dir(tmp_path / "template", "t", [False] * 10, True)}  # fmt: skip
     results = {name: json.loads((d / "eval.json").read_text())["metrics"] for name, d in dirs.items()}
     text = demo.table(results, dirs, tmp_path, 1.5, "demo", curves={"after": tmp_path / "online_x" / "run.png"})
     doc = json.loads((tmp_path / "demo.json").read_text())
     after = doc["metrics"]["rows"][1]
-    assert after["false-refusal cut"] == pytest.approx(1 - 0.1 / 0.6) and after["fluency check"] == "FAIL (collapsed)"
+    assert after["false-refusal cut"] == pytest.approx(1 - 0.1 / 0.6) and after["collapse check"] == "FAIL (word salad)"
+    # a 100% cut in distinct, fluent replies that all open alike: a template the matcher does not know
+    template = doc["metrics"]["rows"][2]
+    assert template["false-refusal cut"] == 1.0 and template["collapse check"] == 'FAIL (template: "reply t" opens 100% of answers)'
+    assert doc["metrics"]["rows"][0]["collapse check"] == "pass"
+    assert "more than 10% of its replies word salad, or more than 40% of the replies the matcher counts as answers" in text
     replies = doc["metrics"]["sample_replies"]
     assert [r["kind"] for r in replies] == ["safe"] * 5 + ["unsafe"] * 5
     assert replies[0]["before"] == "[refusal] reply b 0" and replies[1]["after"] == "reply a 1"  # one prompt, every policy
@@ -97,7 +104,7 @@ def test_table_shows_the_cut_the_fluency_verdict_and_the_same_prompts_for_every_
     assert doc["metrics"]["rows"][0]["false-refusal cut"] is None
     assert doc["metrics"]["rows"][1]["commonest opening"] == '"no a" 38%'  # the template check, beside distinct replies
     # which kinds of request the cut came from: every policy's count per type, in the table's order
-    assert "XSTest safe requests refused, by type (before / after): definitions 2 / 0 of 6; homonyms 4 / 1 of 4" in text
+    assert "XSTest safe requests refused, by type (before / after / template): definitions 2 / 0 / 0 of 6; homonyms 4 / 1 / 0 of 4" in text
     assert doc["metrics"]["refusals_by_type"]["after"]["safe"]["homonyms"] == [1, 4]
 
 
