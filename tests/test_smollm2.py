@@ -256,3 +256,4 @@ def test_evaluate_reads_smollm2s_replies(tmp_path: Path, smollm2_dir: Path) -> N
     assert report["short_reply_rate"] == 0 and report["distinct_reply_rate"] == 1.0
     assert all(len(s["response"].split()) >= 8 for s in samples), [s["response"] for s in samples]
     assert report["fluency_pass"] and not any(s["disfluent"] for s in samples)  # its own replies read as fluent
+    assert report["template_pass"] and report["n_answers"] >= 10  # and its answers open in many ways, not one template
