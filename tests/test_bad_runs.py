@@ -289,6 +289,12 @@ def test_settings_checked_before_anything_heavy(monkeypatch, tmp_path, tiny_mode
         "config error: prompts_per_shard=0: a shard needs at least 1 prompt"
     )
     assert not (tmp_path / "g").exists()
+    evaluate = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'e'}", "template_max_share=1.5"]
+    assert run(monkeypatch, "evaluate", *evaluate) == (
+        "config error: template_max_share=1.5: must be in (0, 1), the share of the answers one opening may start (e.g. 0.4), "
+        "or null to turn the template check off"
+    )
+    assert not (tmp_path / "e").exists()
 
 
 def test_unwritable_outputs_fail_before_the_engine(monkeypatch, tmp_path, tiny_model_dir, no_engine):

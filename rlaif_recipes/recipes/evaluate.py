@@ -86,6 +86,11 @@ class EvaluateRecipe:
         """Every check that needs no engine: settings, checkpoints, output directory."""
         refuse_torchrun("evaluate", "for a big policy use sampler=vllm_gpu with sampler.tensor_parallel_size=N")
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
+        if cfg.template_max_share is not None and not 0 < cfg.template_max_share < 1:
+            raise ConfigError(
+                f"template_max_share={cfg.template_max_share}: must be in (0, 1), the share of the answers one opening "
+                "may start (e.g. 0.4), or null to turn the template check off"
+            )
         for key, model in (("checkpoint_dir", cfg.model), ("reference_dir", cfg.model), ("fluency.model_dir", None)):
             path = OmegaConf.select(cfg, key)
             if path is not None:
