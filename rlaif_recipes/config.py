@@ -162,9 +162,11 @@ def parse(schema: Optional[type] = None) -> Callable:
                 sys.exit(one_line(e))
             except Exception as e:  # a full disk is expected too; anything else is a bug
                 full = disk_full_error(e)
-                if full is None or debug():
+                if full is None:
                     raise
                 run_dir.discard_unused_claim()
+                if debug():
+                    raise
                 where = f"output_dir={cfg.output_dir}" if cfg is not None and "output_dir" in cfg else "a file"
                 sys.exit(f"{OutputError.kind}: {os_error_line(full, where)}")
             finally:
