@@ -251,7 +251,6 @@ def test_reads_headers_only_even_for_a_huge_file(model_dir: Path) -> None:
     assert path.stat().st_blocks * 512 < 2**20
 
 
-
 # ---- a disk too small for a checkpoint --------------------------------------------------------
 
 
