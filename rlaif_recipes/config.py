@@ -132,7 +132,31 @@ def validate(cfg: DictConfig, schema: Optional[type] = None) -> DictConfig:
     if schema is not None:
         cfg = _apply_schema(cfg, schema)
     _check_components(cfg, "")
+    _check_ranges(cfg)
     return cfg
+
+
+# Value ranges of keys any recipe may have, whatever component reads them (a value that is no number
+# fails too): torchtune's DPOLoss takes a negative beta without a word (and trains the preferences
+# backwards), torch's AdamW answers lr="abc" with a comparison error, and a sampler would see its
+# settings only at the first sample, after the engine and the model have started.
+RANGES: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
+    ("sampler.temperature", lambda v: v >= 0, "must be >= 0 (0: greedy; 0.7-1.0 for varied pairs)"),
+    ("sampler.top_p", lambda v: 0 < v <= 1, "the nucleus mass must be in (0, 1] (1.0: off)"),
+    ("sampler.max_tokens", lambda v: v >= 1, "new tokens per reply must be >= 1"),
+    ("loss.beta", lambda v: v > 0, "the pull towards the reference must be > 0 (0.1 is typical for DPO)"),
+    ("loss.gamma", lambda v: v > 0, "the margin scale must be > 0 (0.1 is typical)"),
+    ("loss.label_smoothing", lambda v: 0 <= v < 0.5, "the share of labels taken as flipped must be in [0, 0.5)"),
+    ("optimizer.lr", lambda v: v > 0, "the learning rate must be a number > 0 (e.g. 5.0e-6)"),
+)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, ok, need in RANGES:
+        value = OmegaConf.select(cfg, key, default=None)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and ok(value)):
+            raise ConfigError(f"{key}={value}: {need}; fix it in the config or with {key}=...")
 
 
 def parse(schema: Optional[type] = None) -> Callable:
