@@ -15,7 +15,7 @@ responses are reported beside the rates: a falling refusal rate means something 
 replies stay rare and replies stay distinct. It can also learn a way of refusing the classifier does
 not know, so the commonest opening (first three words) and its share are reported too, and the
 template check fails when more than `template_max_share` of the replies counted as answers share
-one opening: distinct, fluent lectures ("I do not provide guidance on ...") for benign and harmful
+one opening: distinct, fluent lectures ("I do not believe that ...") for benign and harmful
 requests alike read as a 100% cut to the classifier. It can also stop refusing in word salad, so with
 `fluency` each reply is scored by its mean per-token log-likelihood under a fixed model
 (rlaif_recipes.fluency, SmolLM2-135M-Instruct by default: neither the policy nor any judge), and
