@@ -6,7 +6,7 @@ Shared by the `dpo` and `online_dpo` recipes. Stable API:
     ckpt.save(step, model_state, training_state)  # one rank (rank 0); returns the directory
     ckpt.latest()                                 # newest *complete* checkpoint dir, or None
     ckpt.load(path=None)                          # -> Checkpoint(path, step, model, state, manifest), memory-mapped
-    ckpt.check_room(checkpoint_bytes(model), planned_saves(step, max_steps, every))  # at setup, before training
+    ckpt.check_room(checkpoint_bytes(model, 2.0), planned_saves(step, max_steps, every))  # at setup, before training
     rng_state() / set_rng_state(state)            # python, numpy, torch (CPU + CUDA) generators
     restore_rng_state(states, rank, world_size)   # this rank's, from a checkpoint's list of every rank's
     gather_optimizer_state(model, opt)            # full optimizer state (FSDP2 or not; rank 0)
@@ -239,11 +239,13 @@ def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
-def checkpoint_bytes(model: nn.Module) -> int:
-    """About what one checkpoint of `model` takes on disk: every weight, and AdamW's two moments
-    per trained weight (each save checks its exact size again)."""
+def checkpoint_bytes(model: nn.Module, state_per_weight: float) -> int:
+    """About what one checkpoint of `model` takes on disk: every weight, and the optimizer's state,
+    `state_per_weight` bytes per byte of trained weight (`policy.optimizer_state_share`: AdamW 2,
+    SGD with momentum 1); each save checks its exact size again."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + int(state_per_weight * trained)
 
 
 def planned_saves(start: int, end: int, every: Optional[int]) -> int:

@@ -14,6 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 
+from rlaif_recipes.checkpointing import tensor_bytes
 from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.errors import ConfigError
 from rlaif_recipes.logprobs import training_attention
@@ -67,6 +68,17 @@ def check_optimizer(optimizer: DictConfig, lr_scheduler: Optional[DictConfig] = 
         config.instantiate(lr_scheduler, built, num_training_steps=1)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"lr_scheduler: {str(e).splitlines()[0]}; fix lr_scheduler.* in the config") from None
+
+
+def optimizer_state_share(optimizer: DictConfig, dtype: torch.dtype, device: torch.device) -> float:
+    """Bytes of state the configured optimizer keeps per byte of trained weight (AdamW 2, SGD with
+    momentum 1, plain SGD 0), from one step on a stand-in weight: what a checkpoint's size is
+    planned with before the optimizer has any state of its own."""
+    weight = nn.Parameter(torch.zeros(4096, dtype=dtype, device=device))
+    weight.grad = torch.zeros_like(weight)
+    stand_in = config.instantiate(optimizer, [weight])
+    stand_in.step()
+    return tensor_bytes(stand_in.state_dict()["state"]) / tensor_bytes(weight)
 
 
 def build_policy(

@@ -12,11 +12,13 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from rlaif_recipes.checkpointing import CheckpointManager
+from rlaif_recipes.checkpointing import CheckpointManager, checkpoint_bytes
 from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.files import file_sha256
 from rlaif_recipes.models import UnsupportedModelError, check_checkpoint_dir, hf_checkpointer, hf_config
+from rlaif_recipes.policy import optimizer_state_share
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 FIT = "use model=hf (it reads its shape from config.json) or the model config that matches"
@@ -305,3 +307,19 @@ def test_room_for_the_whole_run_counts_the_checkpoints_kept_and_the_ones_pruned(
     ckpt.check_room(2 * mib + 2**16, saves=5)  # 3 x 2.06 MiB at once, 4 MiB of it already there
     with pytest.raises(CheckpointError, match=r"^this run's checkpoints need about 12 MiB \(5 kept by keep_last_checkpoints=None"):
         _manager(out, tiny_model_dir, keep_last=None).check_room(2 * mib, saves=5)
+
+
+@pytest.mark.parametrize(
+    "optimizer, share",
+    [({"_component_": "torch.optim.AdamW", "lr": 1e-5}, 2.0),  # two moments per weight
+     ({"_component_": "torch.optim.SGD", "lr": 1e-3, "momentum": 0.9}, 1.0),
+     ({"_component_": "torch.optim.SGD", "lr": 1e-3}, 0.0)],
+)  # fmt: skip
+def test_a_checkpoints_planned_size_follows_the_configured_optimizer(optimizer: Dict[str, Any], share: float) -> None:
+    """A run with SGD was told it needed AdamW's room: the plan now asks the optimizer itself."""
+    measured = optimizer_state_share(OmegaConf.create(optimizer), torch.bfloat16, torch.device("cpu"))
+    assert measured == pytest.approx(share, abs=1e-3)
+    model = nn.Linear(256, 256).to(torch.bfloat16)
+    model.bias.requires_grad_(False)  # frozen: its weights are saved, no optimizer state
+    weights = (256 * 256 + 256) * 2
+    assert checkpoint_bytes(model, measured) == pytest.approx(weights + share * 256 * 256 * 2, abs=64)

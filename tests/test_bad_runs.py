@@ -277,7 +277,10 @@ def test_settings_checked_before_anything_heavy(monkeypatch, tmp_path, tiny_mode
     online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE]
     assert run(monkeypatch, "online_dpo", *online, "sync_every=0") == "config error: sync_every=0: push weights every sync_every >= 1 steps"
     assert run(monkeypatch, "online_dpo", *online, "optimizer.lr=-1") == (
-        "config error: optimizer: Invalid learning rate: -1; fix optimizer.* in the config"
+        "config error: optimizer.lr=-1: the learning rate must be a number > 0 (e.g. 5.0e-6); fix it in the config or with optimizer.lr=..."
+    )
+    assert run(monkeypatch, "online_dpo", *online, "optimizer.weight_decay=-1") == (
+        "config error: optimizer: Invalid weight_decay value: -1; fix optimizer.* in the config"
     )
     assert run(monkeypatch, "online_dpo", *online, "judge.rule=no.such.function") == (
         "config error: judge.rule=no.such.function: cannot import it; give a dotted path module.name that exists"

@@ -71,6 +71,7 @@ from rlaif_recipes.policy import (
     compile_training,
     device_and_dtype,
     full_cpu_state_dict,
+    optimizer_state_share,
 )
 from rlaif_recipes.run_dir import claim, run_identity
 
@@ -187,7 +188,8 @@ class DPORecipe:
         if self._lora:
             set_trainable_params(self._model, get_adapter_params(self._model))
         start = resumed.step if resumed else 0
-        self._checkpoints.check_room(checkpoint_bytes(self._model), planned_saves(start, self._total_steps, self._save_every))
+        state_per_weight = optimizer_state_share(cfg.optimizer, self._dtype, self._device)
+        self._checkpoints.check_room(checkpoint_bytes(self._model, state_per_weight), planned_saves(start, self._total_steps, self._save_every))
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
         self._hidden_dim = self._model.tok_embeddings.embedding_dim
 

@@ -91,6 +91,7 @@ from rlaif_recipes.policy import (
     compile_training,
     device_and_dtype,
     full_cpu_state_dict,
+    optimizer_state_share,
     streamed_state_dict,
 )
 from rlaif_recipes.run_dir import claim, run_identity
@@ -230,7 +231,8 @@ class OnlineDPORecipe:
             self._restore(resume)
         # a function of the step: a resumed run picks it up at its step, also when max_steps changed
         self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._max_steps, self.global_step)
-        self._checkpoints.check_room(checkpoint_bytes(self._model), planned_saves(self.global_step, self._max_steps, self._save_every))
+        state_per_weight = optimizer_state_share(cfg.optimizer, self._dtype, self._device)
+        self._checkpoints.check_room(checkpoint_bytes(self._model, state_per_weight), planned_saves(self.global_step, self._max_steps, self._save_every))
         self._loss_fn = config.instantiate(cfg.loss)
         self._compile = cfg.compile
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
