@@ -241,7 +241,7 @@ def _step_of(path: Path) -> int:
 
 def checkpoint_bytes(model: nn.Module, state_per_weight: float) -> int:
     """About what one checkpoint of `model` takes on disk: every weight, and the optimizer's state,
-    `state_per_weight` bytes per byte of trained weight (`policy.optimizer_state_share`: AdamW 2,
+    `state_per_weight` bytes per byte of trained weight (`policy.check_optimizer`'s measure: AdamW 2,
     SGD with momentum 1); each save checks its exact size again."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -147,8 +147,6 @@ RANGES: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.beta", lambda v: v > 0, "the pull towards the reference must be > 0 (0.1 is typical for DPO)"),
     ("loss.gamma", lambda v: v > 0, "the margin scale must be > 0 (0.1 is typical)"),
     ("loss.label_smoothing", lambda v: 0 <= v < 0.5, "the share of labels taken as flipped must be in [0, 0.5)"),
-    ("loss.tau", lambda v: v > 0, "IPO's regularisation must be > 0 (its target margin is 1 / (2 tau))"),
-    ("loss.alpha", lambda v: v >= 0, "the chosen reply's NLL weight must be >= 0"),
     ("optimizer.lr", lambda v: v > 0, "the learning rate must be a number > 0 (e.g. 5.0e-6)"),
 )
 

@@ -5,7 +5,7 @@ import contextlib
 import functools
 import os
 import time
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from omegaconf import DictConfig
@@ -55,30 +55,31 @@ def check_training_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}={value}: {fix}")
 
 
-def check_optimizer(optimizer: DictConfig, lr_scheduler: Optional[DictConfig] = None) -> None:
-    """Build the optimizer (and schedule) on a stand-in parameter, so a bad `optimizer.lr` fails
-    in one line before the model is built rather than in torch's words after it."""
+def check_optimizer(
+    optimizer: DictConfig,
+    lr_scheduler: Optional[DictConfig] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> float:
+    """Build the optimizer (and schedule) on a stand-in weight of the run's dtype and device, so a
+    bad `optimizer.*` fails in one line before the model is built rather than in torch's words
+    after it. Returns the bytes of state the optimizer keeps per byte of trained weight (AdamW 2,
+    SGD with momentum 1, plain SGD 0), measured by one step on the stand-in: what a checkpoint's
+    size is planned with before the real optimizer has any state."""
+    weight = nn.Parameter(torch.zeros(4096, dtype=dtype, device=device))
     try:
-        built = config.instantiate(optimizer, [nn.Parameter(torch.zeros(1))])
+        built = config.instantiate(optimizer, [weight])
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer: {str(e).splitlines()[0]}; fix optimizer.* in the config") from None
-    if lr_scheduler is None:
-        return
-    try:
-        config.instantiate(lr_scheduler, built, num_training_steps=1)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"lr_scheduler: {str(e).splitlines()[0]}; fix lr_scheduler.* in the config") from None
-
-
-def optimizer_state_share(optimizer: DictConfig, dtype: torch.dtype, device: torch.device) -> float:
-    """Bytes of state the configured optimizer keeps per byte of trained weight (AdamW 2, SGD with
-    momentum 1, plain SGD 0), from one step on a stand-in weight: what a checkpoint's size is
-    planned with before the optimizer has any state of its own."""
-    weight = nn.Parameter(torch.zeros(4096, dtype=dtype, device=device))
+    if lr_scheduler is not None:
+        try:
+            config.instantiate(lr_scheduler, built, num_training_steps=1)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"lr_scheduler: {str(e).splitlines()[0]}; fix lr_scheduler.* in the config") from None
     weight.grad = torch.zeros_like(weight)
-    stand_in = config.instantiate(optimizer, [weight])
-    stand_in.step()
-    return tensor_bytes(stand_in.state_dict()["state"]) / tensor_bytes(weight)
+    built.step()
+    return tensor_bytes(built.state_dict()["state"]) / tensor_bytes(weight)
 
 
 def build_policy(

@@ -18,7 +18,7 @@ from rlaif_recipes.checkpointing import CheckpointManager, checkpoint_bytes
 from rlaif_recipes.errors import CheckpointError, ConfigError
 from rlaif_recipes.files import file_sha256
 from rlaif_recipes.models import UnsupportedModelError, check_checkpoint_dir, hf_checkpointer, hf_config
-from rlaif_recipes.policy import optimizer_state_share
+from rlaif_recipes.policy import check_optimizer
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 FIT = "use model=hf (it reads its shape from config.json) or the model config that matches"
@@ -317,7 +317,7 @@ def test_room_for_the_whole_run_counts_the_checkpoints_kept_and_the_ones_pruned(
 )  # fmt: skip
 def test_a_checkpoints_planned_size_follows_the_configured_optimizer(optimizer: Dict[str, Any], share: float) -> None:
     """A run with SGD was told it needed AdamW's room: the plan now asks the optimizer itself."""
-    measured = optimizer_state_share(OmegaConf.create(optimizer), torch.bfloat16, torch.device("cpu"))
+    measured = check_optimizer(OmegaConf.create(optimizer), dtype=torch.bfloat16)
     assert measured == pytest.approx(share, abs=1e-3)
     model = nn.Linear(256, 256).to(torch.bfloat16)
     model.bias.requires_grad_(False)  # frozen: its weights are saved, no optimizer state

@@ -282,6 +282,10 @@ def test_settings_checked_before_anything_heavy(monkeypatch, tmp_path, tiny_mode
     assert run(monkeypatch, "online_dpo", *online, "optimizer.weight_decay=-1") == (
         "config error: optimizer: Invalid weight_decay value: -1; fix optimizer.* in the config"
     )
+    assert run(monkeypatch, "online_dpo", *online, "loss=ipo", "loss.tau=0") == (  # the loss is built before the model
+        "config error: loss.tau=0: IPO needs tau > 0 (its target margin is 1 / (2 tau))"
+    )
+    assert run(monkeypatch, "online_dpo", *online, "loss=rpo", "loss.alpha=-1") == "config error: loss.alpha=-1: the NLL weight must be >= 0"
     assert run(monkeypatch, "online_dpo", *online, "judge.rule=no.such.function") == (
         "config error: judge.rule=no.such.function: cannot import it; give a dotted path module.name that exists"
     )

@@ -51,7 +51,6 @@ def test_config_errors_are_one_clear_line(override: str, message: str) -> None:
         ("generate_pairs", "sampler.top_p=0", "sampler.top_p=0: the nucleus mass must be in (0, 1]", "sampler.top_p=1"),
         ("evaluate", "sampler.max_tokens=0", "sampler.max_tokens=0: new tokens per reply must be >= 1", "sampler.max_tokens=1"),
         ("online_dpo", "loss.beta=-0.1", "loss.beta=-0.1: the pull towards the reference must be > 0", "loss.beta=0.01"),
-        ("dpo", "loss=ipo loss.tau=0", "loss.tau=0: IPO's regularisation must be > 0", "loss=ipo loss.tau=0.5"),
         ("dpo", "optimizer.lr=abc", "optimizer.lr=abc: the learning rate must be a number > 0", "optimizer.lr=1e-7"),
         ("dpo", "loss.label_smoothing=0.5", "loss.label_smoothing=0.5: the share of labels taken as flipped", "loss.label_smoothing=0.2"),
     ],
@@ -60,9 +59,9 @@ def test_out_of_range_values_fail_when_the_config_is_read(config: str, bad: str,
     """Before the engine or the model starts: a sampler saw its settings only at its first sample,
     and torchtune's DPOLoss trains a negative beta's preferences backwards without a word."""
     with pytest.raises(rlaif_config.ConfigError) as err:
-        rlaif_config.load(config, ["checkpoint_dir=x", *bad.split()])
+        rlaif_config.load(config, ["checkpoint_dir=x", bad])
     assert message in str(err.value) and "\n" not in str(err.value)
-    rlaif_config.load(config, ["checkpoint_dir=x", *fine.split()])  # the edge of the range is accepted
+    rlaif_config.load(config, ["checkpoint_dir=x", fine])  # the edge of the range is accepted
 
 
 def test_unknown_key_in_a_users_yaml_names_the_valid_keys(tmp_path: Path) -> None:

@@ -71,7 +71,6 @@ from rlaif_recipes.policy import (
     compile_training,
     device_and_dtype,
     full_cpu_state_dict,
-    optimizer_state_share,
 )
 from rlaif_recipes.run_dir import claim, run_identity
 
@@ -132,7 +131,8 @@ class DPORecipe:
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
-        check_optimizer(cfg.optimizer, cfg.lr_scheduler)
+        self._optimizer_state_share = check_optimizer(cfg.optimizer, cfg.lr_scheduler, dtype=self._dtype, device=self._device)
+        self._loss_fn = config.instantiate(cfg.loss)  # its own checks (IPO's tau, RPO's alpha) before the model loads
         self._world_size, self._rank = utils.get_world_size_and_rank()
         claim(cfg.output_dir, "dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
               outputs=("checkpoints",), fresh=not cfg.resume_from_checkpoint)
@@ -188,8 +188,7 @@ class DPORecipe:
         if self._lora:
             set_trainable_params(self._model, get_adapter_params(self._model))
         start = resumed.step if resumed else 0
-        state_per_weight = optimizer_state_share(cfg.optimizer, self._dtype, self._device)
-        self._checkpoints.check_room(checkpoint_bytes(self._model, state_per_weight), planned_saves(start, self._total_steps, self._save_every))
+        self._checkpoints.check_room(checkpoint_bytes(self._model, self._optimizer_state_share), planned_saves(start, self._total_steps, self._save_every))
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
         self._hidden_dim = self._model.tok_embeddings.embedding_dim
 
@@ -201,7 +200,6 @@ class DPORecipe:
             self._ref_train, self._ref_eval = self._precomputed_reference(cfg, base, fresh=resumed is None)
         del base
 
-        self._loss_fn = config.instantiate(cfg.loss)
         if cfg.compile:  # after the precomputed reference: that one-time pass runs eagerly
             models = [m for m in (self._model, self._ref_model) if m is not None]
             self._loss_fn = compile_training(models, self._loss_fn, verbose=self._is_rank_zero)

@@ -91,7 +91,6 @@ from rlaif_recipes.policy import (
     compile_training,
     device_and_dtype,
     full_cpu_state_dict,
-    optimizer_state_share,
     streamed_state_dict,
 )
 from rlaif_recipes.run_dir import claim, run_identity
@@ -157,7 +156,8 @@ class OnlineDPORecipe:
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
-        check_optimizer(cfg.optimizer, cfg.lr_scheduler)
+        self._optimizer_state_share = check_optimizer(cfg.optimizer, cfg.lr_scheduler, dtype=self._dtype, device=self._device)
+        self._loss_fn = config.instantiate(cfg.loss)  # its own checks (IPO's tau, RPO's alpha) before the model loads
         claim(cfg.output_dir, "online_dpo", run_identity(cfg, RUNTIME_KEYS, weights=weights_stamp(cfg.checkpoint_dir)),
               outputs=OUTPUTS, fresh=not cfg.resume_from_checkpoint)
         self._output_dir = Path(cfg.output_dir)
@@ -231,9 +231,7 @@ class OnlineDPORecipe:
             self._restore(resume)
         # a function of the step: a resumed run picks it up at its step, also when max_steps changed
         self._lr_scheduler = lr_schedule(cfg.lr_scheduler, self._optimizer, base_lrs, self._max_steps, self.global_step)
-        state_per_weight = optimizer_state_share(cfg.optimizer, self._dtype, self._device)
-        self._checkpoints.check_room(checkpoint_bytes(self._model, state_per_weight), planned_saves(self.global_step, self._max_steps, self._save_every))
-        self._loss_fn = config.instantiate(cfg.loss)
+        self._checkpoints.check_room(checkpoint_bytes(self._model, self._optimizer_state_share), planned_saves(self.global_step, self._max_steps, self._save_every))
         self._compile = cfg.compile
         self._pack_within = self._model.max_seq_len if cfg.pack_pairs else None  # see logprobs.collate_pairs
         self._hidden_dim = self._model.tok_embeddings.embedding_dim
