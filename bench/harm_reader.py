@@ -8,7 +8,13 @@ its held-out split: XSTest's training prompts are the contrast set the others la
 one reader trained on the training split of every source, read on the held-out split of each.
 Accuracy is at P(harmful) = 0.5, per label; mean P says how sure the reader is (calibration).
 
-    python bench/harm_reader.py [--epochs 4] [--max-per-source 300] [--leave-out xstest_prompts overrefusal] [--out bench/harm_reader.json]
+--smollm2 adds a second kind of reader beside them: SmolLM2-135M-Instruct (the packaged model, frozen)
+reads each request in its chat template, and a logistic head on the mean of one layer's hidden
+states is fitted on the same training rows ("SmolLM2 probe"); "reader + probe" averages its logit
+with the reader's. It asks whether an instruct model's own features carry harm across styles better
+than MiniLM's (bench/RESULTS.md, "A second reader").
+
+    python bench/harm_reader.py [--epochs 4] [--max-per-source 300] [--leave-out xstest_prompts overrefusal] [--smollm2] [--out bench/harm_reader.json]
 """
 
 import argparse
@@ -26,6 +32,9 @@ from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data import harm_requests
 from rlaif_recipes.judges.readers import Reader, accuracy_by_group, source_weights, train_reader
 from rlaif_recipes.judges.reward_model import SentenceEncoder
+from rlaif_recipes.models.get_model import get_model
+
+READS = {"reader": "reader", "linear": "linear head", "probe": "SmolLM2 probe", "reader + probe": "reader + probe"}
 
 
 def reader_settings() -> Dict:
@@ -46,11 +55,34 @@ def linear_probe(e_train: torch.Tensor, y_train: torch.Tensor, w_train: torch.Te
         return torch.sigmoid(head(e_test).squeeze(-1))
 
 
+@torch.no_grad()
+def smollm2_states(texts: List[str], layer: int, batch_size: int = 32) -> torch.Tensor:
+    """Mean over the request's tokens (in SmolLM2's chat template, generation prompt included) of
+    hidden layer `layer` of the frozen SmolLM2-135M-Instruct, standardised per feature."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = get_model("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    features = torch.zeros(len(texts), model.config.hidden_size)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": texts[i]}], tokenize=False, add_generation_prompt=True) for i in idx]
+        batch = tokenizer(chats, return_tensors="pt", padding=True, truncation=True, max_length=256)
+        hidden = model(**batch, output_hidden_states=True).hidden_states[layer].float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        features[idx] = (hidden * mask).sum(1) / mask.sum(1)
+    return (features - features.mean(0)) / features.std(0).clamp(min=1e-6)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=None, help="default: conf/train_reward_model.yaml's harm_reader.epochs")
     parser.add_argument("--max-per-source", type=int, default=None, help="cap per (source, label) in training, for a quicker run")
     parser.add_argument("--leave-out", nargs="+", default=None, help="the sources to leave out one at a time (default: each)")
+    parser.add_argument("--smollm2", action="store_true", help="also the SmolLM2 probe and its mean with the reader")
+    parser.add_argument("--smollm2-layer", type=int, default=18, help="which of SmolLM2's 30 hidden layers the probe reads")
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
     settings = reader_settings()
@@ -69,6 +101,7 @@ def main() -> None:
     harmful = torch.tensor(everything["harmful"], dtype=torch.float32)
     source = list(everything["source"])
     is_held = torch.tensor([p in held for p in everything["prompt"]])
+    smollm2 = smollm2_states(list(everything["prompt"]), args.smollm2_layer) if args.smollm2 else None
 
     def train_rows(exclude: str) -> torch.Tensor:
         rows = [i for i, s in enumerate(source) if s != exclude and not is_held[i]]
@@ -87,10 +120,14 @@ def main() -> None:
         weights = source_weights([source[i] for i in train.tolist()], harmful[train], settings.get("source_weight"))
         train_reader(reader, states[train], mask[train], harmful[train], weights, name="harm reader", epochs=epochs, lr=settings["lr"],
                           head_lr=settings["head_lr"], batch_size=settings["batch_size"], seed=0)  # fmt: skip
-        return {
+        read = {
             "reader": torch.sigmoid(reader.logits(states[test], mask[test])),
             "linear": linear_probe(sentence[train], harmful[train], weights, sentence[test]),
         }
+        if smollm2 is not None:
+            read["probe"] = linear_probe(smollm2[train], harmful[train], weights, smollm2[test])
+            read["reader + probe"] = torch.sigmoid((torch.logit(read["reader"], eps=1e-6) + torch.logit(read["probe"], eps=1e-6)) / 2)
+        return read
 
     rows: List[Dict] = []
     in_dist_test = torch.nonzero(is_held).squeeze(-1)
@@ -104,14 +141,14 @@ def main() -> None:
             if not members.any():
                 continue
             group = f"{name}:{label}"
-            rows.append({
-                "held-out source": group, "n": int(members.sum()),
-                "reader, left out": (out["reader"][members] >= 0.5).eq(value == 1.0).float().mean().item(),
-                "mean P(harmful), left out": out["reader"][members].mean().item(),
-                "linear head, left out": (out["linear"][members] >= 0.5).eq(value == 1.0).float().mean().item(),
-                "reader, in-dist.": in_dist_acc["reader"][0].get(group),
-                "linear head, in-dist.": in_dist_acc["linear"][0].get(group),
-            })  # fmt: skip
+            row = {"held-out source": group, "n": int(members.sum())}
+            for kind, p in out.items():
+                row[f"{READS[kind]}, left out"] = (p[members] >= 0.5).eq(value == 1.0).float().mean().item()
+                if kind == "reader":
+                    row["mean P(harmful), left out"] = p[members].mean().item()
+            for kind in out:
+                row[f"{READS[kind]}, in-dist."] = in_dist_acc[kind][0].get(group)
+            rows.append(row)
         print(f"... {name} done ({time.perf_counter() - start:.0f} s)", flush=True)
     header = list(rows[0])
     print(f"harm reader, leave-one-source-out ({settings['layers']} fine-tuned layers, {epochs} epochs"
