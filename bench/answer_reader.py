@@ -64,6 +64,7 @@ def main() -> None:
     for trained_on in [styles] + [[s] for s in styles]:
         train = torch.tensor([i for i, r in enumerate(rows) if not r["held_out"] and r["style"] in trained_on])
         weights = source_weights([rows[i]["style"] for i in train.tolist()], answers[train])
+        torch.manual_seed(0)  # the fresh head's init draws from the global generator: every reader starts alike, run after run
         reader = Reader(encoder.layers, settings["layers"], encoder.dim)
         train_reader(reader, states[train], mask[train], answers[train], weights, name="answer reader", epochs=epochs,
                      lr=settings["lr"], head_lr=settings["head_lr"], batch_size=settings["batch_size"], seed=0)  # fmt: skip

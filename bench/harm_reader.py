@@ -116,6 +116,7 @@ def main() -> None:
         return torch.tensor(rows)
 
     def fit_and_read(train: torch.Tensor, test: torch.Tensor) -> Dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the fresh head's init draws from the global generator: every reader starts alike, run after run
         reader = Reader(encoder.layers, settings["layers"], encoder.dim)
         weights = source_weights([source[i] for i in train.tolist()], harmful[train], settings.get("source_weight"))
         train_reader(reader, states[train], mask[train], harmful[train], weights, name="harm reader", epochs=epochs, lr=settings["lr"],
