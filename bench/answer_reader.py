@@ -23,10 +23,10 @@ from typing import Dict, List
 
 import torch
 
-from bench.harm_reader import linear_probe
+from bench.harm_reader import fresh_reader, linear_probe
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.data.prompts import is_held_out
-from rlaif_recipes.judges.readers import Reader, source_weights, train_reader
+from rlaif_recipes.judges.readers import source_weights
 from rlaif_recipes.judges.reward_model import SentenceEncoder
 
 
@@ -64,10 +64,7 @@ def main() -> None:
     for trained_on in [styles] + [[s] for s in styles]:
         train = torch.tensor([i for i, r in enumerate(rows) if not r["held_out"] and r["style"] in trained_on])
         weights = source_weights([rows[i]["style"] for i in train.tolist()], answers[train])
-        torch.manual_seed(0)  # the fresh head's init draws from the global generator: every reader starts alike, run after run
-        reader = Reader(encoder.layers, settings["layers"], encoder.dim)
-        train_reader(reader, states[train], mask[train], answers[train], weights, name="answer reader", epochs=epochs,
-                     lr=settings["lr"], head_lr=settings["head_lr"], batch_size=settings["batch_size"], seed=0)  # fmt: skip
+        reader = fresh_reader(encoder, settings, states[train], mask[train], answers[train], weights, name="answer reader", epochs=epochs)
         p = {"reader": torch.sigmoid(reader.logits(states, mask)), "linear head": linear_probe(sentence[train], answers[train], weights, sentence)}
         for style in styles:
             for label, value in (("answer", 1.0), ("refusal", 0.0)):

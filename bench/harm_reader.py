@@ -55,6 +55,18 @@ def linear_probe(e_train: torch.Tensor, y_train: torch.Tensor, w_train: torch.Te
         return torch.sigmoid(head(e_test).squeeze(-1))
 
 
+def fresh_reader(encoder: SentenceEncoder, settings: Dict, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                 weights: torch.Tensor, *, name: str, epochs: int) -> Reader:  # fmt: skip
+    """A reader trained as `train-reward-model` trains one (`settings`: its harm_reader or
+    answer_reader section), from the same start in every run: its fresh head's init draws from
+    torch's global generator, which train_reader's seed does not cover."""
+    torch.manual_seed(0)
+    reader = Reader(encoder.layers, settings["layers"], encoder.dim)
+    train_reader(reader, states, mask, labels, weights, name=name, epochs=epochs, lr=settings["lr"], head_lr=settings["head_lr"],
+                 batch_size=settings["batch_size"], seed=0)  # fmt: skip
+    return reader
+
+
 @torch.no_grad()
 def smollm2_states(texts: List[str], layer: int, batch_size: int = 32) -> torch.Tensor:
     """Mean over the request's tokens (in SmolLM2's chat template, generation prompt included) of
@@ -116,11 +128,8 @@ def main() -> None:
         return torch.tensor(rows)
 
     def fit_and_read(train: torch.Tensor, test: torch.Tensor) -> Dict[str, torch.Tensor]:
-        torch.manual_seed(0)  # the fresh head's init draws from the global generator: every reader starts alike, run after run
-        reader = Reader(encoder.layers, settings["layers"], encoder.dim)
         weights = source_weights([source[i] for i in train.tolist()], harmful[train], settings.get("source_weight"))
-        train_reader(reader, states[train], mask[train], harmful[train], weights, name="harm reader", epochs=epochs, lr=settings["lr"],
-                          head_lr=settings["head_lr"], batch_size=settings["batch_size"], seed=0)  # fmt: skip
+        reader = fresh_reader(encoder, settings, states[train], mask[train], harmful[train], weights, name="harm reader", epochs=epochs)
         read = {
             "reader": torch.sigmoid(reader.logits(states[test], mask[test])),
             "linear": linear_probe(sentence[train], harmful[train], weights, sentence[test]),
