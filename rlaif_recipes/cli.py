@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.errors import RecipeError, debug, os_error_line
@@ -95,12 +95,28 @@ def _output_dir(config: str, overrides: List[str]) -> str:
     return str(rlaif_config.load(config, overrides).output_dir)
 
 
+def _stop_with(parent: int) -> Callable[[], None]:
+    """For the child, before it starts: a SIGTERM when `rlaif` dies, even by kill -9 or the OOM
+    killer, which leave no signal to pass on (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+
+    def arm() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # `rlaif` died before the request took effect
+                os._exit(128 + signal.SIGTERM)
+
+    return arm
+
+
 def _tune_run(launcher: List[str], recipe: str, config: str, overrides: List[str]) -> int:
     """`tune run` as a child process. A SIGTERM or SIGHUP sent to `rlaif` (a scheduler, `timeout`,
-    `kill`) goes on to the run, so no orphaned run goes on writing into its output directory; Ctrl-C
-    reaches both (one process group), and `rlaif` waits for the run to stop."""
+    `kill`) goes on to the run, and a `rlaif` killed outright takes the run with it, so no orphaned
+    run goes on writing into its output directory; Ctrl-C reaches both (one process group), and
+    `rlaif` waits for the run to stop."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", *launcher, f"rlaif_recipes/recipes/{recipe}.py", "--config", config, *overrides]
-    with subprocess.Popen(cmd) as run:
+    with subprocess.Popen(cmd, preexec_fn=_stop_with(os.getpid())) as run:
         previous = {s: signal.signal(s, lambda signum, _: run.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             rc = run.wait()

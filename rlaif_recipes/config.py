@@ -138,16 +138,22 @@ def validate(cfg: DictConfig, schema: Optional[type] = None) -> DictConfig:
 
 # Value ranges of keys any recipe may have, whatever component reads them (a value that is no number
 # fails too): torchtune's DPOLoss takes a negative beta without a word (and trains the preferences
-# backwards), torch's AdamW answers lr="abc" with a comparison error, and a sampler would see its
-# settings only at the first sample, after the engine and the model have started.
+# backwards), torch's AdamW answers lr="abc" with a comparison error, a sampler would see its
+# settings only at the first sample, after the engine and the model have started, and online_dpo
+# its max_seq_len only at the first trained pair, after a step has sampled and judged.
 RANGES: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
     ("sampler.temperature", lambda v: v >= 0, "must be >= 0 (0: greedy; 0.7-1.0 for varied pairs)"),
     ("sampler.top_p", lambda v: 0 < v <= 1, "the nucleus mass must be in (0, 1] (1.0: off)"),
     ("sampler.max_tokens", lambda v: v >= 1, "new tokens per reply must be >= 1"),
+    ("sampler.tensor_parallel_size", lambda v: v >= 1, "GPUs per vLLM engine must be >= 1 (1: one GPU, or the CPU)"),
     ("loss.beta", lambda v: v > 0, "the pull towards the reference must be > 0 (0.1 is typical for DPO)"),
     ("loss.gamma", lambda v: v > 0, "the margin scale must be > 0 (0.1 is typical)"),
     ("loss.label_smoothing", lambda v: 0 <= v < 0.5, "the share of labels taken as flipped must be in [0, 0.5)"),
     ("optimizer.lr", lambda v: v > 0, "the learning rate must be a number > 0 (e.g. 5.0e-6)"),
+    ("lr_scheduler.num_warmup_steps", lambda v: v >= 0, "warm-up steps must be >= 0 (0: none)"),
+    ("clip_grad_norm", lambda v: v > 0, "the gradient-norm cap must be > 0 (1.0 is typical; null: no clipping); a cap <= 0 zeroes or reverses every gradient"),
+    ("distributed_timeout_s", lambda v: v > 0, "a collective's wait must be > 0 seconds (1800 is typical)"),
+    ("max_seq_len", lambda v: v >= 2, "tokens per sequence must be >= 2, room for a prompt token and a reply token (online_dpo: null = no cut)"),
 )
 
 

@@ -61,10 +61,12 @@ class FluencyScorer:
         min_mean_logprob: float = -4.0,
         max_disfluent_rate: float = 0.1,
     ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"fluency.batch_size={batch_size}: score at least one reply per forward pass")
+        if not 0 <= max_disfluent_rate <= 1:
+            raise ConfigError(f"fluency.max_disfluent_rate={max_disfluent_rate}: a share of the replies, in [0, 1] (e.g. 0.1)")
         if model_dir is None:
             model_dir = str(get_model(DEFAULT_MODEL))
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size}: score at least one reply per forward pass")
         self.model_dir = str(model_dir)
         self.min_mean_logprob = min_mean_logprob
         self.max_disfluent_rate = max_disfluent_rate

@@ -217,6 +217,18 @@ def test_one_process_recipes_refuse_torchrun(monkeypatch, tmp_path, recipe, need
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("harm_reader.lr=-1e-5", "harm_reader.lr=-1e-05: must be > 0"),
+    ("answer_reader.batch_size=0", "answer_reader.batch_size=0: must be a whole number >= 1"),
+    ("harm_reader.source_weight.xstest_prompts=-2", "harm_reader.source_weight.xstest_prompts=-2: a source's weight must be > 0"),
+    ("encoder.batch_size=-1", "encoder.batch_size=-1: must be a whole number >= 1"),
+])  # fmt: skip
+def test_reward_model_reader_settings_fail_before_any_request_is_read(monkeypatch, tmp_path, setting, message):
+    """A negative lr was AdamW's traceback after the requests were read, a weight below 0 trained a source backwards."""
+    assert run(monkeypatch, "train_reward_model", f"output_dir={tmp_path / 'out'}", setting).startswith(f"config error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_online_dpo_that_trains_on_nothing_fails(monkeypatch, tmp_path, tiny_model_dir, no_engine):
     base = [f"checkpoint_dir={tiny_model_dir}", *ONLINE]
     # greedy sampling: both replies identical, found before any engine or model
@@ -261,6 +273,8 @@ def test_dpo_settings_and_data_that_train_nothing_are_refused(monkeypatch, tmp_p
         "config error: epochs=0: must be >= 1 (a run that trains no step is not a run)"
     )
     assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "max_steps=0")).startswith("config error: max_steps=0")
+    for cadence in ("log_every_n_steps=0", "eval_every_n_steps=-1", "save_every_n_steps=-2"):  # n % -1 == 0: every step
+        assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, cadence)).startswith(f"config error: {cadence}: a cadence in steps must be >= 1")
     message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "dataset.held_out_fraction=1.5"))
     assert message.startswith("config error: dataset.held_out_fraction=1.5")
     same = tmp_path / "same.jsonl"
@@ -301,6 +315,10 @@ def test_settings_checked_before_anything_heavy(monkeypatch, tmp_path, tiny_mode
         "config error: template_max_share=1.5: must be in (0, 1), the share of the answers one opening may start (e.g. 0.4), "
         "or null to turn the template check off"
     )
+    evaluate[-1] = "short_reply_words=0"
+    assert run(monkeypatch, "evaluate", *evaluate).startswith("config error: short_reply_words=0: a reply under this many words counts as short")
+    evaluate[-1] = "fluency.max_disfluent_rate=1.5"  # checked before the fluency model is fetched or loaded
+    assert run(monkeypatch, "evaluate", *evaluate) == "config error: fluency.max_disfluent_rate=1.5: a share of the replies, in [0, 1] (e.g. 0.1)"
     assert not (tmp_path / "e").exists()
 
 

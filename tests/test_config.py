@@ -53,6 +53,13 @@ def test_config_errors_are_one_clear_line(override: str, message: str) -> None:
         ("online_dpo", "loss.beta=-0.1", "loss.beta=-0.1: the pull towards the reference must be > 0", "loss.beta=0.01"),
         ("dpo", "optimizer.lr=abc", "optimizer.lr=abc: the learning rate must be a number > 0", "optimizer.lr=1e-7"),
         ("dpo", "loss.label_smoothing=0.5", "loss.label_smoothing=0.5: the share of labels taken as flipped", "loss.label_smoothing=0.2"),
+        ("generate_pairs", "sampler.tensor_parallel_size=0", "sampler.tensor_parallel_size=0: GPUs per vLLM engine must be >= 1", "sampler.tensor_parallel_size=1"),
+        ("dpo", "clip_grad_norm=-1", "clip_grad_norm=-1: the gradient-norm cap must be > 0", "clip_grad_norm=0.01"),
+        ("online_dpo", "clip_grad_norm=0", "clip_grad_norm=0: the gradient-norm cap must be > 0", "clip_grad_norm=null"),
+        ("online_dpo", "max_seq_len=1", "max_seq_len=1: tokens per sequence must be >= 2", "max_seq_len=2"),
+        ("dpo", "max_seq_len=-1", "max_seq_len=-1: tokens per sequence must be >= 2", "max_seq_len=2"),
+        ("dpo", "distributed_timeout_s=0", "distributed_timeout_s=0: a collective's wait must be > 0", "distributed_timeout_s=0.5"),
+        ("online_dpo", "lr_scheduler.num_warmup_steps=-1", "lr_scheduler.num_warmup_steps=-1: warm-up steps must be >= 0", "lr_scheduler.num_warmup_steps=0"),
     ],
 )
 def test_out_of_range_values_fail_when_the_config_is_read(config: str, bad: str, message: str, fine: str) -> None:

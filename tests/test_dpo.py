@@ -343,20 +343,22 @@ def test_two_launchers_on_loopback_train_and_resume_like_one_launcher(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_sigterm_to_rlaif_stops_the_run_under_it(tmp_path, tiny_model_dir):
-    """A scheduler, `timeout` or `kill` stops `rlaif run` with SIGTERM: the `tune run` process under
-    it stops too, so no orphaned run goes on writing into the output directory beside a re-run."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_sigterm_or_kill_9_to_rlaif_stops_the_run_under_it(tmp_path, tiny_model_dir, sig):
+    """A scheduler, `timeout` or `kill` stops `rlaif run` with SIGTERM, the OOM killer or `kill -9`
+    with SIGKILL, which `rlaif` cannot pass on: the `tune run` process under it stops either way,
+    so no orphaned run goes on writing into the output directory beside a re-run."""
     out = tmp_path / "run"
-    rlaif = psutil.Popen([str(Path(sys.executable).parent / "rlaif"), "run", "dpo", *dpo_args(tiny_model_dir, out, "max_steps=100000")],
+    rlaif = psutil.Popen([str(Path(sys.executable).parent / "rlaif"), "run", "dpo", *dpo_args(tiny_model_dir, out, "epochs=1000")],
                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 240
     while not ((out / "run.json").exists() and rlaif.children()):
         assert rlaif.poll() is None and time.monotonic() < deadline, "the run did not start"
         time.sleep(0.05)
     runs = rlaif.children(recursive=True)
-    rlaif.send_signal(signal.SIGTERM)
+    rlaif.send_signal(sig)
     try:
-        assert rlaif.wait(timeout=120) == 128 + signal.SIGTERM
+        assert rlaif.wait(timeout=120) == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
         gone, alive = psutil.wait_procs(runs, timeout=60)
         assert not alive, [p.cmdline() for p in alive]
     finally:

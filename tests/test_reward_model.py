@@ -74,6 +74,15 @@ def human_agreement(judge: RewardModelJudge, pairs) -> dict:
     return {g: sum(h) / len(h) for g, h in groups.items()}
 
 
+@pytest.mark.parametrize("setting", ["batch_size=0", "max_seq_length=-1", "prompt_max_seq_length=0", "opening_max_seq_length=2.5"])
+def test_encoder_lengths_and_batch_size_are_checked_before_the_encoder_loads(setting: str) -> None:
+    """train-reward-model's `encoder.*`: a bad one was a traceback from the tokenizer or sentence-transformers."""
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError) as err:
+        SentenceEncoder(**{key: float(value) if "." in value else int(value)}, model_dir="/nonexistent")
+    assert str(err.value).startswith(f"encoder.{setting}: must be a whole number >= 1")
+
+
 @pytest.mark.slow
 def test_retrained_heads_agree_with_humans_on_held_out_pairs(trained: Path) -> None:
     config = json.loads((trained / HEAD_CONFIG).read_text())

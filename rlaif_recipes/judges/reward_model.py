@@ -170,6 +170,10 @@ class SentenceEncoder:
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
+        for key, value in (("max_seq_length", max_seq_length), ("opening_max_seq_length", opening_max_seq_length),
+                           ("prompt_max_seq_length", prompt_max_seq_length), ("batch_size", batch_size)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"encoder.{key}={value}: must be a whole number >= 1 (tokens read per text, or texts per forward pass)")
         self.model_dir = Path(model_dir or packaged_encoder_dir())
         self.name = self.model_dir.name if model_dir else PACKAGED_ENCODER
         self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)

@@ -128,6 +128,9 @@ class DPORecipe:
         for key in ("batch_size", "gradient_accumulation_steps", "epochs", "max_steps"):
             if cfg[key] is not None and cfg[key] < 1:
                 raise ConfigError(f"{key}={cfg[key]}: must be >= 1 (a run that trains no step is not a run)")
+        for key in ("log_every_n_steps", "eval_every_n_steps", "save_every_n_steps"):
+            if cfg[key] is not None and cfg[key] < 1:
+                raise ConfigError(f"{key}={cfg[key]}: a cadence in steps must be >= 1 (null where the config allows it: at the start and end only)")
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)

@@ -91,6 +91,8 @@ class EvaluateRecipe:
                 f"template_max_share={cfg.template_max_share}: must be in (0, 1), the share of the answers one opening "
                 "may start (e.g. 0.4), or null to turn the template check off"
             )
+        if cfg.short_reply_words < 1:
+            raise ConfigError(f"short_reply_words={cfg.short_reply_words}: a reply under this many words counts as short; must be >= 1 (e.g. 4)")
         for key, model in (("checkpoint_dir", cfg.model), ("reference_dir", cfg.model), ("fluency.model_dir", None)):
             path = OmegaConf.select(cfg, key)
             if path is not None:

@@ -121,6 +121,21 @@ class TrainRewardModelSettings:
     init_from: Optional[str]
 
 
+def _check_reader_steps(cfg: DictConfig) -> None:
+    """The readers' optimizer settings, before any request is read: a negative lr is AdamW's traceback
+    after minutes of reading, a batch size < 1 a silent run that trains nothing, and a source weight
+    <= 0 drops that source or trains it backwards."""
+    for name in ("harm_reader", "answer_reader"):
+        for key, ok, need in (("lr", lambda v: v > 0, "> 0 (e.g. 3.0e-5)"), ("head_lr", lambda v: v > 0, "> 0 (e.g. 1.0e-2)"),
+                              ("batch_size", lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1 (e.g. 32)")):  # fmt: skip
+            value = cfg[name][key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ConfigError(f"{name}.{key}={value}: must be {need}")
+    for source, weight in (cfg.harm_reader.get("source_weight") or {}).items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"harm_reader.source_weight.{source}={weight}: a source's weight must be > 0 (1.0: its equal share; leave a source out of harm_data to drop it)")
+
+
 class TrainRewardModelRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         refuse_torchrun("train_reward_model", "it trains a small head on a frozen encoder's embeddings")
@@ -148,6 +163,7 @@ class TrainRewardModelRecipe:
             raise ConfigError(f"harm_reader.layers={self._harm_cfg.layers}, epochs={self._harm_cfg.epochs}: layers in 1..6 (MiniLM's), at least one epoch")
         if not 0 <= self._answer_cfg.layers <= 6 or self._answer_cfg.epochs < 1:
             raise ConfigError(f"answer_reader.layers={self._answer_cfg.layers}, epochs={self._answer_cfg.epochs}: layers in 0..6 (0 = none), at least one epoch")
+        _check_reader_steps(cfg)
         self._init_from = self._start_head(cfg.init_from)
         self._encoder = config.instantiate(cfg.encoder)
         if self._init_from:  # its readers, frozen: only the two small heads retrain
