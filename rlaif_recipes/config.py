@@ -17,7 +17,7 @@ import sys
 import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -132,7 +132,7 @@ def validate(cfg: DictConfig, schema: Optional[type] = None) -> DictConfig:
     if schema is not None:
         cfg = _apply_schema(cfg, schema)
     _check_components(cfg, "")
-    _check_ranges(cfg)
+    check_ranges(cfg)
     return cfg
 
 
@@ -157,11 +157,14 @@ RANGES: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
-def _check_ranges(cfg: DictConfig) -> None:
-    for key, ok, need in RANGES:
+def check_ranges(cfg: DictConfig, ranges: Sequence[Tuple[str, Callable[[Any], bool], str]] = RANGES, *, null_ok: bool = True) -> None:
+    """Each (key, ok, need) of `ranges`: a number that `ok` accepts, else one line; a key that is
+    absent or null passes where `null_ok` (RANGES: a recipe without that setting). A recipe checks
+    its own keys with its own table."""
+    for key, ok, need in ranges:
         value = OmegaConf.select(cfg, key, default=None)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is not None and not (number and ok(value)):
+        if (value is not None or not null_ok) and not (number and ok(value)):
             raise ConfigError(f"{key}={value}: {need}; fix it in the config or with {key}=...")
 
 

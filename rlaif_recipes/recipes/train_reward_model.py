@@ -125,15 +125,15 @@ def _check_reader_steps(cfg: DictConfig) -> None:
     """The readers' optimizer settings, before any request is read: a negative lr is AdamW's traceback
     after minutes of reading, a batch size < 1 a silent run that trains nothing, and a source weight
     <= 0 drops that source or trains it backwards."""
-    for name in ("harm_reader", "answer_reader"):
-        for key, ok, need in (("lr", lambda v: v > 0, "> 0 (e.g. 3.0e-5)"), ("head_lr", lambda v: v > 0, "> 0 (e.g. 1.0e-2)"),
-                              ("batch_size", lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1 (e.g. 32)")):  # fmt: skip
-            value = cfg[name][key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ConfigError(f"{name}.{key}={value}: must be {need}")
-    for source, weight in (cfg.harm_reader.get("source_weight") or {}).items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise ConfigError(f"harm_reader.source_weight.{source}={weight}: a source's weight must be > 0 (1.0: its equal share; leave a source out of harm_data to drop it)")
+    steps = [
+        (f"{reader}.{key}", ok, need)
+        for reader in ("harm_reader", "answer_reader")
+        for key, ok, need in (("lr", lambda v: v > 0, "must be > 0 (e.g. 3.0e-5)"), ("head_lr", lambda v: v > 0, "must be > 0 (e.g. 1.0e-2)"),
+                              ("batch_size", lambda v: isinstance(v, int) and v >= 1, "must be a whole number >= 1 (e.g. 32)"))
+    ]  # fmt: skip
+    weights = [(f"harm_reader.source_weight.{source}", lambda v: v > 0, "a source's weight must be > 0 (1.0: its equal share; leave a source out of harm_data to drop it)")
+               for source in cfg.harm_reader.get("source_weight") or {}]  # fmt: skip
+    rlaif_config.check_ranges(cfg, steps + weights, null_ok=False)
 
 
 class TrainRewardModelRecipe:
