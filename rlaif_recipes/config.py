@@ -9,15 +9,17 @@ one line that says what to change.
 """
 
 import collections.abc
+import contextlib
 import functools
 import inspect
 import os
 import re
 import sys
 import typing
+from contextvars import ContextVar
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -217,10 +219,40 @@ def build(spec: Any, key: str = "") -> Any:
     setting in the one-line error when a path does not import."""
     if isinstance(spec, (dict, DictConfig)) and "_component_" in spec:
         kwargs = {k: build(v, f"{key}.{k}") if isinstance(v, (dict, DictConfig)) and "_component_" in v else v for k, v in spec.items() if k != "_component_"}
-        return _import(spec["_component_"], f"{key}._component_")(**kwargs)
+        component = _import(spec["_component_"], f"{key}._component_")
+        with _building_at(key):
+            return component(**kwargs)
     if isinstance(spec, str) and "." in spec:
         return _import(spec, key)
     return spec
+
+
+def instantiate(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """torchtune's `config.instantiate` of the setting at `key` (e.g. "safe_prompts"). One data
+    component serves several settings (`prompt_dataset` is `data` in online_dpo, `safe_prompts` in
+    evaluate), so its one-line errors name the key through `built_at`, not a fixed one."""
+    from torchtune import config as tune_config
+
+    with _building_at(key):
+        return tune_config.instantiate(node, *args, **kwargs)
+
+
+_BUILT_AT: ContextVar[str] = ContextVar("rlaif_built_at", default="")
+
+
+def built_at(default: str) -> str:
+    """The config key of the component being built (set by `instantiate` and `build`), for its
+    error messages; `default` when it is called directly, outside a recipe."""
+    return _BUILT_AT.get() or default
+
+
+@contextlib.contextmanager
+def _building_at(key: str) -> Iterator[None]:
+    token = _BUILT_AT.set(key)
+    try:
+        yield
+    finally:
+        _BUILT_AT.reset(token)
 
 
 def _component(path: str) -> Any:

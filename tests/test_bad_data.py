@@ -140,7 +140,7 @@ def test_held_out_fraction_outside_0_1_is_a_config_error(tmp_path: Path, fractio
     prefs = jsonl(tmp_path / "d.jsonl", pairs())
     fails(ConfigError, rf"^dataset\.held_out_fraction={re.escape(repr(fraction))}: must be in \[0, 1\]",
           lambda: preference_dataset(prefs, held_out_fraction=fraction))  # fmt: skip
-    fails(ConfigError, r"^held_out_fraction=.*must be in \[0, 1\]", lambda: xstest_pairs(held_out_fraction=fraction))
+    fails(ConfigError, r"^pairs\.held_out_fraction=.*must be in \[0, 1\]", lambda: xstest_pairs(held_out_fraction=fraction))
     fails(ConfigError, r"^dataset\.held_out_fraction=.*must be in \[0, 1\]",
           lambda: xstest_sft_dataset(None, held_out_fraction=fraction))  # fmt: skip
 
@@ -158,7 +158,7 @@ def test_unknown_split_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
     prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     fails(ConfigError, r"^data\.split='test'; use train, held_out or all$", lambda: prompt_dataset(prompts, split="test"))
     fails(ConfigError, r"^dataset\.split='test'; use train, held_out or all$", lambda: preference_dataset("xstest", split="test"))
-    fails(ConfigError, r"^split='test'; use train, held_out or all$", lambda: xstest_pairs(split="test"))
+    fails(ConfigError, r"^pairs\.split='test'; use train, held_out or all$", lambda: xstest_pairs(split="test"))
 
 
 def test_split_that_leaves_no_pairs_names_split_and_fraction(tmp_path: Path) -> None:
@@ -188,7 +188,7 @@ def test_prompt_columns_and_where_are_checked(tmp_path: Path) -> None:
     fails(ConfigError, r"^data\.where\.label='safe': must be a list of values to keep, e.g. \[safe\]$",
           lambda: prompt_dataset(source, prompt_column="text", where={"label": "safe"}))  # fmt: skip
     assert prompt_dataset(source, prompt_column="text", where={"label": ["safe"]})["prompt"] == ["hi"]
-    fails(DataError, rf"^{re.escape(source)} has no column 'type' \(columns: .*\); set group_column to one of them or null$",
+    fails(DataError, rf"^{re.escape(source)} has no column 'type' \(columns: .*\); set data\.group_column to one of them or null$",
           lambda: prompt_dataset(source, prompt_column="text", group_column="type"))  # fmt: skip
     assert prompt_dataset(source, prompt_column="text", group_column="label")["group"] == ["safe"]
 
@@ -277,12 +277,12 @@ def test_unreadable_arrow_file_is_named(tmp_path: Path) -> None:
 
 def test_xstest_csvs_are_checked_before_reading(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.csv")
-    fails(DataError, rf"^{re.escape(missing)} does not exist; set completions=PATH to an XSTest-format CSV$",
+    fails(DataError, rf"^{re.escape(missing)} does not exist; set pairs\.completions=PATH to an XSTest-format CSV$",
           lambda: xstest_pairs(completions=missing))  # fmt: skip
     fails(DataError, rf"^{re.escape(missing)} does not exist; set dataset\.completions=PATH",
           lambda: xstest_sft_dataset(None, completions=missing))  # fmt: skip
     (tmp_path / "c.csv").write_text("prompt,completion\nhi,hello\n")
-    fails(DataError, r"c\.csv has no column\(s\) \['type', 'final_label'\] \(columns: \['prompt', 'completion'\]\); set completions",
+    fails(DataError, r"c\.csv has no column\(s\) \['type', 'final_label'\] \(columns: \['prompt', 'completion'\]\); set pairs\.completions",
           lambda: xstest_pairs(completions=str(tmp_path / "c.csv")))  # fmt: skip
     (tmp_path / "h.csv").write_text("prompt,type,label\n")
-    fails(DataError, r"h\.csv has no rows; set prompts to an XSTest-format CSV", lambda: xstest_pairs(prompts=str(tmp_path / "h.csv")))
+    fails(DataError, r"h\.csv has no rows; set pairs\.prompts to an XSTest-format CSV", lambda: xstest_pairs(prompts=str(tmp_path / "h.csv")))

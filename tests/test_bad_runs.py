@@ -578,6 +578,19 @@ def test_messages_name_the_key_the_user_typed(monkeypatch, tmp_path, tiny_model_
     assert not (tmp_path / "dpo").exists() and not (tmp_path / "e").exists()
 
 
+def test_a_data_component_names_the_key_it_was_set_at(monkeypatch, tmp_path, tiny_model_dir, no_engine):
+    """One prompt set component serves `data`, `safe_prompts` and `data.parts.NAME`: its errors name
+    the one the user set, not the key it happens to have in online_dpo."""
+    message = run(monkeypatch, "evaluate", f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'e'}", "safe_prompts.where.label=safe")
+    assert message == "config error: safe_prompts.where.label='safe': must be a list of values to keep, e.g. [safe]"
+    online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "data=xstest_advbench"]
+    message = run(monkeypatch, "online_dpo", *online, "data.parts.advbench.held_out_fraction=2")
+    assert message.startswith("config error: data.parts.advbench.held_out_fraction=2: must be in [0, 1]")
+    message = run(monkeypatch, "train_reward_model", f"output_dir={tmp_path / 'r'}", "harm_eval_data.split=test")
+    assert message == "config error: harm_eval_data.split='test'; use train, held_out or all"
+    assert not any((tmp_path / d).exists() for d in ("e", "o", "r"))
+
+
 @pytest.mark.parametrize("setting,expected", [
     ("model.lora_rank=0", "model.lora_rank=0: the adapter rank must be >= 1 (e.g. 8)"),
     ("model.lora_alpha=0", "model.lora_alpha=0: the adapter scale must be > 0 (e.g. 2 x lora_rank)"),

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 from datasets import Dataset
 
+from rlaif_recipes.config import built_at
 from rlaif_recipes.data.prompts import _FORMATS, is_held_out
 from rlaif_recipes.data.tables import check_cap, check_fraction, check_split, kind_of, read_table
 from rlaif_recipes.errors import ConfigError, DataError
@@ -31,11 +32,12 @@ def harm_requests(
     """Rows with `prompt`, `harmful` (bool) and `source` (the file's `source` column, else its
     name). exclude_sources: leave these out (a leave-one-source-out check); max_per_source: keep the
     first N requests of each (source, label), for quick runs."""
-    check_split("harm_data.split", split)
-    check_fraction("harm_data.held_out_fraction", held_out_fraction)
-    check_cap("harm_data.max_per_source", max_per_source)
+    at = built_at("harm_data")
+    check_split(f"{at}.split", split)
+    check_fraction(f"{at}.held_out_fraction", held_out_fraction)
+    check_cap(f"{at}.max_per_source", max_per_source)
     if isinstance(sources, str) or not sources:
-        raise ConfigError(f"harm_data.sources={sources!r}: give a list of CSV/JSONL/Parquet files")
+        raise ConfigError(f"{at}.sources={sources!r}: give a list of CSV/JSONL/Parquet files")
     rows: List[Dict[str, object]] = []
     for source in sources:
         rows += _read(Path(source), prompt_column, label_column, set(harmful_labels), set(benign_labels))
@@ -50,17 +52,18 @@ def harm_requests(
             taken[key] += 1
             kept.append(row)
     if not kept:
-        raise DataError(f"harm_data: no requests left from {list(sources)} (split={split}, exclude_sources={list(exclude_sources)})")
+        raise DataError(f"{at}: no requests left from {list(sources)} (split={split}, exclude_sources={list(exclude_sources)})")
     return Dataset.from_list(kept)
 
 
 def _read(path: Path, prompt_column: str, label_column: str, harmful: set, benign: set) -> List[Dict[str, object]]:
+    at = built_at("harm_data")
     if not path.is_file() or path.suffix not in _FORMATS:
-        raise DataError(f"harm_data.sources: {path} is not a CSV, JSONL or Parquet file; fix the path")
-    ds = read_table(str(path), [path], _FORMATS[path.suffix], "harm_data.sources")
+        raise DataError(f"{at}.sources: {path} is not a CSV, JSONL or Parquet file; fix the path")
+    ds = read_table(str(path), [path], _FORMATS[path.suffix], f"{at}.sources")
     for column in (prompt_column, label_column):
         if column not in ds.column_names:
-            raise DataError(f"{path} has no column '{column}' (columns: {ds.column_names}); set harm_data.prompt_column / label_column")
+            raise DataError(f"{path} has no column '{column}' (columns: {ds.column_names}); set {at}.prompt_column / label_column")
     out = []
     for idx, row in enumerate(ds):
         text, label = row[prompt_column], row[label_column]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
+from rlaif_recipes.config import built_at
 from rlaif_recipes.data.prompts import is_held_out
 from rlaif_recipes.data.tables import check_cap, check_fraction, check_split, kind_of, read_table
 from rlaif_recipes.data.xstest_pairs import xstest_pairs
@@ -37,9 +38,10 @@ def preference_dataset(
 ) -> Dataset:
     """Rows: `prompt_messages` (chat messages), `prompt` (the last user turn, text), `chosen` and
     `rejected` (response texts). Every row is checked here, so bad data fails before tokenising."""
-    check_split("dataset.split", split)
-    check_fraction("dataset.held_out_fraction", held_out_fraction)
-    check_cap("dataset.max_pairs", max_pairs)
+    at = built_at("dataset")
+    check_split(f"{at}.split", split)
+    check_fraction(f"{at}.held_out_fraction", held_out_fraction)
+    check_cap(f"{at}.max_pairs", max_pairs)
     if source == "xstest":
         ds = xstest_pairs(split=split, held_out_fraction=held_out_fraction)  # already split, by the same hash
     else:
@@ -52,7 +54,7 @@ def preference_dataset(
             ds = ds.filter(lambda row: is_held_out(row["prompt"], held_out_fraction) == want)
     if len(ds) == 0:
         raise DataError(
-            f"no preference pairs in {source} for dataset.split={split} with dataset.held_out_fraction={held_out_fraction}; "
+            f"no preference pairs in {source} for {at}.split={split} with {at}.held_out_fraction={held_out_fraction}; "
             "use another split or fraction"
         )
     if max_pairs is not None:
@@ -92,28 +94,29 @@ def tokenize_preferences(ds: Dataset, checkpoint_dir: str, max_seq_len: Optional
 
 
 def _load(source: str) -> Dataset:
+    at = built_at("dataset")
     path = Path(source)
     if path.is_dir():
         shards = sorted(path.glob("data/shard-*.parquet"))  # a judge_pairs output_dir
         if shards:
-            return read_table(source, shards, "parquet", "dataset.source")
+            return read_table(source, shards, "parquet", f"{at}.source")
         if not (path / "state.json").is_file():
             raise DataError(
                 f"{source} is a directory with neither data/shard-*.parquet (a judge_pairs output_dir) nor state.json "
-                "(a Dataset.save_to_disk directory); set dataset.source to one of those, a file, or xstest"
+                "(a Dataset.save_to_disk directory); set {at}.source to one of those, a file, or xstest"
             )
         ds = load_from_disk(str(path))
         if len(ds) == 0:
-            raise DataError(f"{source} has no rows; add some, or set dataset.source to other data")
+            raise DataError(f"{source} has no rows; add some, or set {at}.source to other data")
         return ds
     if not path.is_file():
-        raise DataError(f"preference data {source} does not exist; set dataset.source=PATH (or xstest)")
+        raise DataError(f"preference data {source} does not exist; set {at}.source=PATH (or xstest)")
     if path.suffix not in _FORMATS:
         raise DataError(
             f"preference file {source} must end in one of {sorted(_FORMATS)} (or be a save_to_disk directory); "
-            "set dataset.source to such a file"
+            f"set {at}.source to such a file"
         )
-    return read_table(source, [path], _FORMATS[path.suffix], "dataset.source")
+    return read_table(source, [path], _FORMATS[path.suffix], f"{at}.source")
 
 
 def _layout(source: str, columns: List[str], first: Dict[str, Any]) -> Callable[[Dict[str, Any], int], Dict[str, Any]]:

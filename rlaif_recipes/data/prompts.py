@@ -39,23 +39,24 @@ def prompt_dataset(
     e.g. {"label": ["safe"]}. group_column: a column copied to each row as `group` (XSTest's
     `type`), so a report can say which kinds of request a policy refuses.
     """
-    check_split("data.split", split)
-    check_fraction("data.held_out_fraction", held_out_fraction)
-    check_cap("data.max_prompts", max_prompts)
+    at = rlaif_config.built_at("data")
+    check_split(f"{at}.split", split)
+    check_fraction(f"{at}.held_out_fraction", held_out_fraction)
+    check_cap(f"{at}.max_prompts", max_prompts)
     for column, allowed in (where or {}).items():
         if isinstance(allowed, str) or not isinstance(allowed, Sequence):
-            raise ConfigError(f"data.where.{column}={allowed!r}: must be a list of values to keep, e.g. [{allowed}]")
+            raise ConfigError(f"{at}.where.{column}={allowed!r}: must be a list of values to keep, e.g. [{allowed}]")
     path = Path(source)
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"prompt file {source} {problem}; set data.source=PATH to a CSV, JSONL or Parquet file")
+        raise DataError(f"prompt file {source} {problem}; set {at}.source=PATH to a CSV, JSONL or Parquet file")
     if path.suffix not in _FORMATS:
-        raise DataError(f"prompt file {source} must end in one of {sorted(_FORMATS)}; set data.source to such a file")
-    ds = read_table(source, [path], _FORMATS[path.suffix], "data.source")
+        raise DataError(f"prompt file {source} must end in one of {sorted(_FORMATS)}; set {at}.source to such a file")
+    ds = read_table(source, [path], _FORMATS[path.suffix], f"{at}.source")
     if prompt_column not in ds.column_names:
-        raise DataError(f"{source} has no column '{prompt_column}' (columns: {ds.column_names}); set data.prompt_column")
+        raise DataError(f"{source} has no column '{prompt_column}' (columns: {ds.column_names}); set {at}.prompt_column")
     if group_column is not None and group_column not in ds.column_names:
-        raise DataError(f"{source} has no column '{group_column}' (columns: {ds.column_names}); set group_column to one of them or null")
+        raise DataError(f"{source} has no column '{group_column}' (columns: {ds.column_names}); set {at}.group_column to one of them or null")
     for idx, text in enumerate(ds[prompt_column]):
         if not isinstance(text, str):
             raise DataError(f"{source}: row {idx} (0-based): '{prompt_column}' must be text, got {kind_of(text)}; fix or remove that row")
@@ -63,7 +64,7 @@ def prompt_dataset(
             raise DataError(f"{source}: row {idx} (0-based): '{prompt_column}' is empty; fill or remove that row")
     for column, allowed in (where or {}).items():
         if column not in ds.column_names:
-            raise DataError(f"data.where names column '{column}', which {source} lacks (columns: {ds.column_names})")
+            raise DataError(f"{at}.where names column '{column}', which {source} lacks (columns: {ds.column_names})")
         ds = ds.filter(lambda row, column=column, keep=set(allowed): row[column] in keep)
     if split != "all":
         want_held_out = split == "held_out"
@@ -85,15 +86,16 @@ def prompt_mixture(parts: Mapping[str, Any]) -> Dataset:
     short questions with harmful instructions from another source). parts: name -> a prompt set's
     config (`_component_: rlaif_recipes.data.prompt_dataset` and its keys); each prompt's id becomes
     `name/id`, so ids stay unique and say where a prompt came from."""
+    at = rlaif_config.built_at("data")
     if not isinstance(parts, Mapping) or not parts:
-        raise ConfigError(f"data.parts={parts!r}: give a mapping of names to prompt sets, e.g. {{xstest: {{_component_: ...}}}}")
+        raise ConfigError(f"{at}.parts={parts!r}: give a mapping of names to prompt sets, e.g. {{xstest: {{_component_: ...}}}}")
     built = []
     for name, spec in parts.items():
-        ds = rlaif_config.build(spec, f"data.parts.{name}")
+        ds = rlaif_config.build(spec, f"{at}.parts.{name}")
         if not isinstance(ds, Dataset):
-            raise ConfigError(f"data.parts.{name} must build a prompt dataset (e.g. _component_: rlaif_recipes.data.prompt_dataset)")
+            raise ConfigError(f"{at}.parts.{name} must build a prompt dataset (e.g. _component_: rlaif_recipes.data.prompt_dataset)")
         if len(ds) == 0:
-            raise DataError(f"data.parts.{name} has no prompts after its filters; check its source, where and split")
+            raise DataError(f"{at}.parts.{name} has no prompts after its filters; check its source, where and split")
         built.append(ds.map(lambda row, name=name: {"prompt_id": f"{name}/{row['prompt_id']}"}))
     return concatenate_datasets(built)
 

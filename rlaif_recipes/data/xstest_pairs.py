@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Union
 
 from datasets import Dataset
 
-from rlaif_recipes.config import asset_path
+from rlaif_recipes.config import asset_path, built_at
 from rlaif_recipes.data.prompts import is_held_out
 from rlaif_recipes.data.tables import check_fraction, check_split
 from rlaif_recipes.errors import DataError
@@ -43,11 +43,12 @@ def xstest_pairs(
     files = [completions] if isinstance(completions, str) else list(completions)
     files = [f or asset_path("xstest/xstest_v2_completions_llama2orig.csv") for f in files or [""]]
     prompts = prompts or asset_path("xstest/xstest_prompts.csv")
-    check_split("split", split)
-    check_fraction("held_out_fraction", held_out_fraction)
-    check_csv(prompts, "prompts", ("prompt", "label"))
+    at = built_at("pairs")
+    check_split(f"{at}.split", split)
+    check_fraction(f"{at}.held_out_fraction", held_out_fraction)
+    check_csv(prompts, f"{at}.prompts", ("prompt", "label"))
     for path in files:
-        check_csv(path, "completions", COMPLETION_COLUMNS)
+        check_csv(path, f"{at}.completions", COMPLETION_COLUMNS)
     with open(prompts, newline="") as f:
         label_of = {row["prompt"].strip(): row["label"] for row in csv.DictReader(f)}
     out: List[dict] = []

@@ -75,7 +75,7 @@ class AuditJudgeRecipe:
         self._judge: Optional[PairwiseJudge] = None
 
     def setup(self, cfg: DictConfig) -> None:
-        data = config.instantiate(cfg.pairs)
+        data = rlaif_config.instantiate(cfg.pairs, "pairs")
         missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
         if missing:
             raise DataError(f"the pairs dataset lacks column(s) {missing} (has {data.column_names}); it needs prompt, chosen, rejected")

@@ -155,8 +155,8 @@ class DPORecipe:
     # ---- setup ----------------------------------------------------------------------------------
 
     def setup(self, cfg: DictConfig) -> None:
-        self._train = self._load_pairs(cfg.dataset, cfg)
-        self._eval = self._load_pairs(cfg.eval_dataset, cfg) if cfg.eval_dataset is not None else []
+        self._train = self._load_pairs(cfg, "dataset")
+        self._eval = self._load_pairs(cfg, "eval_dataset") if cfg.eval_dataset is not None else []
         if len(self._train) < self._global_batch:
             raise DataError(
                 f"{len(self._train)} training pairs cannot fill one global batch of {self._global_batch} "
@@ -221,8 +221,8 @@ class DPORecipe:
                 f"loss={type(self._loss_fn).__name__}; starting at step {self.global_step}"
             )
 
-    def _load_pairs(self, cfg_data: DictConfig, cfg: DictConfig) -> List[PairIds]:
-        ds = tokenize_preferences(config.instantiate(cfg_data), cfg.checkpoint_dir, cfg.max_seq_len)
+    def _load_pairs(self, cfg: DictConfig, key: str) -> List[PairIds]:
+        ds = tokenize_preferences(rlaif_config.instantiate(cfg[key], key), cfg.checkpoint_dir, cfg.max_seq_len)
         return [PairIds(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ds]
 
     def _fingerprint(self, cfg: DictConfig) -> Dict[str, Any]:

@@ -109,10 +109,10 @@ class EvaluateRecipe:
         self._is_refusal: Callable[[str], bool] = rlaif_config.build(cfg.refusal_classifier, "refusal_classifier")
         if not callable(self._is_refusal):
             raise ConfigError(f"refusal_classifier={cfg.refusal_classifier!r} is not callable; give a dotted path to a function")
-        self._prompts = {"safe": config.instantiate(cfg.safe_prompts)}
+        self._prompts = {"safe": rlaif_config.instantiate(cfg.safe_prompts, "safe_prompts")}
         for name, prompts in (("unsafe", cfg.unsafe_prompts), ("other_unsafe", cfg.other_unsafe_prompts)):
             if prompts is not None:
-                self._prompts[name] = config.instantiate(prompts)
+                self._prompts[name] = rlaif_config.instantiate(prompts, f"{name}_prompts")
         empty = [name for name, ds in self._prompts.items() if len(ds) == 0]
         if empty:
             raise DataError(f"no {' or '.join(empty)} prompts after filtering; check {empty[0]}_prompts.*")

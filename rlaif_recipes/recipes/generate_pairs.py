@@ -73,7 +73,7 @@ class GeneratePairsRecipe:
         training.set_seed(seed=cfg.seed)
 
     def setup(self, cfg: DictConfig) -> None:
-        self._prompts = config.instantiate(cfg.data)
+        self._prompts = rlaif_config.instantiate(cfg.data, "data")
         if len(self._prompts) == 0:
             raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
         # before the engine starts: a directory of another run is refused at once

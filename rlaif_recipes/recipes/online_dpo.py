@@ -187,7 +187,7 @@ class OnlineDPORecipe:
     def setup(self, cfg: DictConfig) -> None:
         """Data, models, optimizer and the loop state (from the latest checkpoint when resuming),
         then the sampler and the judge, which get the policy's current weights."""
-        self._prompts = config.instantiate(cfg.data)
+        self._prompts = rlaif_config.instantiate(cfg.data, "data")
         if len(self._prompts) == 0:
             raise DataError(f"the prompt dataset is empty after filtering; check data.* ({dict(cfg.data)})")
         self._judge = config.instantiate(cfg.judge)  # before the models: a bad judge fails in seconds

@@ -149,7 +149,7 @@ class TrainRewardModelRecipe:
         self._seed = cfg.seed
 
     def setup(self, cfg: DictConfig) -> None:
-        train, held_out = config.instantiate(cfg.train_data), config.instantiate(cfg.eval_data)
+        train, held_out = rlaif_config.instantiate(cfg.train_data, "train_data"), rlaif_config.instantiate(cfg.eval_data, "eval_data")
         for name, data in (("train_data", train), ("eval_data", held_out)):
             missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
             if missing or len(data) == 0:
@@ -179,7 +179,7 @@ class TrainRewardModelRecipe:
                 **{k: old["data"][k] for k in ("harm_train", "harm_held_out") if k in old["data"]},
             }
         else:
-            harm_train, harm_held_out = config.instantiate(cfg.harm_data), config.instantiate(cfg.harm_eval_data)
+            harm_train, harm_held_out = rlaif_config.instantiate(cfg.harm_data, "harm_data"), rlaif_config.instantiate(cfg.harm_eval_data, "harm_eval_data")
             self._harm = Reader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
             self._answer_reader = Reader(self._encoder.layers, self._answer_cfg.layers, self._encoder.dim) if self._answer_cfg.layers else None
             log.info(f"reading {len(harm_train) + len(harm_held_out)} labelled requests through the frozen encoder layers")
@@ -210,7 +210,7 @@ class TrainRewardModelRecipe:
         for i, entry in enumerate(entries or []):
             if "data" not in entry or not isinstance(entry.get("weight", 1.0), (int, float)) or entry.get("weight", 1.0) <= 0:
                 raise ConfigError(f"feedback[{i}] needs data: {{_component_: ...}} and a weight > 0, got {OmegaConf.to_container(entry)}")
-            source = config.instantiate(entry.data)
+            source = rlaif_config.instantiate(entry.data, f"feedback[{i}].data")
             if not isinstance(source, LabelledSource):
                 raise ConfigError(f"feedback[{i}].data must build a LabelledSource (rlaif_recipes.data.review_answers or "
                                   f"rlaif_recipes.data.labelled_responses), got {type(source).__name__}")  # fmt: skip
