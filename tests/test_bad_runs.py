@@ -24,6 +24,7 @@ from servers import FaultServer, free_port
 from test_judge_pairs import write_generated
 
 from rlaif_recipes.errors import OutputError
+from rlaif_recipes.judges.reward_model import SentenceEncoder
 from rlaif_recipes.run_dir import claim
 from rlaif_recipes.samplers import VLLMSampler
 
@@ -586,6 +587,11 @@ def test_a_data_component_names_the_key_it_was_set_at(monkeypatch, tmp_path, tin
     online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "data=xstest_advbench"]
     message = run(monkeypatch, "online_dpo", *online, "data.parts.advbench.held_out_fraction=2")
     assert message.startswith("config error: data.parts.advbench.held_out_fraction=2: must be in [0, 1]")
+    @functools.wraps(SentenceEncoder.__init__)  # the same signature, for the config checks
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder loaded before the harm requests were checked")
+
+    monkeypatch.setattr(SentenceEncoder, "__init__", no_encoder)
     message = run(monkeypatch, "train_reward_model", f"output_dir={tmp_path / 'r'}", "harm_eval_data.split=test")
     assert message == "config error: harm_eval_data.split='test'; use train, held_out or all"
     assert not any((tmp_path / d).exists() for d in ("e", "o", "r"))

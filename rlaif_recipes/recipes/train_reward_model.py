@@ -165,6 +165,8 @@ class TrainRewardModelRecipe:
             raise ConfigError(f"answer_reader.layers={self._answer_cfg.layers}, epochs={self._answer_cfg.epochs}: layers in 0..6 (0 = none), at least one epoch")
         _check_reader_steps(cfg)
         self._init_from = self._start_head(cfg.init_from)
+        if not self._init_from:  # read and checked before the encoder loads
+            harm_train, harm_held_out = rlaif_config.instantiate(cfg.harm_data, "harm_data"), rlaif_config.instantiate(cfg.harm_eval_data, "harm_eval_data")
         self._encoder = config.instantiate(cfg.encoder)
         if self._init_from:  # its readers, frozen: only the two small heads retrain
             if self._init_from["config"]["encoder"]["fingerprint"] != self._encoder.fingerprint:
@@ -179,7 +181,6 @@ class TrainRewardModelRecipe:
                 **{k: old["data"][k] for k in ("harm_train", "harm_held_out") if k in old["data"]},
             }
         else:
-            harm_train, harm_held_out = rlaif_config.instantiate(cfg.harm_data, "harm_data"), rlaif_config.instantiate(cfg.harm_eval_data, "harm_eval_data")
             self._harm = Reader(self._encoder.layers, self._harm_cfg.layers, self._encoder.dim)
             self._answer_reader = Reader(self._encoder.layers, self._answer_cfg.layers, self._encoder.dim) if self._answer_cfg.layers else None
             log.info(f"reading {len(harm_train) + len(harm_held_out)} labelled requests through the frozen encoder layers")
