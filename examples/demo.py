@@ -44,6 +44,7 @@ import yaml
 from tqdm import tqdm
 
 from rlaif_recipes import config as rlaif_config
+from rlaif_recipes.cli import stop_with
 from rlaif_recipes.config import CONF_DIR, asset_path
 from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.files import atomic_write_text, weights_stamp
@@ -86,12 +87,13 @@ def check_configs(stages: Sequence[tuple], overrides: Dict[str, Sequence[str]]) 
 
 def run_stage(name: str, cmd: Sequence[str], log: Path) -> None:
     """Run one recipe with its output in `log`, showing its step bar (with ETA) on the console, or an
-    elapsed-time bar while it has none; a failure names the log and quotes its last lines."""
+    elapsed-time bar while it has none; a failure names the log and quotes its last lines. The
+    recipe stops if this process dies, even by kill -9, so it never runs on beside a re-run."""
     log.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(desc=name, unit="step", dynamic_ncols=True, file=sys.stdout)
     with open(log, "wb") as f:
         f.write(("$ " + " ".join(map(str, cmd)) + "\n").encode())
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=stop_with(os.getpid()))
         tail = b""
         while chunk := proc.stdout.read1(65536):
             f.write(chunk)

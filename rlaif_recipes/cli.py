@@ -95,16 +95,16 @@ def _output_dir(config: str, overrides: List[str]) -> str:
     return str(rlaif_config.load(config, overrides).output_dir)
 
 
-def _stop_with(parent: int) -> Callable[[], None]:
-    """For the child, before it starts: a SIGTERM when `rlaif` dies, even by kill -9 or the OOM
-    killer, which leave no signal to pass on (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+def stop_with(parent: int) -> Callable[[], None]:
+    """A `preexec_fn` for a child of `parent`: a SIGTERM when the parent dies, even by kill -9 or the
+    OOM killer, which leave no signal to pass on (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
 
     def arm() -> None:
         if sys.platform.startswith("linux"):
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # `rlaif` died before the request took effect
+            if os.getppid() != parent:  # the parent died before the request took effect
                 os._exit(128 + signal.SIGTERM)
 
     return arm
@@ -116,7 +116,7 @@ def _tune_run(launcher: List[str], recipe: str, config: str, overrides: List[str
     run goes on writing into its output directory; Ctrl-C reaches both (one process group), and
     `rlaif` waits for the run to stop."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", *launcher, f"rlaif_recipes/recipes/{recipe}.py", "--config", config, *overrides]
-    with subprocess.Popen(cmd, preexec_fn=_stop_with(os.getpid())) as run:
+    with subprocess.Popen(cmd, preexec_fn=stop_with(os.getpid())) as run:
         previous = {s: signal.signal(s, lambda signum, _: run.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             rc = run.wait()

@@ -1,11 +1,16 @@
 """examples/demo.py and its configs (conf/demo/): what each row runs, the table it prints, its progress."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rlaif_recipes import cli
@@ -174,6 +179,31 @@ def test_a_stage_shows_its_step_bar_and_a_failure_names_its_log(tmp_path: Path, 
     assert demo.PROGRESS.findall("\r1|13|Loss: 2.0130136013031006:  33%|###3      | 13/39 [00:59<02:04,  4.80s/it]") == [("13", "39")]
     with pytest.raises(SystemExit, match=r"stage 'bad' failed \(exit 3\); see .*bad.log:\nboom"):
         demo.run_stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")
+
+
+def test_a_demo_killed_by_kill_9_takes_its_running_stage_with_it(tmp_path: Path) -> None:
+    """kill -9 (or the OOM killer) leaves demo.py no chance to stop its stage: the stage's process
+    gets a SIGTERM from the kernel instead of running on beside the next `make demo`."""
+    started = tmp_path / "started"
+    stage = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(600)"
+    driver = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('demo', {str(ROOT / 'examples' / 'demo.py')!r}); "
+              "demo = importlib.util.module_from_spec(spec); spec.loader.exec_module(demo); "
+              f"demo.run_stage('stage', [sys.executable, '-c', {stage!r}], __import__('pathlib').Path({str(tmp_path / 'stage.log')!r}))")  # fmt: skip
+    demo = psutil.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert demo.poll() is None and time.monotonic() < deadline, "the stage did not start"
+        time.sleep(0.05)
+    stages = demo.children()
+    demo.send_signal(signal.SIGKILL)
+    try:
+        demo.wait(timeout=60)
+        gone, alive = psutil.wait_procs(stages, timeout=60)
+        assert stages and not alive, [p.cmdline() for p in alive]
+    finally:
+        for proc in [demo, *stages]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
 
 
 def test_a_bad_override_fails_in_one_line_before_any_stage_runs(tmp_path: Path) -> None:
