@@ -223,6 +223,8 @@ def test_one_process_recipes_refuse_torchrun(monkeypatch, tmp_path, recipe, need
     ("answer_reader.batch_size=0", "answer_reader.batch_size=0: must be a whole number >= 1"),
     ("harm_reader.source_weight.xstest_prompts=-2", "harm_reader.source_weight.xstest_prompts=-2: a source's weight must be > 0"),
     ("encoder.batch_size=-1", "encoder.batch_size=-1: must be a whole number >= 1"),
+    ("harm_reader.layers=7", "harm_reader.layers=7: must be a whole number in 1..6"),
+    ("answer_reader.epochs=abc", "answer_reader.epochs=abc: must be a whole number >= 1"),  # was a TypeError's traceback
 ])  # fmt: skip
 def test_reward_model_reader_settings_fail_before_any_request_is_read(monkeypatch, tmp_path, setting, message):
     """A negative lr was AdamW's traceback after the requests were read, a weight below 0 trained a source backwards."""

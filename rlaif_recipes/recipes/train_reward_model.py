@@ -121,15 +121,19 @@ class TrainRewardModelSettings:
     init_from: Optional[str]
 
 
-def _check_reader_steps(cfg: DictConfig) -> None:
-    """The readers' optimizer settings, before any request is read: a negative lr is AdamW's traceback
-    after minutes of reading, a batch size < 1 a silent run that trains nothing, and a source weight
-    <= 0 drops that source or trains it backwards."""
+def _check_readers(cfg: DictConfig) -> None:
+    """The readers' settings, before any request is read: a negative lr is AdamW's traceback after
+    minutes of reading, a batch size < 1 a silent run that trains nothing, and a source weight <= 0
+    drops that source or trains it backwards."""
     steps = [
+        ("harm_reader.layers", lambda v: isinstance(v, int) and 1 <= v <= 6, "must be a whole number in 1..6 (MiniLM's top layers to fine-tune)"),
+        ("answer_reader.layers", lambda v: isinstance(v, int) and 0 <= v <= 6, "must be a whole number in 0..6 (0: no answer reader)"),
+    ] + [
         (f"{reader}.{key}", ok, need)
         for reader in ("harm_reader", "answer_reader")
         for key, ok, need in (("lr", lambda v: v > 0, "must be > 0 (e.g. 3.0e-5)"), ("head_lr", lambda v: v > 0, "must be > 0 (e.g. 1.0e-2)"),
-                              ("batch_size", lambda v: isinstance(v, int) and v >= 1, "must be a whole number >= 1 (e.g. 32)"))
+                              ("batch_size", lambda v: isinstance(v, int) and v >= 1, "must be a whole number >= 1 (e.g. 32)"),
+                              ("epochs", lambda v: isinstance(v, int) and v >= 1, "must be a whole number >= 1 (e.g. 3)"))
     ]  # fmt: skip
     weights = [(f"harm_reader.source_weight.{source}", lambda v: v > 0, "a source's weight must be > 0 (1.0: its equal share; leave a source out of harm_data to drop it)")
                for source in cfg.harm_reader.get("source_weight") or {}]  # fmt: skip
@@ -159,11 +163,7 @@ class TrainRewardModelRecipe:
                 )
         feedback = self._feedback_sources(cfg.feedback)
         self._harm_cfg, self._answer_cfg = cfg.harm_reader, cfg.answer_reader
-        if not 1 <= self._harm_cfg.layers <= 6 or self._harm_cfg.epochs < 1:
-            raise ConfigError(f"harm_reader.layers={self._harm_cfg.layers}, epochs={self._harm_cfg.epochs}: layers in 1..6 (MiniLM's), at least one epoch")
-        if not 0 <= self._answer_cfg.layers <= 6 or self._answer_cfg.epochs < 1:
-            raise ConfigError(f"answer_reader.layers={self._answer_cfg.layers}, epochs={self._answer_cfg.epochs}: layers in 0..6 (0 = none), at least one epoch")
-        _check_reader_steps(cfg)
+        _check_readers(cfg)
         self._init_from = self._start_head(cfg.init_from)
         if not self._init_from:  # read and checked before the encoder loads
             harm_train, harm_held_out = rlaif_config.instantiate(cfg.harm_data, "harm_data"), rlaif_config.instantiate(cfg.harm_eval_data, "harm_eval_data")
