@@ -66,19 +66,27 @@ def check_optimizer(
     bad `optimizer.*` fails in one line before the model is built rather than in torch's words
     after it. Returns the bytes of state the optimizer keeps per byte of trained weight (AdamW 2,
     SGD with momentum 1, plain SGD 0), measured by one step on the stand-in: what a checkpoint's
-    size is planned with before the real optimizer has any state."""
-    weight = nn.Parameter(torch.zeros(4096, dtype=dtype, device=device))
+    size is planned with before the real optimizer has any state. The same step, with no gradient,
+    shows what weight decay alone does at the full lr: lr x weight_decay >= 1 zeroes or flips the
+    sign of every weight each step, a run that trains nothing while it looks fine."""
+    weight = nn.Parameter(torch.ones(4096, dtype=dtype, device=device))
     try:
         built = config.instantiate(optimizer, [weight])
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer: {str(e).splitlines()[0]}; fix optimizer.* in the config") from None
+    weight.grad = torch.zeros_like(weight)
+    built.step()
+    kept = weight.detach().min().item()
+    if not kept > 0:
+        raise ConfigError(
+            f"optimizer: one step with no gradient scales every weight by {kept:.3g} (weight decay {optimizer.get('weight_decay')} "
+            f"at lr {optimizer.get('lr')}), which zeroes or flips them; lower optimizer.weight_decay so lr x weight_decay < 1"
+        )
     if lr_scheduler is not None:
         try:
             config.instantiate(lr_scheduler, built, num_training_steps=1)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"lr_scheduler: {str(e).splitlines()[0]}; fix lr_scheduler.* in the config") from None
-    weight.grad = torch.zeros_like(weight)
-    built.step()
     return tensor_bytes(built.state_dict()["state"]) / tensor_bytes(weight)
 
 

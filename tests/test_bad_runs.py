@@ -299,6 +299,13 @@ def test_settings_checked_before_anything_heavy(monkeypatch, tmp_path, tiny_mode
     assert run(monkeypatch, "online_dpo", *online, "optimizer.weight_decay=-1") == (
         "config error: optimizer: Invalid weight_decay value: -1; fix optimizer.* in the config"
     )
+    assert run(monkeypatch, "online_dpo", *online, "optimizer.lr=1e-3", "optimizer.weight_decay=2000") == (  # AdamW took it and flipped every weight
+        "config error: optimizer: one step with no gradient scales every weight by -1 (weight decay 2000 at lr 0.001), "
+        "which zeroes or flips them; lower optimizer.weight_decay so lr x weight_decay < 1"
+    )
+    generate = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'g'}", "sampler=vllm"]
+    message = run(monkeypatch, "generate_pairs", *generate, "n=20000")  # vLLM checks n only at the first request, after the engine
+    assert message.startswith("config error: n=20000: n must be at most ") and message.endswith(", or lower n")
     assert run(monkeypatch, "online_dpo", *online, "loss=ipo", "loss.tau=0") == (  # the loss is built before the model
         "config error: loss.tau=0: IPO needs tau > 0 (its target margin is 1 / (2 tau))"
     )

@@ -83,6 +83,14 @@ def test_encoder_lengths_and_batch_size_are_checked_before_the_encoder_loads(set
     assert str(err.value).startswith(f"encoder.{setting}: must be a whole number >= 1")
 
 
+def test_an_encoder_length_past_its_position_embeddings_is_refused_before_it_loads() -> None:
+    """MiniLM has 512 positions: a longer setting read short texts fine and failed in torch on the first long one."""
+    with pytest.raises(ConfigError) as err:
+        SentenceEncoder(prompt_max_seq_length=513)
+    assert str(err.value) == "encoder.prompt_max_seq_length=513: all-MiniLM-L6-v2 reads at most 512 tokens (its position embeddings); set it to 1..512"
+    assert SentenceEncoder(max_seq_length=512).encode(["word " * 600]).shape == (1, 384)  # the longest it reads, on a text past it
+
+
 @pytest.mark.slow
 def test_retrained_heads_agree_with_humans_on_held_out_pairs(trained: Path) -> None:
     config = json.loads((trained / HEAD_CONFIG).read_text())

@@ -148,6 +148,15 @@ class RewardHeads(nn.Module):
         return ResponseFeatures(encoder.encode(responses), encoder.encode(responses, part="opening"), read)
 
 
+def _max_positions(model_dir: Path) -> Optional[int]:
+    """The most tokens the encoder at `model_dir` can read (config.json's max_position_embeddings); a
+    longer setting fails deep in its forward (a tensor size mismatch), on the first long text only."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class SentenceEncoder:
     """all-MiniLM-L6-v2, frozen, on local files; unit-length embeddings, cached on disk with a
     `cache_path`, else the last MEMO texts in memory (the router's budget re-reads the replies judged).
@@ -176,6 +185,10 @@ class SentenceEncoder:
                 raise ConfigError(f"encoder.{key}={value}: must be a whole number >= 1 (tokens read per text, or texts per forward pass)")
         self.model_dir = Path(model_dir or packaged_encoder_dir())
         self.name = self.model_dir.name if model_dir else PACKAGED_ENCODER
+        positions = _max_positions(self.model_dir)
+        for key, value in (("max_seq_length", max_seq_length), ("opening_max_seq_length", opening_max_seq_length), ("prompt_max_seq_length", prompt_max_seq_length)):
+            if positions is not None and value > positions:
+                raise ConfigError(f"encoder.{key}={value}: {self.name} reads at most {positions} tokens (its position embeddings); set it to 1..{positions}")
         self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
         self.max_seq_length, self.opening_max_seq_length = max_seq_length, opening_max_seq_length
         self.prompt_max_seq_length = prompt_max_seq_length

@@ -163,6 +163,14 @@ def check_pair_sampling(sampler: Mapping, n: int) -> None:
             f"sampler.temperature=0 is greedy decoding: all n={n} responses to a prompt would be identical and every "
             "pair a tie; set sampler.temperature > 0 (e.g. 0.7)"
         )
+    if str(sampler.get("_component_", "")).endswith("VLLMSampler"):
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import SamplingParams
+
+        try:  # vLLM's own limit on n (VLLM_MAX_N_SEQUENCES), which it checks only at the first request
+            SamplingParams(n=n)
+        except VLLMValidationError as err:
+            raise ConfigError(f"n={n}: {str(err).strip().rstrip('.')}, or lower n") from None
 
 
 def derive_seed(*parts: object) -> int:
