@@ -14,6 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 
+from rlaif_recipes import config as rlaif_config
 from rlaif_recipes.checkpointing import tensor_bytes
 from rlaif_recipes.dtypes import resolve_dtype
 from rlaif_recipes.errors import ConfigError
@@ -37,22 +38,12 @@ def device_and_dtype(device: str, dtype: str) -> Tuple[torch.device, torch.dtype
 def check_training_settings(cfg: DictConfig) -> None:
     """LoRA and checkpoint settings of dpo and online_dpo, before any weight loads: a LoRA rank of 0
     would build the model and die in its first forward with a bare ZeroDivisionError."""
-    model = cfg.model
-    rank, alpha, dropout = (model.get(k) for k in ("lora_rank", "lora_alpha", "lora_dropout"))
-    bad = [
-        (key, value, fix)
-        for key, value, wrong, fix in (
-            ("model.lora_rank", rank, lambda: rank < 1, "the adapter rank must be >= 1 (e.g. 8)"),
-            ("model.lora_alpha", alpha, lambda: alpha <= 0, "the adapter scale must be > 0 (e.g. 2 x lora_rank)"),
-            ("model.lora_dropout", dropout, lambda: not 0 <= dropout < 1, "dropout must be in [0, 1) (0: none)"),
-            ("keep_last_checkpoints", cfg.get("keep_last_checkpoints"), lambda: cfg.keep_last_checkpoints < 1,
-             "keep at least 1 checkpoint, or null for all"),
-        )
-        if value is not None and wrong()
-    ]  # fmt: skip
-    if bad:
-        key, value, fix = bad[0]
-        raise ConfigError(f"{key}={value}: {fix}")
+    rlaif_config.check_ranges(cfg, (
+        ("model.lora_rank", lambda v: v >= 1, "the adapter rank must be >= 1 (e.g. 8)"),
+        ("model.lora_alpha", lambda v: v > 0, "the adapter scale must be > 0 (e.g. 2 x lora_rank)"),
+        ("model.lora_dropout", lambda v: 0 <= v < 1, "dropout must be in [0, 1) (0: none)"),
+        ("keep_last_checkpoints", lambda v: v >= 1, "keep at least 1 checkpoint, or null for all"),
+    ))  # fmt: skip
 
 
 def check_optimizer(

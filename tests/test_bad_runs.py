@@ -273,7 +273,7 @@ def test_device_cuda_without_a_gpu_is_refused(monkeypatch, tmp_path, tiny_model_
 def test_dpo_settings_and_data_that_train_nothing_are_refused(monkeypatch, tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "dpo"
     assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "epochs=0")) == (
-        "config error: epochs=0: must be >= 1 (a run that trains no step is not a run)"
+        "config error: epochs=0: must be >= 1 (a run that trains no step is not a run); fix it in the config or with epochs=..."
     )
     assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, out, pairs_file, "max_steps=0")).startswith("config error: max_steps=0")
     for cadence in ("log_every_n_steps=0", "eval_every_n_steps=-1", "save_every_n_steps=-2"):  # n % -1 == 0: every step
@@ -581,7 +581,7 @@ def test_a_malformed_config_file_is_one_line_with_file_line_and_column(monkeypat
 
 def test_messages_name_the_key_the_user_typed(monkeypatch, tmp_path, tiny_model_dir, pairs_file, no_engine):
     message = run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "keep_last_checkpoints=0"))
-    assert message == "config error: keep_last_checkpoints=0: keep at least 1 checkpoint, or null for all"
+    assert message == "config error: keep_last_checkpoints=0: keep at least 1 checkpoint, or null for all; fix it in the config or with keep_last_checkpoints=..."
     missing = tmp_path / "no_model"
     message = run(monkeypatch, "evaluate", f"checkpoint_dir={tiny_model_dir}", f"reference_dir={missing}", f"output_dir={tmp_path / 'e'}")
     assert message == f"checkpoint error: no config.json in {missing} (the directory does not exist); point reference_dir at an HF model directory"
@@ -617,9 +617,11 @@ def test_lora_settings_are_checked_before_the_model_is_built(monkeypatch, tmp_pa
 
     monkeypatch.setattr("rlaif_recipes.recipes.dpo.build_policy", no_build)
     monkeypatch.setattr("rlaif_recipes.recipes.online_dpo.build_policy", no_build)
-    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "model=hf_lora", setting)) == f"config error: {expected}"
+    key = setting.split("=")[0]
+    expected = f"config error: {expected}; fix it in the config or with {key}=..."
+    assert run(monkeypatch, "dpo", *dpo_args(tiny_model_dir, tmp_path / "dpo", pairs_file, "model=hf_lora", setting)) == expected
     online = [f"checkpoint_dir={tiny_model_dir}", f"output_dir={tmp_path / 'o'}", *ONLINE, "model=hf_lora", setting]
-    assert run(monkeypatch, "online_dpo", *online) == f"config error: {expected}"
+    assert run(monkeypatch, "online_dpo", *online) == expected
     assert not (tmp_path / "dpo").exists() and not (tmp_path / "o").exists()
 
 

@@ -120,17 +120,20 @@ class DPOSettings:
     log_every_n_steps: int
 
 
+STEP_COUNTS = tuple(
+    (key, lambda v: v >= 1, "must be >= 1 (a run that trains no step is not a run)") for key in ("batch_size", "gradient_accumulation_steps", "epochs", "max_steps")
+) + tuple(
+    (key, lambda v: v >= 1, "a cadence in steps must be >= 1 (null where the config allows it: at the start and end only)")
+    for key in ("log_every_n_steps", "eval_every_n_steps", "save_every_n_steps")
+)
+
+
 class DPORecipe:
     def __init__(self, cfg: DictConfig) -> None:
         """Every check that needs no model: settings, checkpoint, optimizer, output directory."""
         if cfg.reference not in ("model", "precomputed"):
             raise ConfigError(f"reference={cfg.reference!r}; use reference=model or reference=precomputed")
-        for key in ("batch_size", "gradient_accumulation_steps", "epochs", "max_steps"):
-            if cfg[key] is not None and cfg[key] < 1:
-                raise ConfigError(f"{key}={cfg[key]}: must be >= 1 (a run that trains no step is not a run)")
-        for key in ("log_every_n_steps", "eval_every_n_steps", "save_every_n_steps"):
-            if cfg[key] is not None and cfg[key] < 1:
-                raise ConfigError(f"{key}={cfg[key]}: a cadence in steps must be >= 1 (null where the config allows it: at the start and end only)")
+        rlaif_config.check_ranges(cfg, STEP_COUNTS)
         self._device, self._dtype = device_and_dtype(cfg.device, cfg.dtype)
         check_training_settings(cfg)
         check_checkpoint_dir(cfg.checkpoint_dir, cfg.model)
