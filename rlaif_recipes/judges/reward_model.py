@@ -179,14 +179,14 @@ class SentenceEncoder:
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
-        for key, value in (("max_seq_length", max_seq_length), ("opening_max_seq_length", opening_max_seq_length),
-                           ("prompt_max_seq_length", prompt_max_seq_length), ("batch_size", batch_size)):  # fmt: skip
+        lengths = {"max_seq_length": max_seq_length, "opening_max_seq_length": opening_max_seq_length, "prompt_max_seq_length": prompt_max_seq_length}
+        for key, value in {**lengths, "batch_size": batch_size}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"encoder.{key}={value}: must be a whole number >= 1 (tokens read per text, or texts per forward pass)")
         self.model_dir = Path(model_dir or packaged_encoder_dir())
         self.name = self.model_dir.name if model_dir else PACKAGED_ENCODER
         positions = _max_positions(self.model_dir)
-        for key, value in (("max_seq_length", max_seq_length), ("opening_max_seq_length", opening_max_seq_length), ("prompt_max_seq_length", prompt_max_seq_length)):
+        for key, value in lengths.items():
             if positions is not None and value > positions:
                 raise ConfigError(f"encoder.{key}={value}: {self.name} reads at most {positions} tokens (its position embeddings); set it to 1..{positions}")
         self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
